@@ -1,0 +1,95 @@
+// CPU kernels of gated_residual: out = x + gate * y, its tangent and its backward.
+#include "cpu_common.h"
+
+namespace dmf {
+namespace cpu {
+namespace {
+
+template <typename T, typename A>
+void fwd_impl(const GatedResidualParams& p) {
+  const int64_t D = p.dim;
+  at::parallel_for(0, p.rows, row_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = static_cast<const T*>(p.x) + r * D;
+      const T* yr = static_cast<const T*>(p.y) + r * D;
+      const T* gr = mod_row<T>(p.gate, r / p.rows_per_group);
+      T* o = static_cast<T*>(p.out) + r * D;
+      for (int64_t j = 0; j < D; ++j)
+        o[j] = static_cast<T>(static_cast<A>(xr[j]) + static_cast<A>(gr[j]) * static_cast<A>(yr[j]));
+    }
+  });
+}
+
+// out (when requested) and out_dot = x_dot + gate_dot * y + gate * y_dot.
+template <typename T, typename A>
+void jvp_impl(const GatedResidualParams& p) {
+  const int64_t D = p.dim;
+  at::parallel_for(0, p.rows, row_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t g = r / p.rows_per_group;
+      const T* xr = static_cast<const T*>(p.x) + r * D;
+      const T* yr = static_cast<const T*>(p.y) + r * D;
+      const T* gr = mod_row<T>(p.gate, g);
+      const T* xd = p.x_dot == nullptr ? nullptr : static_cast<const T*>(p.x_dot) + r * D;
+      const T* yd = p.y_dot == nullptr ? nullptr : static_cast<const T*>(p.y_dot) + r * D;
+      const T* gd = mod_row<T>(p.gate_dot, g);
+      T* od = static_cast<T*>(p.out_dot) + r * D;
+      for (int64_t j = 0; j < D; ++j) {
+        A v = xd == nullptr ? A(0) : static_cast<A>(xd[j]);
+        if (gd != nullptr) v += static_cast<A>(gd[j]) * static_cast<A>(yr[j]);
+        if (yd != nullptr) v += static_cast<A>(gr[j]) * static_cast<A>(yd[j]);
+        od[j] = static_cast<T>(v);
+      }
+      if (p.out != nullptr) {
+        T* o = static_cast<T*>(p.out) + r * D;
+        for (int64_t j = 0; j < D; ++j)
+          o[j] = static_cast<T>(static_cast<A>(xr[j]) + static_cast<A>(gr[j]) * static_cast<A>(yr[j]));
+      }
+    }
+  });
+}
+
+// grad_y = grad_out * gate; gate's gradient as partial sums of grad_out * y per chunk.
+template <typename T, typename A>
+void bwd_impl(const GatedResidualParams& p) {
+  const int64_t D = p.dim;
+  const int64_t T_rows = p.rows_per_group;
+  const int64_t chunks = ceil_div(T_rows, p.chunk_rows);
+  const int64_t groups = p.rows / T_rows;
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / chunks;
+      const int64_t r0 = g * T_rows + (item % chunks) * p.chunk_rows;
+      const int64_t r1 = std::min(r0 + p.chunk_rows, (g + 1) * T_rows);
+      const T* gr = mod_row<T>(p.gate, g);
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* go = static_cast<const T*>(p.grad_out) + r * D;
+        const T* yr = static_cast<const T*>(p.y) + r * D;
+        T* dy = static_cast<T*>(p.grad_y) + r * D;
+        for (int64_t j = 0; j < D; ++j) {
+          const A gv = static_cast<A>(go[j]);
+          dy[j] = static_cast<T>(gv * static_cast<A>(gr[j]));
+          acc[j] += gv * static_cast<A>(yr[j]);
+        }
+      }
+      std::copy(acc.begin(), acc.end(), static_cast<A*>(p.part_gate) + item * D);
+    }
+  });
+}
+
+}  // namespace
+
+void gated_residual_fwd_cpu(const GatedResidualParams& p) {
+  dispatch_dtype(p.dtype, [&](auto t, auto a) { fwd_impl<decltype(t), decltype(a)>(p); });
+}
+void gated_residual_jvp_cpu(const GatedResidualParams& p) {
+  dispatch_dtype(p.dtype, [&](auto t, auto a) { jvp_impl<decltype(t), decltype(a)>(p); });
+}
+void gated_residual_bwd_cpu(const GatedResidualParams& p) {
+  dispatch_dtype(p.dtype, [&](auto t, auto a) { bwd_impl<decltype(t), decltype(a)>(p); });
+}
+
+}  // namespace cpu
+}  // namespace dmf

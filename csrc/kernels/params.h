@@ -1,0 +1,119 @@
+// Plain-C++ descriptions of one kernel launch, shared by the CPU kernels and the CUDA
+// kernels. No torch headers here: the .cu files include this and must compile with a
+// bare `nvcc -c` on machines without a CUDA build of torch.
+//
+// Conventions
+// - x and every (rows, dim) tensor is row-major and contiguous: element (r, j) at r * dim + j.
+// - A modulation parameter (shift, scale, gate; the rms weight) is a (groups, dim) matrix
+//   with unit stride along dim and an arbitrary row stride, so the chunks of a fused
+//   adaLN projection `c.chunk(6, dim=1)` are read in place. Row g applies to the
+//   `rows_per_group` consecutive rows [g * T, (g + 1) * T) of x. All parameters of one
+//   launch share T (the op wrappers expand coarser ones).
+// - Statistics (mean, rstd) and all accumulation are in `acc` precision: float for
+//   fp32/fp16/bf16, double for fp64.
+// - A nullptr tangent means a zero tangent: the kernels skip its loads and arithmetic.
+#pragma once
+#include <cstdint>
+
+namespace dmf {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct ModParam {
+  const void* ptr = nullptr;  // nullptr: absent (a zero tangent)
+  int64_t row_stride = 0;     // in elements
+};
+
+// The LayerNorm-and-modulate family:
+//   x_out = x + gate * res            (only when gate.ptr != nullptr: gated_residual_adaln)
+//   out   = LN(x_out) * (1 + scale) + shift
+struct NormModFwdParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, dim = 0, rows_per_group = 1;
+  double eps = 1e-6;
+  const void* x = nullptr;
+  ModParam gate;
+  const void* res = nullptr;
+  void* x_out = nullptr;
+  ModParam shift, scale;
+  void* out = nullptr;
+  void* mean = nullptr;  // (rows,) acc type
+  void* rstd = nullptr;  // (rows,) acc type
+};
+
+// Primal and tangent in one pass. With stats_given the kernel is tangent-only: `x` is
+// the normalised input itself (x_out of the forward), mean/rstd are read, nothing primal
+// is written; gate/res are still read for the residual's tangent.
+struct NormModJvpParams {
+  NormModFwdParams p;
+  bool stats_given = false;
+  const void* x_dot = nullptr;
+  ModParam gate_dot;
+  const void* res_dot = nullptr;
+  void* x_out_dot = nullptr;  // written when p.gate.ptr (residual form)
+  ModParam shift_dot, scale_dot;
+  void* out_dot = nullptr;
+};
+
+// Backward. `x` is the normalised input (x_out for the residual form). Per-row gradients
+// are written in the input dtype; the per-group parameter gradients are written as
+// deterministic partial sums over chunks of `chunk_rows` rows in acc type, shape
+// (groups * chunks_per_group, dim); the op wrapper sums the chunks in a fixed order.
+struct NormModBwdParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, dim = 0, rows_per_group = 1, chunk_rows = 1;
+  const void* grad_out = nullptr;
+  const void* grad_x_out = nullptr;  // residual form: gradient arriving at x_out, may be nullptr
+  const void* x = nullptr;
+  const void* mean = nullptr;
+  const void* rstd = nullptr;
+  ModParam scale;
+  ModParam gate;
+  const void* res = nullptr;
+  void* grad_x = nullptr;
+  void* grad_res = nullptr;       // residual form
+  void* part_shift = nullptr;     // acc type
+  void* part_scale = nullptr;
+  void* part_gate = nullptr;      // residual form
+};
+
+// gated_residual: out = x + gate * y (and its tangent).
+struct GatedResidualParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, dim = 0, rows_per_group = 1, chunk_rows = 1;
+  const void* x = nullptr;
+  ModParam gate;
+  const void* y = nullptr;
+  void* out = nullptr;
+  // tangent (jvp / tangent ops)
+  const void* x_dot = nullptr;
+  ModParam gate_dot;
+  const void* y_dot = nullptr;
+  void* out_dot = nullptr;
+  // backward
+  const void* grad_out = nullptr;
+  void* grad_y = nullptr;
+  void* part_gate = nullptr;  // acc type, (groups * chunks_per_group, dim)
+};
+
+// rms_norm: out = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps); w of shape (dim,).
+struct RmsNormParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, dim = 0, chunk_rows = 1;
+  double eps = 1e-6;
+  bool stats_given = false;  // jvp: tangent only, rstd is read
+  const void* x = nullptr;
+  const void* weight = nullptr;
+  void* out = nullptr;
+  void* rstd = nullptr;  // (rows,) acc type
+  const void* x_dot = nullptr;
+  const void* weight_dot = nullptr;
+  void* out_dot = nullptr;
+  const void* grad_out = nullptr;
+  void* grad_x = nullptr;
+  void* part_weight = nullptr;  // acc type, (chunks, dim)
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dmf
