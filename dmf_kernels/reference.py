@@ -1,0 +1,34 @@
+"""Eager PyTorch references of every op, written the way DiT code writes them. Used by
+the tests (in float64 as ground truth) and by the benchmarks (as the eager baseline)."""
+import torch
+import torch.nn.functional as F
+
+
+def _bcast(p, x):
+    """Modulation parameter -> broadcastable against x: (B, D) means per sample."""
+    if p.dim() == 2 and x.dim() >= 3:
+        return p.reshape(p.shape[0], *([1] * (x.dim() - 2)), p.shape[-1])
+    return p
+
+
+def modulate(x, shift, scale):
+    return x * (1 + _bcast(scale, x)) + _bcast(shift, x)
+
+
+def adaln_modulate(x, shift, scale, eps=1e-6):
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
+
+
+def gated_residual(x, gate, y):
+    return x + _bcast(gate, x) * y
+
+
+def gated_residual_adaln(x, gate, y, shift, scale, eps=1e-6):
+    x_out = gated_residual(x, gate, y)
+    return x_out, adaln_modulate(x_out, shift, scale, eps)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) if x.dtype != torch.float64 else \
+        torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (x * rstd).to(x.dtype) * weight

@@ -1,0 +1,68 @@
+"""rms_norm: RMSNorm with a learnable scale, as used for qk-norm in DiT/DMF attention."""
+import torch
+
+from ._library import ops
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """(x, weight, eps) -> (out, rstd)."""
+
+    @staticmethod
+    def forward(x, weight, eps):
+        return ops.rms_norm_fwd(x, weight, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        _, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.save_for_forward(x, weight, rstd)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = ops.rms_norm_bwd(grad_out, x, weight, rstd)
+        return dx, dweight, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, weight_dot, _eps_dot):
+        x, weight, rstd = ctx.saved_tensors
+        return ops.rms_norm_tangent(x, x_dot, weight, weight_dot, rstd), None
+
+
+class RMSNormDualFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x, x_dot, weight, weight_dot, eps):
+        return ops.rms_norm_jvp(x, x_dot, weight, weight_dot, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, weight, _, _ = inputs
+        _, out_dot, rstd = output
+        ctx.mark_non_differentiable(out_dot, rstd)
+        ctx.save_for_backward(x, weight, rstd)
+
+    @staticmethod
+    def backward(ctx, grad_out, _g_out_dot, _g_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = ops.rms_norm_bwd(grad_out, x, weight, rstd)
+        return dx, None, dweight, None, None
+
+
+def rms_norm(x, weight, eps: float = 1e-6):
+    """out = x / sqrt(mean(x^2) + eps) * weight, over the last dim.
+
+    Args:
+        x: (..., D), e.g. q or k of shape (B, H, N, head_dim); any leading shape.
+        weight: (D,), same dtype as x.
+    Returns:
+        out: (..., D), differentiable, correct under torch.func.jvp / forward_ad.
+    """
+    return RMSNormFunction.apply(x, weight, eps)[0]
+
+
+def rms_norm_dual(x, x_dot, weight, weight_dot=None, eps: float = 1e-6):
+    """(out, out_dot) in one pass; out differentiable, out_dot not recorded; None tangents are zero."""
+    out, out_dot, _ = RMSNormDualFunction.apply(x, x_dot, weight, weight_dot, eps)
+    return out, out_dot
