@@ -100,7 +100,7 @@ int64_t mod_groups(const Tensor& p, const char* name, const Tensor& x, const cha
 Tensor mod_matrix(const Tensor& p, int64_t own, int64_t groups, int64_t D) {
   Tensor m = p.reshape({own, D});
   if (m.stride(1) != 1) m = m.contiguous();
-  if (own != groups) m = m.unsqueeze(1).expand({own, groups / own, D}).reshape({groups, D});
+  if (own != groups && own > 0) m = m.unsqueeze(1).expand({own, groups / own, D}).reshape({groups, D});
   return m;
 }
 
@@ -110,6 +110,8 @@ ModParam as_param(const Tensor* m) { return m == nullptr ? ModParam{} : as_param
 // Sums per-chunk partial gradients (groups * chunks, D) in a fixed order into the
 // parameter's own grouping, cast and shaped like `like`.
 Tensor reduce_partials(const Tensor& part, int64_t chunks, int64_t own, int64_t groups, const Tensor& like) {
+  // No rows in x (an empty batch): the parameter's gradient is zero (or empty itself).
+  if (own == 0 || groups == 0 || part.numel() == 0) return at::zeros(like.sizes(), like.options());
   const int64_t D = part.size(1);
   Tensor t = part.view({own, (groups / own) * chunks, D});
   Tensor r = t.size(1) == 1 ? t.select(1, 0) : t.sum(1);

@@ -1,10 +1,10 @@
 """Loads dmf_kernels._C (which registers torch.ops.dmf_kernels.*) and adds, per raw op:
 
 - a fake (meta) kernel, so torch.compile and FakeTensor tracing see output shapes;
-- an autograd formula that raises: the raw ops are building blocks; derivatives are
-  provided by the autograd.Functions in this package. Without it PyTorch would let a
-  backward pass run through them and silently drop the gradient (second-order use, or
-  backprop through a tangent).
+- an autograd formula: the primal outputs of the _fwd and _jvp ops backpropagate through
+  the _bwd kernels; everything else (tangent and statistic outputs, the _bwd and _tangent
+  ops) raises when a gradient reaches it. Without a formula PyTorch would let a backward
+  pass run through them and silently drop the gradient.
 """
 import torch
 
@@ -67,6 +67,129 @@ def _no_derivative(name):
     return backward
 
 
+# The primal outputs of the _fwd and _jvp ops are differentiable w.r.t. the primal inputs
+# (torch.compile differentiates the raw ops directly when it traces forward-mode AD).
+# Each entry: (input index of every saved tensor or ("out", k) for outputs,
+#              indices of the primal outputs, function(saved, primal grads) -> input grads).
+def _adaln_grads(saved, g, n_inputs, at):
+    x, scale, mean, rstd = saved
+    dx, dshift, dscale = ops.adaln_modulate_bwd(g[0], x, scale, mean, rstd)
+    grads = [None] * n_inputs
+    for name, value in zip(("x", "shift", "scale"), (dx, dshift, dscale)):
+        grads[at[name]] = value
+    return grads
+
+
+def _residual_adaln_grads(saved, g, n_inputs, at):
+    x_out, gate, y, scale, mean, rstd = saved
+    g_xo = torch.zeros_like(x_out) if g[0] is None else g[0]
+    g_h = torch.zeros_like(x_out) if g[1] is None else g[1]
+    dx, dgate, dy, dshift, dscale = ops.gated_residual_adaln_bwd(g_xo, g_h, x_out, gate, y, scale, mean, rstd)
+    grads = [None] * n_inputs
+    for name, value in zip(("x", "gate", "y", "shift", "scale"), (dx, dgate, dy, dshift, dscale)):
+        grads[at[name]] = value
+    return grads
+
+
+def _residual_grads(saved, g, n_inputs, at):
+    gate, y = saved
+    dgate, dy = ops.gated_residual_bwd(g[0], gate, y)
+    grads = [None] * n_inputs
+    grads[at["x"]], grads[at["gate"]], grads[at["y"]] = g[0], dgate, dy
+    return grads
+
+
+def _rms_grads(saved, g, n_inputs, at):
+    x, weight, rstd = saved
+    dx, dweight = ops.rms_norm_bwd(g[0], x, weight, rstd)
+    grads = [None] * n_inputs
+    grads[at["x"]], grads[at["weight"]] = dx, dweight
+    return grads
+
+
+_PRIMAL_AUTOGRAD = {
+    # name: (saved: input index or ("out", k); primal output indices; grads fn; input positions)
+    "adaln_modulate_fwd": ((0, 2, ("out", 1), ("out", 2)), (0,), _adaln_grads, dict(x=0, shift=1, scale=2)),
+    "adaln_modulate_jvp": ((0, 4, ("out", 2), ("out", 3)), (0,), _adaln_grads, dict(x=0, shift=2, scale=4)),
+    "gated_residual_adaln_fwd": ((("out", 0), 1, 2, 4, ("out", 2), ("out", 3)), (0, 1), _residual_adaln_grads,
+                                 dict(x=0, gate=1, y=2, shift=3, scale=4)),
+    "gated_residual_adaln_jvp": ((("out", 0), 2, 4, 8, ("out", 4), ("out", 5)), (0, 2), _residual_adaln_grads,
+                                 dict(x=0, gate=2, y=4, shift=6, scale=8)),
+    "gated_residual_fwd": ((1, 2), (0,), _residual_grads, dict(x=0, gate=1, y=2)),
+    "gated_residual_jvp": ((2, 4), (0,), _residual_grads, dict(x=0, gate=2, y=4)),
+    "rms_norm_fwd": ((0, 1, ("out", 1)), (0,), _rms_grads, dict(x=0, weight=1)),
+    "rms_norm_jvp": ((0, 2, ("out", 2)), (0,), _rms_grads, dict(x=0, weight=2)),
+}
+
+
+def _primal_autograd(name, saved_spec, primal_outputs, grads_fn, at):
+    def setup_context(ctx, inputs, output):
+        outs = output if isinstance(output, tuple) else (output,)
+        ctx.saved = [outs[i[1]] if isinstance(i, tuple) else inputs[i] for i in saved_spec]
+        ctx.n_inputs = len(inputs)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, *grads):
+        for k, g in enumerate(grads):
+            if k not in primal_outputs and g is not None:
+                raise RuntimeError(
+                    f"dmf_kernels::{name}: output {k} (a tangent or a statistic) received a gradient; "
+                    "only the primal outputs are differentiable."
+                )
+        if all(grads[k] is None for k in primal_outputs):
+            return (None,) * ctx.n_inputs
+        g = [grads[k] for k in primal_outputs]
+        if len(g) == 1 and g[0] is None:
+            return (None,) * ctx.n_inputs
+        return tuple(grads_fn(ctx.saved, g, ctx.n_inputs, at))
+
+    return setup_context, backward
+
+
+def _same_device(name, fake):
+    # The compiled ops check devices themselves; a fake kernel must too, or a mix such as
+    # CPU and meta tensors would trace without complaint.
+    def checked(*args):
+        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+        if len(devices) > 1:
+            raise RuntimeError(
+                f"dmf_kernels::{name}: all tensors must be on x's device, got {sorted(map(str, devices))}"
+            )
+        return fake(*args)
+
+    return checked
+
+
 for _name, _fake in _FAKES.items():
-    torch.library.register_fake(f"dmf_kernels::{_name}", _fake)
-    torch.library.register_autograd(f"dmf_kernels::{_name}", _no_derivative(_name))
+    torch.library.register_fake(f"dmf_kernels::{_name}", _same_device(_name, _fake))
+    if _name in _PRIMAL_AUTOGRAD:
+        _setup, _backward = _primal_autograd(_name, *_PRIMAL_AUTOGRAD[_name])
+        torch.library.register_autograd(f"dmf_kernels::{_name}", _backward, setup_context=_setup)
+    else:
+        torch.library.register_autograd(f"dmf_kernels::{_name}", _no_derivative(_name))
+
+
+def compiled_dual_inputs(*tensors):
+    """Forward-mode AD inside torch.compile.
+
+    Dynamo refuses autograd.Functions that define `jvp`, and without one it silently drops
+    the tangent (pytorch issue 192985; measured here: zero tangents from a compiled
+    torch.func.jvp). So under compile the public ops trace a jvp-free Function and call
+    this first: when any input carries a tangent at the current forward-AD level, it
+    returns (primals, tangents) and the op computes both with its one-pass dual kernel,
+    re-wrapping the outputs with make_dual. Returns None when no input has a tangent.
+    """
+    import torch.autograd.forward_ad as fwAD
+
+    unpacked = [None if t is None else fwAD.unpack_dual(t) for t in tensors]
+    tangents = [None if u is None else u.tangent for u in unpacked]
+    if all(t is None for t in tangents):
+        return None
+    primals = [None if u is None else u.primal for u in unpacked]
+    return primals, tangents
+
+
+def make_duals(primals, tangents):
+    import torch.autograd.forward_ad as fwAD
+
+    return tuple(fwAD.make_dual(p, t) for p, t in zip(primals, tangents))

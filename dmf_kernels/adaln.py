@@ -12,11 +12,12 @@ over tokens, the DiT convention), (B, 1, D), or x's full shape; see csrc/ops.cpp
 """
 import torch
 
-from ._library import ops
+from ._library import compiled_dual_inputs, make_duals, ops
 
 
-class AdaLNModulateFunction(torch.autograd.Function):
-    """(x, shift, scale, eps) -> (out, mean, rstd); mean and rstd are not differentiable."""
+class _AdaLNModulateBase(torch.autograd.Function):
+    """(x, shift, scale, eps) -> (out, mean, rstd); mean and rstd are not differentiable.
+    No jvp: this is the class torch.compile traces (see compiled_dual_inputs)."""
 
     @staticmethod
     def forward(x, shift, scale, eps):
@@ -35,6 +36,10 @@ class AdaLNModulateFunction(torch.autograd.Function):
         x, scale, mean, rstd = ctx.saved_tensors
         dx, dshift, dscale = ops.adaln_modulate_bwd(grad_out, x, scale, mean, rstd)
         return dx, dshift, dscale, None
+
+
+class AdaLNModulateFunction(_AdaLNModulateBase):
+    """Eager: backward plus a jvp from the saved statistics."""
 
     @staticmethod
     def jvp(ctx, x_dot, shift_dot, scale_dot, _eps_dot):
@@ -65,8 +70,8 @@ class AdaLNModulateDualFunction(torch.autograd.Function):
         return dx, None, dshift, None, dscale, None, None
 
 
-class GatedResidualAdaLNFunction(torch.autograd.Function):
-    """(x, gate, y, shift, scale, eps) -> (x_out, h, mean, rstd)."""
+class _GatedResidualAdaLNBase(torch.autograd.Function):
+    """(x, gate, y, shift, scale, eps) -> (x_out, h, mean, rstd); no jvp (traced by torch.compile)."""
 
     @staticmethod
     def forward(x, gate, y, shift, scale, eps):
@@ -88,6 +93,8 @@ class GatedResidualAdaLNFunction(torch.autograd.Function):
         )
         return dx, dgate, dy, dshift, dscale, None
 
+
+class GatedResidualAdaLNFunction(_GatedResidualAdaLNBase):
     @staticmethod
     def jvp(ctx, x_dot, gate_dot, y_dot, shift_dot, scale_dot, _eps_dot):
         x_out, gate, y, scale, mean, rstd = ctx.saved_tensors
@@ -134,6 +141,13 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6):
         out: (..., D), like x. Differentiable, and correct under torch.func.jvp and
         torch.autograd.forward_ad (tangent from one fused pass).
     """
+    if torch.compiler.is_compiling():
+        dual = compiled_dual_inputs(x, shift, scale)
+        if dual is not None:
+            (x, shift, scale), (x_dot, shift_dot, scale_dot) = dual
+            out, out_dot = adaln_modulate_dual(x, x_dot, shift, shift_dot, scale, scale_dot, eps)
+            return make_duals((out,), (out_dot,))[0]
+        return _AdaLNModulateBase.apply(x, shift, scale, eps)[0]
     return AdaLNModulateFunction.apply(x, shift, scale, eps)[0]
 
 
@@ -152,6 +166,14 @@ def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6):
     Returns:
         (x_out, h): both (..., D), both differentiable.
     """
+    if torch.compiler.is_compiling():
+        dual = compiled_dual_inputs(x, gate, y, shift, scale)
+        if dual is not None:
+            (x, gate, y, shift, scale), (xd, gd, yd, shd, scd) = dual
+            x_out, x_out_dot, h, h_dot = gated_residual_adaln_dual(x, xd, gate, gd, y, yd, shift, shd, scale, scd, eps)
+            return make_duals((x_out, h), (x_out_dot, h_dot))
+        x_out, h, _, _ = _GatedResidualAdaLNBase.apply(x, gate, y, shift, scale, eps)
+        return x_out, h
     x_out, h, _, _ = GatedResidualAdaLNFunction.apply(x, gate, y, shift, scale, eps)
     return x_out, h
 

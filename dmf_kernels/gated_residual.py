@@ -1,10 +1,12 @@
 """gated_residual: out = x + gate * y (the adaLN-Zero residual of a DiT block)."""
 import torch
 
-from ._library import ops
+from ._library import compiled_dual_inputs, make_duals, ops
 
 
-class GatedResidualFunction(torch.autograd.Function):
+class _GatedResidualBase(torch.autograd.Function):
+    """No jvp: the class torch.compile traces (see compiled_dual_inputs)."""
+
     @staticmethod
     def forward(x, gate, y):
         return ops.gated_residual_fwd(x, gate, y)
@@ -21,6 +23,8 @@ class GatedResidualFunction(torch.autograd.Function):
         dgate, dy = ops.gated_residual_bwd(grad_out, gate, y)
         return grad_out, dgate, dy
 
+
+class GatedResidualFunction(_GatedResidualBase):
     @staticmethod
     def jvp(ctx, x_dot, gate_dot, y_dot):
         gate, y = ctx.saved_tensors
@@ -54,6 +58,13 @@ def gated_residual(x, gate, y):
     Returns:
         out: (..., D), differentiable, correct under torch.func.jvp / forward_ad.
     """
+    if torch.compiler.is_compiling():
+        dual = compiled_dual_inputs(x, gate, y)
+        if dual is not None:
+            (x, gate, y), (xd, gd, yd) = dual
+            out, out_dot = gated_residual_dual(x, xd, gate, gd, y, yd)
+            return make_duals((out,), (out_dot,))[0]
+        return _GatedResidualBase.apply(x, gate, y)
     return GatedResidualFunction.apply(x, gate, y)
 
 

@@ -1,11 +1,11 @@
 """rms_norm: RMSNorm with a learnable scale, as used for qk-norm in DiT/DMF attention."""
 import torch
 
-from ._library import ops
+from ._library import compiled_dual_inputs, make_duals, ops
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """(x, weight, eps) -> (out, rstd)."""
+class _RMSNormBase(torch.autograd.Function):
+    """(x, weight, eps) -> (out, rstd); no jvp (traced by torch.compile)."""
 
     @staticmethod
     def forward(x, weight, eps):
@@ -25,6 +25,8 @@ class RMSNormFunction(torch.autograd.Function):
         dx, dweight = ops.rms_norm_bwd(grad_out, x, weight, rstd)
         return dx, dweight, None
 
+
+class RMSNormFunction(_RMSNormBase):
     @staticmethod
     def jvp(ctx, x_dot, weight_dot, _eps_dot):
         x, weight, rstd = ctx.saved_tensors
@@ -59,6 +61,13 @@ def rms_norm(x, weight, eps: float = 1e-6):
     Returns:
         out: (..., D), differentiable, correct under torch.func.jvp / forward_ad.
     """
+    if torch.compiler.is_compiling():
+        dual = compiled_dual_inputs(x, weight)
+        if dual is not None:
+            (x, weight), (x_dot, weight_dot) = dual
+            out, out_dot = rms_norm_dual(x, x_dot, weight, weight_dot, eps)
+            return make_duals((out,), (out_dot,))[0]
+        return _RMSNormBase.apply(x, weight, eps)[0]
     return RMSNormFunction.apply(x, weight, eps)[0]
 
 

@@ -1,0 +1,139 @@
+"""Shared test helpers: devices, random inputs, the three-way precision bound."""
+import pytest
+import torch
+
+import dmf_kernels
+
+HAS_CUDA = torch.cuda.is_available()
+
+# CUDA variants run whenever a GPU is present and then must pass: a CUDA torch with a
+# GPU but an extension built without CUDA kernels is a failure, not a skip.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")]),
+]
+
+LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
+
+# atol of the three-way bound, relative to the reference's max magnitude.
+REL_ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def rand(*shape, device="cpu", dtype=torch.float64, scale=1.0, offset=0.0, seed=None):
+    """Random normal data (never zeros); x-like inputs get an offset to exercise the
+    variance computation away from mean 0."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset
+    return t.to(device=device, dtype=dtype)
+
+
+def max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+
+
+def assert_three_way(kernel, eager, ref64, dtype, what="", factor=2.0):
+    """Kernel error vs the float64 reference must be at most factor x the error of eager
+    PyTorch in the same dtype, plus a small atol relative to the output's magnitude."""
+    assert torch.isfinite(kernel).all(), f"{what}: non-finite values in kernel output"
+    scale = ref64.abs().max().item() if ref64.numel() else 1.0
+    err_k, err_e = max_err(kernel, ref64), max_err(eager, ref64)
+    bound = factor * err_e + REL_ATOL[dtype] * max(scale, 1e-30)
+    assert err_k <= bound, f"{what}: kernel err {err_k:.3e} > bound {bound:.3e} (eager err {err_e:.3e}, {dtype})"
+
+
+def assert_f64(actual, expected, what="", rtol=1e-10, atol=1e-10):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def mod_param(form, B, N, D, device, dtype, scale=0.5, seed=None):
+    """A modulation parameter in one of the accepted layouts for x of shape (B, N, D)."""
+    shapes = {"BD": (B, D), "B1D": (B, 1, D), "BND": (B, N, D), "D": (D,)}
+    return rand(*shapes[form], device=device, dtype=dtype, scale=scale, seed=seed)
+
+
+def build_has_cuda():
+    return dmf_kernels.build_info()["cuda"]
+
+
+def as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def leaf(inputs):
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+
+
+def grads_of(fn, inputs, grad_outputs):
+    xs = leaf(inputs)
+    outs = as_tuple(fn(*xs))
+    return outs, torch.autograd.grad(outs, xs, grad_outputs)
+
+
+def check_fwd_bwd_f64(fn, ref_fn, inputs, names):
+    """Forward and every input gradient of fn against the float64 eager reference."""
+    ref_outs = as_tuple(ref_fn(*inputs))
+    grad_outputs = [rand(*o.shape, device=o.device, dtype=o.dtype, seed=100 + i) for i, o in enumerate(ref_outs)]
+    outs, grads = grads_of(fn, inputs, grad_outputs)
+    ref_outs, ref_grads = grads_of(ref_fn, inputs, grad_outputs)
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert_f64(o, r, f"output {i}")
+    for n, g, r in zip(names, grads, ref_grads):
+        assert_f64(g, r, f"grad of {n}")
+
+
+def check_jvp_f64(fn, ref_fn, primals, tangents):
+    """torch.func.jvp and torch.autograd.forward_ad of fn against torch.func.jvp of the
+    float64 eager reference; also backward through the jvp's primal output."""
+    ref_out, ref_tan = torch.func.jvp(ref_fn, tuple(primals), tuple(tangents))
+    out, tan = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+    for o, r in zip(as_tuple(out), as_tuple(ref_out)):
+        assert_f64(o, r, "jvp primal")
+    for t, r in zip(as_tuple(tan), as_tuple(ref_tan)):
+        assert_f64(t, r, "func.jvp tangent")
+
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        fa_tan = [fwAD.unpack_dual(o).tangent for o in as_tuple(fn(*duals))]
+    for t, r in zip(fa_tan, as_tuple(ref_tan)):
+        assert_f64(t, r, "forward_ad tangent")
+
+    # MeanFlow's use: u, du_dt = jvp(...); loss(u).backward() must reach the inputs.
+    xs = leaf(primals)
+    xr = leaf(primals)
+    out, _ = torch.func.jvp(fn, tuple(xs), tuple(tangents))
+    rout, _ = torch.func.jvp(ref_fn, tuple(xr), tuple(tangents))
+    w = [rand(*o.shape, device=o.device, dtype=o.dtype, seed=7 + i) for i, o in enumerate(as_tuple(rout))]
+    sum((o * wi).sum() for o, wi in zip(as_tuple(out), w)).backward()
+    sum((o * wi).sum() for o, wi in zip(as_tuple(rout), w)).backward()
+    for a, b in zip(xs, xr):
+        assert_f64(a.grad, b.grad, "grad through the jvp primal")
+
+
+def check_three_way(fn, ref_fn, inputs64, tangents64, dtype, names):
+    """Forward, backward and JVP of fn in `dtype` against eager PyTorch in `dtype`, both
+    measured against the float64 reference."""
+    lp = [t.to(dtype) for t in inputs64]
+    tlp = [t.to(dtype) for t in tangents64]
+    with torch.no_grad():
+        outs_k, outs_e, outs_r = as_tuple(fn(*lp)), as_tuple(ref_fn(*lp)), as_tuple(ref_fn(*inputs64))
+    for i, (k, e, r) in enumerate(zip(outs_k, outs_e, outs_r)):
+        assert_three_way(k, e, r, dtype, f"forward output {i}")
+    g64 = [rand(*o.shape, device=o.device, dtype=torch.float64, seed=200 + i) for i, o in enumerate(outs_r)]
+    glp = [g.to(dtype) for g in g64]
+    _, gk = grads_of(fn, lp, glp)
+    _, ge = grads_of(ref_fn, lp, glp)
+    _, gr = grads_of(ref_fn, inputs64, g64)
+    for n, k, e, r in zip(names, gk, ge, gr):
+        assert_three_way(k, e, r, dtype, f"grad of {n}")
+    _, tk = torch.func.jvp(fn, tuple(lp), tuple(tlp))
+    _, te = torch.func.jvp(ref_fn, tuple(lp), tuple(tlp))
+    _, tr = torch.func.jvp(ref_fn, tuple(inputs64), tuple(tangents64))
+    for i, (k, e, r) in enumerate(zip(as_tuple(tk), as_tuple(te), as_tuple(tr))):
+        assert_three_way(k, e, r, dtype, f"tangent {i}")

@@ -1,0 +1,106 @@
+"""torch.compile(fullgraph=True) of every op: forward, backward, and forward-mode AD
+(torch.func.jvp and torch.autograd.forward_ad) matched against eager. Custom JVPs can be
+silently dropped under compile (pytorch issue 192985), so tangents are compared, never
+just checked for presence."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import dmf_kernels as dk
+from conftest import rand
+
+B, N, D = 2, 5, 24
+
+
+def cases(device):
+    r = lambda *s, seed: rand(*s, device=device, dtype=torch.float32, seed=seed)  # noqa: E731
+    x, y = r(B, N, D, seed=1), r(B, N, D, seed=2)
+    return {
+        "adaln_modulate": (dk.adaln_modulate, [x, r(B, D, seed=3), r(B, D, seed=4)]),
+        "gated_residual_adaln": (dk.gated_residual_adaln, [x, r(B, 1, D, seed=5), y, r(B, D, seed=3), r(B, D, seed=4)]),
+        "gated_residual": (dk.gated_residual, [x, r(B, D, seed=5), y]),
+        "rms_norm": (dk.rms_norm, [x, r(D, seed=6)]),
+    }
+
+
+def as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def close(a, b):
+    for u, v in zip(as_tuple(a), as_tuple(b)):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+
+
+@pytest.mark.parametrize("name", ["adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm"])
+def test_compile_forward_backward(device, name):
+    fn, inputs = cases(device)[name]
+    compiled = torch.compile(fn, fullgraph=True)
+    xs = [t.clone().requires_grad_() for t in inputs]
+    xe = [t.clone().requires_grad_() for t in inputs]
+    out, ref = compiled(*xs), fn(*xe)
+    close(out, ref)
+    w = [rand(*o.shape, device=device, dtype=o.dtype, seed=9 + i) for i, o in enumerate(as_tuple(ref))]
+    close(torch.autograd.grad(as_tuple(out), xs, w), torch.autograd.grad(as_tuple(ref), xe, w))
+
+
+@pytest.mark.parametrize("name", ["adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm"])
+def test_compile_func_jvp(device, name):
+    fn, inputs = cases(device)[name]
+    tangents = [rand(*t.shape, device=device, dtype=t.dtype, seed=30 + i) for i, t in enumerate(inputs)]
+
+    def run(*args):
+        k = len(args) // 2
+        return torch.func.jvp(fn, args[:k], args[k:])
+
+    out, tan = torch.compile(run, fullgraph=True)(*inputs, *tangents)
+    ref_out, ref_tan = run(*inputs, *tangents)
+    close(out, ref_out)
+    close(tan, ref_tan)
+    assert all(t.abs().max() > 0 for t in as_tuple(tan))
+
+
+@pytest.mark.parametrize("name", ["adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm"])
+def test_compile_forward_ad(device, name):
+    fn, inputs = cases(device)[name]
+    x_dot = rand(*inputs[0].shape, device=device, dtype=inputs[0].dtype, seed=40)
+
+    def run(x, x_dot, *rest):
+        with fwAD.dual_level():
+            outs = as_tuple(fn(fwAD.make_dual(x, x_dot), *rest))
+            return tuple(fwAD.unpack_dual(o).tangent for o in outs)
+
+    tan = torch.compile(run, fullgraph=True)(inputs[0], x_dot, *inputs[1:])
+    ref = run(inputs[0], x_dot, *inputs[1:])
+    assert all(t is not None for t in tan), "compiled forward-mode AD dropped the tangent"
+    close(tan, ref)
+
+
+def test_compile_jvp_primal_is_differentiable(device):
+    # MeanFlow's pattern: u, du_dt = jvp(f, ...); loss(u).backward(), compiled.
+    fn, inputs = cases(device)["gated_residual_adaln"]
+    tangents = [rand(*t.shape, device=device, dtype=t.dtype, seed=50 + i) for i, t in enumerate(inputs)]
+
+    def step(*args):
+        k = len(args) // 2
+        (x_out, h), (_, h_dot) = torch.func.jvp(fn, args[:k], args[k:])
+        return (h * h_dot.detach()).sum() + x_out.sum()
+
+    xs = [t.clone().requires_grad_() for t in inputs]
+    xe = [t.clone().requires_grad_() for t in inputs]
+    torch.compile(step, fullgraph=True)(*xs, *tangents).backward()
+    step(*xe, *tangents).backward()
+    close([t.grad for t in xs], [t.grad for t in xe])
+
+
+def test_compile_dual_api(device):
+    fn, (x, shift, scale) = dk.jvp.adaln_modulate, cases(device)["adaln_modulate"][1]
+    x_dot = rand(*x.shape, device=device, dtype=x.dtype, seed=60)
+    compiled = torch.compile(lambda *a: fn(*a), fullgraph=True)
+    close(compiled(x, x_dot, shift, None, scale, None), fn(x, x_dot, shift, None, scale, None))
