@@ -114,6 +114,12 @@ struct RmsNormParams {
   void* part_weight = nullptr;  // acc type, (chunks, dim)
 };
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+#if defined(__CUDACC__)
+#define DMF_HOST_DEVICE __host__ __device__
+#else
+#define DMF_HOST_DEVICE
+#endif
+
+DMF_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace dmf

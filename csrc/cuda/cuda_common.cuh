@@ -1,0 +1,153 @@
+// Device helpers shared by the CUDA kernels: storage/accumulation types, 16-byte vector
+// loads, row-team reductions, and the launch configuration of a row.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../kernels/params.h"
+
+namespace dmf {
+namespace cuda {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ T from_acc(double v) { return v; }
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void load_vec(const T* p, A (&out)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = to_acc(pk.v[k]);
+}
+
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void store_vec(T* p, const A (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) pk.v[k] = from_acc<T>(in[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// A row is processed by a team: one warp (WARP, for short rows; blockDim = (32, rows per
+// block)) or one whole block (blockDim.x threads). Both sums are reduced in a fixed order,
+// so results are bitwise reproducible run to run.
+template <bool WARP, typename A>
+__device__ __forceinline__ void team_sum2(A& a, A& b, A* smem /* 2 * 32 */) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (WARP) return;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  __syncthreads();  // smem may still be read from the previous reduction
+  if (lane == 0) {
+    smem[wid] = a;
+    smem[32 + wid] = b;
+  }
+  __syncthreads();
+  a = 0;
+  b = 0;
+  for (int i = 0; i < nw; ++i) {
+    a += smem[i];
+    b += smem[32 + i];
+  }
+}
+
+template <bool WARP>
+__device__ __forceinline__ int team_lane() { return threadIdx.x; }
+template <bool WARP>
+__device__ __forceinline__ int team_size() { return WARP ? 32 : blockDim.x; }
+// Index of this team among all teams of the launch.
+template <bool WARP>
+__device__ __forceinline__ int64_t team_index() {
+  return WARP ? int64_t(blockIdx.x) * blockDim.y + threadIdx.y : int64_t(blockIdx.x);
+}
+
+// Launch shape for rows of `dim` elements read `vec` at a time. Short rows (at most 128
+// vectors) get one warp each, 4 rows per 128-thread block; longer rows one block of up to
+// 512 threads (launch bound: 128 registers per thread). Each thread keeps EPT elements of
+// the row in registers: 16, or 32 for rows beyond 512 * 16 = 8192 elements.
+constexpr int kRowThreads = 512;
+
+struct RowLaunch {
+  bool warp;
+  bool big;            // EPT = 32
+  int threads;         // threads per row team
+  int rows_per_block;  // teams per block
+};
+
+inline RowLaunch row_launch(int64_t dim, int vec) {
+  const int64_t nvec = ceil_div(dim, vec);
+  if (nvec <= 32 * 4 && nvec * vec <= 32 * 16) return RowLaunch{true, false, 32, 4};
+  int64_t threads = ceil_div(nvec, 32) * 32;
+  if (threads > kRowThreads) threads = kRowThreads;
+  const bool big = ceil_div(nvec, threads) * vec > 16;
+  return RowLaunch{false, big, static_cast<int>(threads), 1};
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// 16-byte vectors are used when every row start is 16-byte aligned.
+inline bool vec_ok(int64_t dim, int elem_size, std::initializer_list<const void*> ptrs,
+                   std::initializer_list<int64_t> strides) {
+  const int64_t vec = 16 / elem_size;
+  if (dim % vec != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && !aligned16(p)) return false;
+  for (int64_t s : strides)
+    if (s % vec != 0) return false;
+  return true;
+}
+
+// Calls f(T{}) with T the CUDA storage type of `dtype`.
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat64: f(double{}); break;
+  }
+}
+
+// Calls f(integral_constant<int, VEC>, integral_constant<bool, WARP>, integral_constant<int, EPT>).
+// fp64 is never vectorised (exact checks only: fewer instantiations).
+template <typename T, typename F>
+void dispatch_shape(bool vectorise, const RowLaunch& L, F&& f) {
+  constexpr int kVec = sizeof(T) == 8 ? 1 : 16 / sizeof(T);
+  auto by_vec = [&](auto v) {
+    if (L.warp) f(v, std::true_type{}, std::integral_constant<int, 16>{});
+    else if (L.big) f(v, std::false_type{}, std::integral_constant<int, 32>{});
+    else f(v, std::false_type{}, std::integral_constant<int, 16>{});
+  };
+  if (vectorise && kVec > 1) by_vec(std::integral_constant<int, kVec>{});
+  else by_vec(std::integral_constant<int, 1>{});
+}
+
+inline int row_vec(bool vectorise, int elem_size) { return vectorise && elem_size < 8 ? 16 / elem_size : 1; }
+
+}  // namespace cuda
+}  // namespace dmf

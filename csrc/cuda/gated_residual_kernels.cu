@@ -1,0 +1,141 @@
+// CUDA kernels of gated_residual: out = x + gate * y, its tangent and its backward.
+//
+// Elementwise, so tiled by columns: block (128 threads) x = VEC columns per thread, one
+// block per (chunk of `chunk_rows` rows of one gate group, column tile). The gate row is
+// loaded once per chunk; the backward keeps the gate-gradient sum of its columns over the
+// chunk in registers and writes one partial row: deterministic, no atomics.
+#include "cuda_common.cuh"
+#include "launch.h"
+
+namespace dmf {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;
+
+struct Chunk {
+  int64_t g, r0, r1, c;
+  bool valid;
+};
+
+__device__ __forceinline__ Chunk chunk_of(const GatedResidualParams& p, int vec) {
+  const int64_t chunks = ceil_div(p.rows_per_group, p.chunk_rows);
+  const int64_t item = blockIdx.x;
+  Chunk ch;
+  ch.g = item / chunks;
+  ch.r0 = ch.g * p.rows_per_group + (item % chunks) * p.chunk_rows;
+  ch.r1 = min(ch.r0 + p.chunk_rows, (ch.g + 1) * p.rows_per_group);
+  ch.c = (int64_t(blockIdx.y) * kThreads + threadIdx.x) * vec;
+  ch.valid = ch.c < p.dim;
+  return ch;
+}
+
+// out (when p.out) and out_dot (when p.out_dot) = x_dot + gate_dot * y + gate * y_dot.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) gated_residual_fwd_jvp_kernel(const GatedResidualParams p) {
+  using A = typename Acc<T>::type;
+  const Chunk ch = chunk_of(p, VEC);
+  if (!ch.valid) return;
+  const int64_t D = p.dim;
+  A gv[VEC], gd[VEC];
+  load_vec<T, VEC>(static_cast<const T*>(p.gate.ptr) + ch.g * p.gate.row_stride + ch.c, gv);
+  if (p.gate_dot.ptr != nullptr)
+    load_vec<T, VEC>(static_cast<const T*>(p.gate_dot.ptr) + ch.g * p.gate_dot.row_stride + ch.c, gd);
+  for (int64_t r = ch.r0; r < ch.r1; ++r) {
+    const int64_t off = r * D + ch.c;
+    A yv[VEC], v[VEC], o[VEC];
+    load_vec<T, VEC>(static_cast<const T*>(p.y) + off, yv);
+    if (p.out != nullptr) {
+      load_vec<T, VEC>(static_cast<const T*>(p.x) + off, v);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) o[k] = v[k] + gv[k] * yv[k];
+      store_vec<T, VEC>(static_cast<T*>(p.out) + off, o);
+    }
+    if (p.out_dot != nullptr) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) o[k] = A(0);
+      if (p.x_dot != nullptr) load_vec<T, VEC>(static_cast<const T*>(p.x_dot) + off, o);
+      if (p.gate_dot.ptr != nullptr) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o[k] += gd[k] * yv[k];
+      }
+      if (p.y_dot != nullptr) {
+        load_vec<T, VEC>(static_cast<const T*>(p.y_dot) + off, v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o[k] += gv[k] * v[k];
+      }
+      store_vec<T, VEC>(static_cast<T*>(p.out_dot) + off, o);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) gated_residual_bwd_kernel(const GatedResidualParams p) {
+  using A = typename Acc<T>::type;
+  const Chunk ch = chunk_of(p, VEC);
+  if (!ch.valid) return;
+  const int64_t D = p.dim;
+  A gv[VEC], acc[VEC];
+  load_vec<T, VEC>(static_cast<const T*>(p.gate.ptr) + ch.g * p.gate.row_stride + ch.c, gv);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = A(0);
+  for (int64_t r = ch.r0; r < ch.r1; ++r) {
+    const int64_t off = r * D + ch.c;
+    A go[VEC], yv[VEC], dy[VEC];
+    load_vec<T, VEC>(static_cast<const T*>(p.grad_out) + off, go);
+    load_vec<T, VEC>(static_cast<const T*>(p.y) + off, yv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      dy[k] = go[k] * gv[k];
+      acc[k] += go[k] * yv[k];
+    }
+    store_vec<T, VEC>(static_cast<T*>(p.grad_y) + off, dy);
+  }
+  store_vec<A, VEC>(static_cast<A*>(p.part_gate) + int64_t(blockIdx.x) * D + ch.c, acc);
+}
+
+template <typename MakeKernel>
+cudaError_t launch(const GatedResidualParams& p, std::initializer_list<const void*> ptrs, cudaStream_t stream,
+                   MakeKernel&& make_kernel) {
+  if (p.rows == 0) return cudaSuccess;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const bool vec = vec_ok(p.dim, sizeof(T), ptrs, {p.gate.row_stride, p.gate_dot.row_stride});
+    auto go = [&](auto v) {
+      constexpr int VEC = decltype(v)::value;
+      const int64_t items = (p.rows / p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
+      const dim3 grid(static_cast<unsigned>(items), static_cast<unsigned>(ceil_div(ceil_div(p.dim, VEC), kThreads)));
+      void* args[] = {const_cast<GatedResidualParams*>(&p)};
+      err = cudaLaunchKernel(make_kernel(t, v), grid, dim3(kThreads), args, 0, stream);
+    };
+    if (vec && sizeof(T) < 8) go(std::integral_constant<int, 16 / sizeof(T)>{});
+    else go(std::integral_constant<int, 1>{});
+  });
+  return err;
+}
+
+}  // namespace
+
+cudaError_t gated_residual_fwd(const GatedResidualParams& p, cudaStream_t stream) {
+  GatedResidualParams q = p;  // the fused kernel: primal only
+  q.out_dot = nullptr;
+  return gated_residual_jvp(q, stream);
+}
+
+cudaError_t gated_residual_jvp(const GatedResidualParams& p, cudaStream_t stream) {
+  return launch(p, {p.x, p.y, p.out, p.x_dot, p.y_dot, p.out_dot, p.gate.ptr, p.gate_dot.ptr}, stream,
+                [](auto t, auto v) {
+                  return reinterpret_cast<const void*>(
+                      gated_residual_fwd_jvp_kernel<decltype(t), decltype(v)::value>);
+                });
+}
+
+cudaError_t gated_residual_bwd(const GatedResidualParams& p, cudaStream_t stream) {
+  return launch(p, {p.y, p.grad_out, p.grad_y, p.part_gate, p.gate.ptr}, stream, [](auto t, auto v) {
+    return reinterpret_cast<const void*>(gated_residual_bwd_kernel<decltype(t), decltype(v)::value>);
+  });
+}
+
+}  // namespace cuda
+}  // namespace dmf

@@ -1,0 +1,352 @@
+// CUDA kernels of the LayerNorm-and-modulate family (adaln_modulate, gated_residual_adaln).
+//
+// One team (a warp for rows of at most 128 vectors, else one block of up to 1024 threads)
+// per row; the row lives in registers (at most 16 elements per thread), so x is read from
+// memory once per pass: fwd reads x (+ gate, y) and writes out (+ x_out); jvp additionally
+// reads the tangents and writes out_dot. Statistics by the exact two-pass formula over
+// the registers, in fp32 (fp64 for fp64). The backward gives each team a chunk of
+// `chunk_rows` rows of one parameter group and keeps the shift/scale/gate sums of its
+// columns in registers, then writes them as partials: deterministic, no atomics.
+#include "cuda_common.cuh"
+#include "launch.h"
+
+namespace dmf {
+namespace cuda {
+namespace {
+
+template <typename T, int VEC, bool WARP, typename A, int IT>
+__device__ __forceinline__ void load_input(const NormModFwdParams& p, int64_t r, A (&xv)[IT][VEC], bool residual) {
+  const int64_t D = p.dim;
+  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const T* xr = static_cast<const T*>(p.x) + r * D;
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int64_t c = (int64_t(it) * ts + lane) * VEC;
+    if (c < D) {
+      load_vec<T, VEC>(xr + c, xv[it]);
+      if (residual) {
+        A gv[VEC], yv[VEC];
+        load_vec<T, VEC>(static_cast<const T*>(p.gate.ptr) + (r / p.rows_per_group) * p.gate.row_stride + c, gv);
+        load_vec<T, VEC>(static_cast<const T*>(p.res) + r * D + c, yv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xv[it][k] = to_acc(from_acc<T>(xv[it][k] + gv[k] * yv[k]));
+        store_vec<T, VEC>(static_cast<T*>(p.x_out) + r * D + c, xv[it]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) xv[it][k] = A(0);
+    }
+  }
+}
+
+template <typename T, int VEC, bool WARP, typename A, int IT>
+__device__ __forceinline__ void row_stats(const A (&xv)[IT][VEC], int64_t D, double eps, A* smem, A& mean,
+                                          A& rstd) {
+  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  A s = 0, unused = 0;
+#pragma unroll
+  for (int it = 0; it < IT; ++it)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s += xv[it][k];  // masked entries are 0
+  team_sum2<WARP>(s, unused, smem);
+  mean = s / A(D);
+  A ss = 0;
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    if ((int64_t(it) * ts + lane) * VEC < D) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ss += (xv[it][k] - mean) * (xv[it][k] - mean);
+    }
+  }
+  unused = 0;
+  team_sum2<WARP>(ss, unused, smem);
+  rstd = A(1) / sqrt(ss / A(D) + A(eps));
+}
+
+template <typename T, int VEC, bool WARP, int EPT>
+__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_fwd_kernel(const NormModFwdParams p) {
+  using A = typename Acc<T>::type;
+  constexpr int IT = EPT / VEC;
+  __shared__ A smem[64];
+  const int64_t r = team_index<WARP>();
+  if (r >= p.rows) return;  // uniform per team
+  const int64_t D = p.dim, g = r / p.rows_per_group;
+  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  A xv[IT][VEC];
+  load_input<T, VEC, WARP>(p, r, xv, p.gate.ptr != nullptr);
+  A mean, rstd;
+  row_stats<T, VEC, WARP>(xv, D, p.eps, smem, mean, rstd);
+  if (lane == 0) {
+    static_cast<A*>(p.mean)[r] = mean;
+    static_cast<A*>(p.rstd)[r] = rstd;
+  }
+  const T* sh = static_cast<const T*>(p.shift.ptr) + g * p.shift.row_stride;
+  const T* sc = static_cast<const T*>(p.scale.ptr) + g * p.scale.row_stride;
+  T* o = static_cast<T*>(p.out) + r * D;
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int64_t c = (int64_t(it) * ts + lane) * VEC;
+    if (c < D) {
+      A shv[VEC], scv[VEC], ov[VEC];
+      load_vec<T, VEC>(sh + c, shv);
+      load_vec<T, VEC>(sc + c, scv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ov[k] = (xv[it][k] - mean) * rstd * (A(1) + scv[k]) + shv[k];
+      store_vec<T, VEC>(o + c, ov);
+    }
+  }
+}
+
+template <typename T, int VEC, bool WARP, int EPT>
+__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_jvp_kernel(const NormModJvpParams q) {
+  using A = typename Acc<T>::type;
+  constexpr int IT = EPT / VEC;
+  __shared__ A smem[64];
+  const NormModFwdParams& p = q.p;
+  const int64_t r = team_index<WARP>();
+  if (r >= p.rows) return;
+  const int64_t D = p.dim, g = r / p.rows_per_group;
+  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const bool residual = p.gate.ptr != nullptr;
+  const bool res_tangent = residual && (q.gate_dot.ptr != nullptr || q.res_dot != nullptr);
+  const bool x_tangent = q.x_dot != nullptr || res_tangent;
+
+  A xv[IT][VEC];
+  A mean, rstd;
+  if (q.stats_given) {
+    load_input<T, VEC, WARP>(p, r, xv, false);
+    mean = static_cast<const A*>(p.mean)[r];
+    rstd = static_cast<const A*>(p.rstd)[r];
+  } else {
+    load_input<T, VEC, WARP>(p, r, xv, residual);
+    row_stats<T, VEC, WARP>(xv, D, p.eps, smem, mean, rstd);
+    if (lane == 0) {
+      static_cast<A*>(p.mean)[r] = mean;
+      static_cast<A*>(p.rstd)[r] = rstd;
+    }
+  }
+  const T* sh = static_cast<const T*>(p.shift.ptr) + g * p.shift.row_stride;
+  const T* sc = static_cast<const T*>(p.scale.ptr) + g * p.scale.row_stride;
+  // xv <- xh; out; td <- tangent of the normalised input; partial sums for its projection.
+  A td[IT][VEC];
+  A m1 = 0, m2 = 0;
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int64_t c = (int64_t(it) * ts + lane) * VEC;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) td[it][k] = A(0);
+    if (c >= D) continue;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) xv[it][k] = (xv[it][k] - mean) * rstd;
+    if (!q.stats_given) {
+      A shv[VEC], scv[VEC], ov[VEC];
+      load_vec<T, VEC>(sh + c, shv);
+      load_vec<T, VEC>(sc + c, scv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) ov[k] = xv[it][k] * (A(1) + scv[k]) + shv[k];
+      store_vec<T, VEC>(static_cast<T*>(p.out) + r * D + c, ov);
+    }
+    if (q.x_dot != nullptr) load_vec<T, VEC>(static_cast<const T*>(q.x_dot) + r * D + c, td[it]);
+    if (res_tangent) {
+      A yv[VEC], gv[VEC], v[VEC];
+      if (q.gate_dot.ptr != nullptr) {
+        load_vec<T, VEC>(static_cast<const T*>(q.gate_dot.ptr) + g * q.gate_dot.row_stride + c, gv);
+        load_vec<T, VEC>(static_cast<const T*>(p.res) + r * D + c, yv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) td[it][k] += gv[k] * yv[k];
+      }
+      if (q.res_dot != nullptr) {
+        load_vec<T, VEC>(static_cast<const T*>(p.gate.ptr) + g * p.gate.row_stride + c, gv);
+        load_vec<T, VEC>(static_cast<const T*>(q.res_dot) + r * D + c, v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) td[it][k] += gv[k] * v[k];
+      }
+    }
+    if (residual) store_vec<T, VEC>(static_cast<T*>(q.x_out_dot) + r * D + c, td[it]);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      m1 += td[it][k];
+      m2 += xv[it][k] * td[it][k];
+    }
+  }
+  if (x_tangent) {
+    team_sum2<WARP>(m1, m2, smem);
+    m1 /= A(D);
+    m2 /= A(D);
+  }
+  const T* shd = q.shift_dot.ptr == nullptr ? nullptr : static_cast<const T*>(q.shift_dot.ptr) + g * q.shift_dot.row_stride;
+  const T* scd = q.scale_dot.ptr == nullptr ? nullptr : static_cast<const T*>(q.scale_dot.ptr) + g * q.scale_dot.row_stride;
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int64_t c = (int64_t(it) * ts + lane) * VEC;
+    if (c >= D) continue;
+    A scv[VEC], v[VEC], od[VEC];
+    load_vec<T, VEC>(sc + c, scv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      od[k] = x_tangent ? (td[it][k] - m1 - xv[it][k] * m2) * rstd * (A(1) + scv[k]) : A(0);
+    if (scd != nullptr) {
+      load_vec<T, VEC>(scd + c, v);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) od[k] += xv[it][k] * v[k];
+    }
+    if (shd != nullptr) {
+      load_vec<T, VEC>(shd + c, v);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) od[k] += v[k];
+    }
+    store_vec<T, VEC>(static_cast<T*>(q.out_dot) + r * D + c, od);
+  }
+}
+
+template <typename T, int VEC, bool WARP, int EPT>
+__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_bwd_kernel(const NormModBwdParams p) {
+  using A = typename Acc<T>::type;
+  constexpr int IT = EPT / VEC;
+  __shared__ A smem[64];
+  const int64_t chunks = ceil_div(p.rows_per_group, p.chunk_rows);
+  const int64_t item = team_index<WARP>();
+  if (item >= (p.rows / p.rows_per_group) * chunks) return;
+  const int64_t D = p.dim, g = item / chunks;
+  const int64_t r0 = g * p.rows_per_group + (item % chunks) * p.chunk_rows;
+  const int64_t r1 = min(r0 + p.chunk_rows, (g + 1) * p.rows_per_group);
+  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const bool residual = p.gate.ptr != nullptr;
+  const T* sc = static_cast<const T*>(p.scale.ptr) + g * p.scale.row_stride;
+  const T* gate = residual ? static_cast<const T*>(p.gate.ptr) + g * p.gate.row_stride : nullptr;
+
+  A ps[IT][VEC], pc[IT][VEC], pg[IT][VEC];
+#pragma unroll
+  for (int it = 0; it < IT; ++it)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) ps[it][k] = pc[it][k] = pg[it][k] = A(0);
+
+  for (int64_t r = r0; r < r1; ++r) {
+    const A mean = static_cast<const A*>(p.mean)[r];
+    const A rstd = static_cast<const A*>(p.rstd)[r];
+    A xh[IT][VEC], gh[IT][VEC];
+    A c1 = 0, c2 = 0;
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int64_t c = (int64_t(it) * ts + lane) * VEC;
+      if (c >= D) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xh[it][k] = gh[it][k] = A(0);
+        continue;
+      }
+      A gv[VEC], scv[VEC];
+      load_vec<T, VEC>(static_cast<const T*>(p.x) + r * D + c, xh[it]);
+      load_vec<T, VEC>(static_cast<const T*>(p.grad_out) + r * D + c, gv);
+      load_vec<T, VEC>(sc + c, scv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        xh[it][k] = (xh[it][k] - mean) * rstd;
+        gh[it][k] = gv[k] * (A(1) + scv[k]);
+        ps[it][k] += gv[k];
+        pc[it][k] += gv[k] * xh[it][k];
+        c1 += gh[it][k];
+        c2 += gh[it][k] * xh[it][k];
+      }
+    }
+    team_sum2<WARP>(c1, c2, smem);
+    c1 /= A(D);
+    c2 /= A(D);
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int64_t c = (int64_t(it) * ts + lane) * VEC;
+      if (c >= D) continue;
+      A d[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) d[k] = (gh[it][k] - c1 - xh[it][k] * c2) * rstd;
+      if (p.grad_x_out != nullptr) {
+        A v[VEC];
+        load_vec<T, VEC>(static_cast<const T*>(p.grad_x_out) + r * D + c, v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) d[k] += v[k];
+      }
+      store_vec<T, VEC>(static_cast<T*>(p.grad_x) + r * D + c, d);
+      if (residual) {
+        A gv[VEC], yv[VEC], dy[VEC];
+        load_vec<T, VEC>(gate + c, gv);
+        load_vec<T, VEC>(static_cast<const T*>(p.res) + r * D + c, yv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          dy[k] = d[k] * gv[k];
+          pg[it][k] += d[k] * yv[k];
+        }
+        store_vec<T, VEC>(static_cast<T*>(p.grad_res) + r * D + c, dy);
+      }
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int64_t c = (int64_t(it) * ts + lane) * VEC;
+    if (c >= D) continue;
+    store_vec<A, VEC>(static_cast<A*>(p.part_shift) + item * D + c, ps[it]);
+    store_vec<A, VEC>(static_cast<A*>(p.part_scale) + item * D + c, pc[it]);
+    if (residual) store_vec<A, VEC>(static_cast<A*>(p.part_gate) + item * D + c, pg[it]);
+  }
+}
+
+template <typename Kernel, typename Params>
+cudaError_t launch_rows(Kernel kernel, const Params& p, int64_t teams, const RowLaunch& L, cudaStream_t stream) {
+  if (teams == 0) return cudaSuccess;
+  const dim3 block(L.threads, L.rows_per_block);
+  const dim3 grid(static_cast<unsigned>(ceil_div(teams, L.rows_per_block)));
+  kernel<<<grid, block, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t norm_mod_fwd(const NormModFwdParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const bool vec = vec_ok(p.dim, sizeof(T), {p.x, p.res, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr},
+                            {p.shift.row_stride, p.scale.row_stride, p.gate.row_stride});
+    const RowLaunch L = row_launch(p.dim, row_vec(vec, sizeof(T)));
+    dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
+      err = launch_rows(norm_mod_fwd_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>, p, p.rows, L, stream);
+    });
+  });
+  return err;
+}
+
+cudaError_t norm_mod_jvp(const NormModJvpParams& q, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  const NormModFwdParams& p = q.p;
+  dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const bool vec = vec_ok(p.dim, sizeof(T),
+                            {p.x, p.res, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr, q.x_dot, q.res_dot,
+                             q.x_out_dot, q.out_dot, q.gate_dot.ptr, q.shift_dot.ptr, q.scale_dot.ptr},
+                            {p.shift.row_stride, p.scale.row_stride, p.gate.row_stride, q.gate_dot.row_stride,
+                             q.shift_dot.row_stride, q.scale_dot.row_stride});
+    const RowLaunch L = row_launch(p.dim, row_vec(vec, sizeof(T)));
+    dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
+      err = launch_rows(norm_mod_jvp_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>, q, p.rows, L, stream);
+    });
+  });
+  return err;
+}
+
+cudaError_t norm_mod_bwd(const NormModBwdParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const bool vec = vec_ok(p.dim, sizeof(T),
+                            {p.grad_out, p.grad_x_out, p.x, p.res, p.grad_x, p.grad_res, p.scale.ptr, p.gate.ptr,
+                             p.part_shift, p.part_scale, p.part_gate},
+                            {p.scale.row_stride, p.gate.row_stride});
+    const RowLaunch L = row_launch(p.dim, row_vec(vec, sizeof(T)));
+    const int64_t items = (p.rows / p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
+    dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
+      err = launch_rows(norm_mod_bwd_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>, p, items, L, stream);
+    });
+  });
+  return err;
+}
+
+}  // namespace cuda
+}  // namespace dmf
