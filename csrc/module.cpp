@@ -11,6 +11,9 @@
 #ifndef DMF_CUDA_VERSION
 #define DMF_CUDA_VERSION ""
 #endif
+#ifndef DMF_CPU_ARCH
+#define DMF_CPU_ARCH "none"
+#endif
 #ifndef DMF_BUILD_TOOL
 #define DMF_BUILD_TOOL "unknown"
 #endif
@@ -35,6 +38,7 @@ PYBIND11_MODULE(_C, m) {
     d["compiler"] = std::string(__VERSION__);
 #endif
     d["build_tool"] = std::string(DMF_BUILD_TOOL);
+    d["cpu_arch"] = std::string(DMF_CPU_ARCH);
     return d;
   });
 }

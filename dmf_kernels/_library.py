@@ -8,7 +8,32 @@
 """
 import torch
 
-from . import _C  # noqa: F401  (registers the ops)
+
+def _check_cpu_arch():
+    # Read before importing _C: the build may use AVX2 instructions at load time.
+    import os
+
+    try:
+        from ._build_config import CPU_ARCH
+    except ImportError:  # built by CMake or by hand: baseline code
+        CPU_ARCH = "none"
+    if CPU_ARCH == "avx2" and os.path.exists("/proc/cpuinfo"):
+        flags = set()
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+                break
+        missing = {"avx2", "fma", "f16c"} - flags
+        if flags and missing:
+            raise ImportError(
+                f"dmf_kernels was built for AVX2 CPUs but this CPU lacks {sorted(missing)}; "
+                "rebuild with DMF_KERNELS_CPU_ARCH=none pip install --no-build-isolation ."
+            )
+
+
+_check_cpu_arch()
+
+from . import _C  # noqa: E402,F401  (registers the ops)
 
 ops = torch.ops.dmf_kernels
 

@@ -1,0 +1,54 @@
+# The two commands (see README):
+#   make          set up .venv (torch 2.13.0 CPU, triton), build the extension, run the quick benchmark suite
+#   make test     set up and build if needed, then run the whole test suite
+# CI (.ci/run) calls `make test` and then `make ci-extra`.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+# torch stays pinned: a bare `torch` would pull a CUDA build with several GB of packages.
+DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchmark matplotlib setuptools wheel
+SOURCES := $(shell awk '$$1 !~ /^\#/ && NF == 2 {print $$2}' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh) setup.py
+
+.PHONY: all setup build test bench ci-extra cmake-build cuda-sources gpu-check clean
+
+all: bench
+
+setup: $(VENV)/.deps-installed
+
+$(VENV)/.deps-installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+build: $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import dmf_kernels; print('dmf_kernels', dmf_kernels.__version__, dmf_kernels.build_info())"
+	touch $@
+
+test: build
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m benchmarks.run --quick
+
+# Second build path (CMake) and the nvcc compile of every .cu (sm_80, sm_90a).
+ci-extra: cmake-build cuda-sources
+
+cmake-build: build
+	rm -rf build-cmake
+	cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	cmake --build build-cmake >> build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	$(PY) .ci/smoke_cmake_build.py build-cmake/_C*.so
+
+cuda-sources: setup
+	PYTHON=$(PY) .ci/check_cuda_sources.sh
+
+# On a CUDA machine: build with CUDA, run CUDA tests and benchmarks (benchmarks/gpu_check.sh).
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build build-cmake build-cmake.log *.egg-info dmf_kernels/_C*.so $(VENV)/.built

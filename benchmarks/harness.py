@@ -1,0 +1,307 @@
+"""Benchmark harness shared by the bench_*.py files: timing, memory, result files.
+
+A benchmark file exposes `cases(device, dtype, quick)`, yielding `Case`s; run.py collects
+them, times every provider in the same process, and writes
+benchmarks/results/<device>_<date>.{json,md,png}.
+
+Timing: CUDA events (GPU) or perf_counter (CPU) around single calls after warm-up;
+median of the samples. Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the
+peak of live tensor bytes seen by the profiler's memory events.
+"""
+import dataclasses
+import datetime
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass
+class Case:
+    op: str             # e.g. "adaln_modulate"
+    mode: str           # "fwd", "bwd", "fwd+jvp"
+    provider: str       # "dmf", "dmf_func_jvp", "eager", "compile"
+    shape: str          # e.g. "B8 N256 D1152"
+    dtype: str
+    # builds inputs; returns (timed closure, minimum bytes read + written, flops or 0)
+    make: Callable[[], tuple]
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, min_time_s, max_reps, warmup):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    start_all = time.perf_counter()
+    while len(samples) < max_reps and (len(samples) < 5 or time.perf_counter() - start_all < min_time_s):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            samples.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples), len(samples)
+
+
+def cpu_peak_bytes(fn):
+    """Peak of live CPU tensor bytes allocated during fn (relative to its start)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Allocations are attributed to the op that made them (self usage: a parent op's
+    # inclusive usage would count them twice); frees appear as "[memory]" events.
+    deltas = []
+    for e in prof.events():
+        delta = e.cpu_memory_usage if e.name == "[memory]" else getattr(e, "self_cpu_memory_usage", 0)
+        if delta:
+            deltas.append((e.time_range.start, delta))
+    live = peak = 0
+    for _, delta in sorted(deltas):
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def peak_bytes(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return cpu_peak_bytes(fn)
+
+
+def copy_bandwidth(device, nbytes=256 << 20):
+    """Measured device-to-device copy bandwidth (read + write), GB/s: the roofline for
+    memory-bound kernels."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms, _ = time_fn(lambda: dst.copy_(src), device, 0.5, 200, 3)
+    return 2 * nbytes / ms / 1e6
+
+
+def run_cases(cases, device, quick, log=print):
+    rows = []
+    min_time = 0.3 if quick else 1.0
+    max_reps = 50 if quick else 200
+    for case in cases:
+        row = {k: getattr(case, k) for k in ("op", "mode", "provider", "shape", "dtype")}
+        try:
+            fn, row["bytes_moved"], row["flops"] = case.make()
+            ms, reps = time_fn(fn, device, min_time, max_reps, warmup=3 if device == "cpu" else 10)
+            row.update(ms=ms, reps=reps, peak_mb=peak_bytes(fn, device) / 2**20)
+            row["gbps"] = row["bytes_moved"] / ms / 1e6 if row["bytes_moved"] else None
+            row["tflops"] = row["flops"] / ms / 1e9 if row["flops"] else None
+        except Exception as e:  # a provider that fails is reported, not hidden
+            row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        rows.append(row)
+        log(format_row(row))
+        fn = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows):
+    """ratio_eager / ratio_compile: the baseline's time over ours (>1: we are faster)."""
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+    for group in by_key.values():
+        for r in group.values():
+            for base in ("eager", "compile"):
+                b = group.get(base)
+                ok = r.get("ms") and b is not None and b.get("ms")
+                r[f"vs_{base}"] = b["ms"] / r["ms"] if ok else None
+
+
+def format_row(r):
+    if r.get("ms") is None:
+        return f"{r['op']:<22} {r['mode']:<8} {r['provider']:<13} {r['shape']:<18} {r['dtype']:<9} FAILED {r.get('error')}"
+    gb = f"{r['gbps']:8.1f} GB/s" if r.get("gbps") else ""
+    tf = f"{r['tflops']:7.1f} TFLOP/s" if r.get("tflops") else ""
+    return (f"{r['op']:<22} {r['mode']:<8} {r['provider']:<13} {r['shape']:<18} {r['dtype']:<9} "
+            f"{r['ms']:9.3f} ms {gb} {tf} peak {r['peak_mb']:8.1f} MB")
+
+
+def markdown(rows, meta):
+    lines = [f"# Benchmark results: {meta['device_name']} ({meta['date']})", "",
+             f"torch {meta['torch']}, triton {meta.get('triton')}, dmf_kernels build {meta['build_info']}", ""]
+    if meta.get("copy_gbps"):
+        lines += [f"Measured device copy bandwidth: {meta['copy_gbps']:.0f} GB/s", ""]
+    lines += ["| op | mode | shape | dtype | provider | median ms | GB/s | TFLOP/s | peak MB | eager/ours | compile/ours |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        if r.get("ms") is None:
+            lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['provider']} | failed: "
+                         f"{r.get('error', '')[:80]} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['op']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['ms']:.3f} | "
+            f"{fmt(r.get('gbps'), '.1f')} | {fmt(r.get('tflops'), '.1f')} | {r['peak_mb']:.1f} | "
+            f"{fmt(r['vs_eager'] if r['provider'] != 'eager' else None, '.2f')} | "
+            f"{fmt(r['vs_compile'] if r['provider'] != 'compile' else None, '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path, title):
+    """Speed-up of every non-baseline provider over eager, one bar per case."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ours = [r for r in rows if r.get("vs_eager") and r["provider"] != "eager"]
+    if not ours:
+        return None
+    labels = [f"{r['op']}\n{r['mode']} {r['shape']} {r['dtype']}\n{r['provider']}" for r in ours]
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(ours)), 6))
+    colors = {"dmf": "tab:green", "dmf_func_jvp": "tab:olive", "compile": "tab:blue"}
+    ax.bar(range(len(ours)), [r["vs_eager"] for r in ours], color=[colors.get(r["provider"], "gray") for r in ours])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(ours)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.set_ylabel("speed-up over eager PyTorch (x)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(rows, device, extra_meta=None, stem=None):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import dmf_kernels
+
+    name = device_name(device)
+    meta = dict(device=device, device_name=name, date=datetime.date.today().isoformat(),
+                torch=torch.__version__, triton=triton_version, build_info=dmf_kernels.build_info(),
+                threads=torch.get_num_threads(), **(extra_meta or {}))
+    stem = stem or f"{slug(name)}_{meta['date']}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (RESULTS / f"{stem}.md").write_text(markdown(rows, meta))
+    png = plot(rows, RESULTS / f"{stem}.png", f"dmf-kernels on {name}")
+    return RESULTS / f"{stem}.json", RESULTS / f"{stem}.md", png
+
+
+def nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def standard_cases(op, shape, dtype, make_inputs, ours, ref, dual):
+    """The fwd / bwd / fwd+jvp cases of one op at one shape, for every provider.
+
+    make_inputs() -> (primals, tangents); ours(*primals) and ref(*primals) compute the op
+    (ours: dmf_kernels, ref: eager PyTorch as DiT code writes it); dual(primals, tangents)
+    is our one-pass primal+tangent API. Bytes are the minimum traffic: every input read
+    once and every output written once.
+    """
+    dname = str(dtype).replace("torch.", "")
+
+    def fwd(fn):
+        def make():
+            p, _ = make_inputs()
+            with torch.no_grad():
+                moved = nbytes(*p) + nbytes(*as_tuple(fn(*p)))
+
+            def run():
+                with torch.no_grad():
+                    return fn(*p)
+
+            return run, moved, 0
+
+        return make
+
+    def bwd(fn):
+        def make():
+            p, _ = make_inputs()
+            p = [t.requires_grad_() for t in p]
+            outs = as_tuple(fn(*p))
+            grads = [torch.randn_like(o) for o in outs]
+            moved = nbytes(*grads) + 2 * nbytes(*p)  # read what the backward needs, write the grads
+            return (lambda: torch.autograd.grad(outs, p, grads, retain_graph=True)), moved, 0
+
+        return make
+
+    def jvp(fn, one_pass=False):
+        def make():
+            p, t = make_inputs()
+            with torch.no_grad():
+                moved = nbytes(*p) + nbytes(*(x for x in t if x is not None)) + 2 * nbytes(*as_tuple(ref(*p)))
+            if one_pass:
+                def run():
+                    with torch.no_grad():
+                        return dual(p, t)
+            else:
+                zt = [torch.zeros_like(x) if tt is None else tt for x, tt in zip(p, t)]
+
+                def run():
+                    with torch.no_grad():
+                        return fn(tuple(p), tuple(zt))
+            return run, moved, 0
+
+        return make
+
+    def func_jvp(f):
+        return lambda p, t: torch.func.jvp(f, p, t)
+
+    compiled_ref = compiled(ref)
+    compiled_jvp = compiled(lambda p, t: torch.func.jvp(ref, p, t))
+    providers = {
+        "fwd": [("dmf", fwd(ours)), ("eager", fwd(ref)), ("compile", fwd(compiled_ref))],
+        "bwd": [("dmf", bwd(ours)), ("eager", bwd(ref)), ("compile", bwd(compiled_ref))],
+        "fwd+jvp": [("dmf", jvp(None, one_pass=True)), ("dmf_func_jvp", jvp(func_jvp(ours))),
+                    ("eager", jvp(func_jvp(ref))), ("compile", jvp(compiled_jvp))],
+    }
+    for mode, provs in providers.items():
+        for prov, make in provs:
+            yield Case(op, mode, prov, shape, dname, make)
