@@ -98,7 +98,7 @@ def extension():
     debug = flag("DEBUG")
     cuda = want_cuda()
     opt = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3", "-DNDEBUG"]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-DDMF_BUILD_TOOL=\"setuptools\""] + cpu_arch_flags()
+    cxx = opt + ["-std=c++20", "-fopenmp", "-DDMF_BUILD_TOOL=\"setuptools\""] + cpu_arch_flags()
     files = sources["cpu"]
     if not cuda:
         return CppExtension(

@@ -11,14 +11,17 @@ from dmf_kernels import reference as ref
 from .harness import standard_cases
 
 
-def shapes(device, quick):
+def shapes(device, quick, headline=False):
+    """(B, N, D); on a GPU about 16k-64k tokens per batch as in DiT training."""
     if device == "cuda":
-        return [(64, 256, 768), (64, 256, 1152), (16, 1024, 768), (16, 1024, 1152)]
+        if headline:
+            return [(64, 256, 768), (64, 256, 1152), (16, 1024, 768), (16, 1024, 1152)]
+        return [(64, 256, 1152), (16, 1024, 1152)]
     return [(8, 256, 768), (8, 256, 1152)] if quick else [(8, 256, 768), (8, 256, 1152), (2, 1024, 1152)]
 
 
 def cases(device, dtype, quick):
-    for B, N, D in shapes(device, quick):
+    for B, N, D in shapes(device, quick, headline=True):
         shape = f"B{B} N{N} D{D}"
 
         def adaln_inputs(B=B, N=N, D=D):
@@ -37,6 +40,8 @@ def cases(device, dtype, quick):
             prim = [x, gate, y, shift, scale]
             return prim, [torch.randn_like(t) for t in prim]
 
+        if (B, N, D) not in shapes(device, quick):
+            continue
         yield from standard_cases(
             "gated_residual_adaln", shape, dtype, residual_inputs, dk.gated_residual_adaln, ref.gated_residual_adaln,
             lambda p, t: dk.jvp.gated_residual_adaln(*[a for pair in zip(p, t) for a in pair]))
