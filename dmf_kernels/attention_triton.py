@@ -1,0 +1,455 @@
+"""Triton kernels of non-causal attention: forward (o, lse), backward (dq, dk, dv) and a
+one-pass forward-mode JVP (o, o_dot, lse), with their launchers.
+
+Layout (B, H, N, D) like F.scaled_dot_product_attention, any strides (a permuted view of a
+fused qkv projection is read in place). q and kv lengths may differ; any N >= 1 (tails
+are masked). Head dims 16..128 are split into a power-of-two part and a remainder padded
+to at least 16 (72 = 64 + 16 with 8 masked, 80 = 64 + 16, 96 = 64 + 32): a head dim of 72
+costs 80 columns of work instead of the 128 a power-of-two pad would.
+
+JVP recurrence (../shared/notes/jvp-math.md, sCM appendix F), per key block with
+unnormalised p = exp(S - m_new) and alpha = exp(m_old - m_new):
+    l     <- alpha l     + rowsum(p)
+    acc_o <- alpha acc_o + p V
+    r     <- alpha r     + rowsum(p * S_dot)
+    acc_t <- alpha acc_t + p V_dot + (p * S_dot) V
+    O = acc_o / l,  O_dot = acc_t / l - (r / l) O
+The notes keep p V_dot and (p * S_dot) V in two accumulators; they share the rescale, so
+one suffices: two fp32 [BLOCK_M, D] accumulators instead of three.
+
+fp16 guard: p * S_dot is formed in fp32 and must be rounded to the input dtype for the
+tensor-core product with V; with large tangents it can exceed fp16's 65504. Each row is
+divided by max(1, rowmax|p * S_dot| / 2^14) before rounding and the product multiplied
+back (row scaling commutes with the product), so nothing overflows.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+FP16_TANGENT_LIMIT = 16384.0
+
+
+def head_split(head_dim):
+    """(D0, D1): D0 the largest power of two <= head_dim, D1 the remainder padded to a
+    power of two >= 16 (tl.dot needs K >= 16), or 0."""
+    d0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d0
+    d1 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    return d0, d1
+
+
+@triton.jit
+def _load_rows(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr):
+    # A [rows, cols] tile of a (N, D) matrix; masked rows and columns >= HEAD_D read 0.
+    mask = row_mask[:, None] & (cols[None, :] < HEAD_D)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_cols(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr):
+    # The transposed tile [cols, rows] of a (N, D) matrix, for K^T and V^T.
+    mask = row_mask[None, :] & (cols[:, None] < HEAD_D)
+    return tl.load(base + rows[None, :] * stride_row + cols[:, None] * stride_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, value, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr):
+    mask = row_mask[:, None] & (cols[None, :] < HEAD_D)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_col, value, mask=mask)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    H, NQ, NK, qk_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    m_mask = offs_m < NQ
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if HAS_D1:
+        d1 = D0 + tl.arange(0, D1)
+        q1 = _load_rows(q_base, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    scale2 = qk_scale * 1.4426950408889634  # exp2 domain
+    for start_n in range(0, NK, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < NK
+        s = tl.dot(q0, _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+        if HAS_D1:
+            s += tl.dot(q1, _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+        s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=DOT_PRECISION)
+        if HAS_D1:
+            v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=DOT_PRECISION)
+        m_i = m_new
+    o_base = O + b * sob + h * soh
+    _store_rows(o_base, (acc0 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
+    if HAS_D1:
+        _store_rows(o_base, (acc1 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d1, sod, m_mask, HEAD_D)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh * NQ + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _guarded_dot(t, v, FP16_GUARD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # (p * S_dot) V with t in fp32; rows rescaled before rounding to fp16 (see module doc).
+    if FP16_GUARD:
+        r = tl.maximum(tl.max(tl.abs(t), 1) / 16384.0, 1.0)
+        return tl.dot((t / r[:, None]).to(v.dtype), v, input_precision=DOT_PRECISION) * r[:, None]
+    else:
+        return tl.dot(t.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attn_jvp_kernel(
+    Q, K, V, QD, KD, VD, O, OD, LSE,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sqdb, sqdh, sqdn, sqdd, skdb, skdh, skdn, skdd, svdb, svdh, svdn, svdd,
+    sob, soh, son, sod,
+    H, NQ, NK, qk_scale,
+    HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_GUARD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    m_mask = offs_m < NQ
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    qd_base = QD + b * sqdb + h * sqdh
+    kd_base = KD + b * skdb + h * skdh
+    vd_base = VD + b * svdb + h * svdh
+    q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
+    if HAS_QD:
+        qd0 = _load_rows(qd_base, offs_m, sqdn, d0, sqdd, m_mask, HEAD_D)
+    acc_o0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc_t0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if HAS_D1:
+        q1 = _load_rows(q_base, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
+        if HAS_QD:
+            qd1 = _load_rows(qd_base, offs_m, sqdn, d1, sqdd, m_mask, HEAD_D)
+        acc_o1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+        acc_t1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    scale2 = qk_scale * 1.4426950408889634
+    for start_n in range(0, NK, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < NK
+        k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D)
+        s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
+        sd = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_QD:
+            sd += tl.dot(qd0, k0, input_precision=DOT_PRECISION)
+        if HAS_KD:
+            sd += tl.dot(q0, _load_cols(kd_base, n, skdn, d0, skdd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+        if HAS_D1:
+            k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D)
+            s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
+            if HAS_QD:
+                sd += tl.dot(qd1, k1, input_precision=DOT_PRECISION)
+            if HAS_KD:
+                sd += tl.dot(q1, _load_cols(kd_base, n, skdn, d1, skdd, n_mask, HEAD_D),
+                             input_precision=DOT_PRECISION)
+        s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        t = p * tl.where(n_mask[None, :], sd * qk_scale, 0.0)  # p * S_dot, fp32
+        l_i = l_i * alpha + tl.sum(p, 1)
+        r_i = r_i * alpha + tl.sum(t, 1)
+        v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D)
+        pv = p.to(v0.dtype)
+        acc_o0 = acc_o0 * alpha[:, None] + tl.dot(pv, v0, input_precision=DOT_PRECISION)
+        upd0 = _guarded_dot(t, v0, FP16_GUARD, DOT_PRECISION)
+        if HAS_VD:
+            upd0 += tl.dot(pv, _load_rows(vd_base, n, svdn, d0, svdd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+        acc_t0 = acc_t0 * alpha[:, None] + upd0
+        if HAS_D1:
+            v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D)
+            acc_o1 = acc_o1 * alpha[:, None] + tl.dot(pv, v1, input_precision=DOT_PRECISION)
+            upd1 = _guarded_dot(t, v1, FP16_GUARD, DOT_PRECISION)
+            if HAS_VD:
+                upd1 += tl.dot(pv, _load_rows(vd_base, n, svdn, d1, svdd, n_mask, HEAD_D),
+                               input_precision=DOT_PRECISION)
+            acc_t1 = acc_t1 * alpha[:, None] + upd1
+        m_i = m_new
+    inv_l = 1.0 / l_i
+    mu = r_i * inv_l
+    o0 = acc_o0 * inv_l[:, None]
+    o_base = O + b * sob + h * soh  # O and OD share strides (both allocated contiguous)
+    od_base = OD + b * sob + h * soh
+    _store_rows(o_base, o0.to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
+    _store_rows(od_base, (acc_t0 * inv_l[:, None] - mu[:, None] * o0).to(OD.dtype.element_ty),
+                offs_m, son, d0, sod, m_mask, HEAD_D)
+    if HAS_D1:
+        o1 = acc_o1 * inv_l[:, None]
+        _store_rows(o_base, o1.to(O.dtype.element_ty), offs_m, son, d1, sod, m_mask, HEAD_D)
+        _store_rows(od_base, (acc_t1 * inv_l[:, None] - mu[:, None] * o1).to(OD.dtype.element_ty),
+                    offs_m, son, d1, sod, m_mask, HEAD_D)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh * NQ + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, NQ,
+                                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta = rowsum(O * dO), the softmax-backward correction.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < NQ
+    o = _load_rows(O + b * sob + h * soh, offs_m, son, d, sod, m_mask, HEAD_D).to(tl.float32)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d, sdod, m_mask, HEAD_D).to(tl.float32)
+    tl.store(DELTA + bh * NQ + offs_m, tl.sum(o * do, 1), mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdkb, sdkh, sdkn, sdkd,
+    H, NQ, NK, qk_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One key block per program; loops over all query blocks. Works on transposed scores
+    # sT = K Q^T so dk and dv accumulate as [BLOCK_N, D] without transposes.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    n_mask = offs_n < NK
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    k0 = _load_rows(K + b * skb + h * skh, offs_n, skn, d0, skd, n_mask, HEAD_D)
+    v0 = _load_rows(V + b * svb + h * svh, offs_n, svn, d0, svd, n_mask, HEAD_D)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if HAS_D1:
+        k1 = _load_rows(K + b * skb + h * skh, offs_n, skn, d1, skd, n_mask, HEAD_D)
+        v1 = _load_rows(V + b * svb + h * svh, offs_n, svn, d1, svd, n_mask, HEAD_D)
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    for start_m in range(0, NQ, BLOCK_M):
+        m = start_m + offs_m
+        m_mask = m < NQ
+        qT0 = _load_cols(q_base, m, sqn, d0, sqd, m_mask, HEAD_D)
+        doT0 = _load_cols(do_base, m, sdon, d0, sdod, m_mask, HEAD_D)
+        sT = tl.dot(k0, qT0, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v0, doT0, input_precision=DOT_PRECISION)
+        if HAS_D1:
+            qT1 = _load_cols(q_base, m, sqn, d1, sqd, m_mask, HEAD_D)
+            doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D)
+            sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
+            dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
+        lse = tl.load(LSE + bh * NQ + m, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + bh * NQ + m, mask=m_mask, other=0.0)
+        pT = tl.where(m_mask[None, :], tl.exp(sT * qk_scale - lse[None, :]), 0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dv0 += tl.dot(pT.to(v0.dtype), tl.trans(doT0), input_precision=DOT_PRECISION)
+        dk0 += tl.dot(dsT.to(k0.dtype), tl.trans(qT0), input_precision=DOT_PRECISION)
+        if HAS_D1:
+            dv1 += tl.dot(pT.to(v1.dtype), tl.trans(doT1), input_precision=DOT_PRECISION)
+            dk1 += tl.dot(dsT.to(k1.dtype), tl.trans(qT1), input_precision=DOT_PRECISION)
+    dk_base = DK + b * sdkb + h * sdkh  # DK and DV share strides (both allocated contiguous)
+    dv_base = DV + b * sdkb + h * sdkh
+    _store_rows(dk_base, (dk0 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
+    _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
+    if HAS_D1:
+        _store_rows(dk_base, (dk1 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d1, sdkd, n_mask, HEAD_D)
+        _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, sdkn, d1, sdkd, n_mask, HEAD_D)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdqb, sdqh, sdqn, sdqd,
+    H, NQ, NK, qk_scale,
+    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    m_mask = offs_m < NQ
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    q0 = _load_rows(Q + b * sqb + h * sqh, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
+    do0 = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d0, sdod, m_mask, HEAD_D)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if HAS_D1:
+        q1 = _load_rows(Q + b * sqb + h * sqh, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
+        do1 = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d1, sdod, m_mask, HEAD_D)
+        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
+    for start_n in range(0, NK, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < NK
+        kT0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D)
+        s = tl.dot(q0, kT0, input_precision=DOT_PRECISION)
+        dp = tl.dot(do0, _load_cols(v_base, n, svn, d0, svd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+        if HAS_D1:
+            kT1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D)
+            s += tl.dot(q1, kT1, input_precision=DOT_PRECISION)
+            dp += tl.dot(do1, _load_cols(v_base, n, svn, d1, svd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+        p = tl.where(n_mask[None, :], tl.exp(s * qk_scale - lse[:, None]), 0.0)
+        ds = (p * (dp - delta[:, None])).to(q0.dtype)
+        dq0 += tl.dot(ds, tl.trans(kT0), input_precision=DOT_PRECISION)
+        if HAS_D1:
+            dq1 += tl.dot(ds, tl.trans(kT1), input_precision=DOT_PRECISION)
+    dq_base = DQ + b * sdqb + h * sdqh
+    _store_rows(dq_base, (dq0 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d0, sdqd, m_mask, HEAD_D)
+    if HAS_D1:
+        _store_rows(dq_base, (dq1 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d1, sdqd, m_mask, HEAD_D)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _default_blocks(kind, head_dim, interpret):
+    if interpret:  # the CPU interpreter's cost grows with tile size: small tiles, few programs
+        return 16, 16
+    if kind == "jvp":
+        return 64, 32  # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers
+    if kind == "bwd":
+        return 64, 64
+    return 128 if head_dim <= 64 else 64, 64
+
+
+def _interpreting():
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _precision(dtype):
+    # fp32 inputs: exact fp32 products (TF32 would break the float32 precision contract).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=4, num_stages=2):
+    """o (B, H, NQ, D) like q, contiguous; lse (B, H, NQ) float32."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    d0, d1 = head_split(D)
+    bm, bn = _default_blocks("fwd", D, _interpreting())
+    bm, bn = block_m or bm, block_n or bn
+    o = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, NQ, device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    grid = (triton.cdiv(NQ, bm), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, NQ, NK, scale, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, lse
+
+
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=None, num_warps=4, num_stages=2):
+    """One pass: o, o_dot (B, H, NQ, D) contiguous, lse (B, H, NQ) float32. A None tangent is
+    zero and its products are skipped."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    d0, d1 = head_split(D)
+    bm, bn = _default_blocks("jvp", D, _interpreting())
+    bm, bn = block_m or bm, block_n or bn
+    o = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
+    o_dot = torch.empty_like(o)
+    lse = torch.empty(B, H, NQ, device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, o_dot, lse
+    qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
+    grid = (triton.cdiv(NQ, bm), B * H)
+    _attn_jvp_kernel[grid](
+        q, k, v, qd, kd, vd, o, o_dot, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
+        H, NQ, NK, scale,
+        HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
+        HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype),
+        FP16_GUARD=q.dtype == torch.float16, num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, o_dot, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=4, num_stages=2):
+    """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    d0, d1 = head_split(D)
+    bm, bn = _default_blocks("bwd", D, _interpreting())
+    bm, bn = block_m or bm, block_n or bn
+    dq = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, H, NK, D, device=q.device, dtype=q.dtype)
+    dv = torch.empty_like(dk)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty(B, H, NQ, device=q.device, dtype=torch.float32)
+    bd = triton.next_power_of_2(D)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(NQ, bm), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, NQ, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm)
+    common = dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype),
+                  num_warps=num_warps, num_stages=num_stages)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(NK, bn), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+        H, NQ, NK, scale, **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * H)](
+        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, NQ, NK, scale, **common)
+    return dq, dk, dv
+
+
+def default_scale(head_dim):
+    return 1.0 / math.sqrt(head_dim)
