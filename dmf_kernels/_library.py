@@ -194,15 +194,17 @@ for _name, _fake in _FAKES.items():
         torch.library.register_autograd(f"dmf_kernels::{_name}", _no_derivative(_name))
 
 
-def compiled_dual_inputs(*tensors):
-    """Forward-mode AD inside torch.compile.
+def dual_inputs(*tensors):
+    """Forward-mode AD, detected from inside an op.
 
-    Dynamo refuses autograd.Functions that define `jvp`, and without one it silently drops
+    When any input carries a tangent at the current forward-AD level (torch.func.jvp,
+    forward_ad, jacfwd; eager or under torch.compile), returns (primals, tangents) so the op
+    can compute both with its one-pass dual kernel and re-wrap the outputs with make_dual;
+    returns None when no input has a tangent. Two reasons to route this way: attention must
+    run one pass, not a primal kernel followed by a tangent kernel; and under torch.compile,
+    Dynamo refuses autograd.Functions that define `jvp` while without one it silently drops
     the tangent (pytorch issue 192985; measured here: zero tangents from a compiled
-    torch.func.jvp). So under compile the public ops trace a jvp-free Function and call
-    this first: when any input carries a tangent at the current forward-AD level, it
-    returns (primals, tangents) and the op computes both with its one-pass dual kernel,
-    re-wrapping the outputs with make_dual. Returns None when no input has a tangent.
+    torch.func.jvp), so the adaLN ops call this when compiling.
     """
     import torch.autograd.forward_ad as fwAD
 
@@ -218,3 +220,6 @@ def make_duals(primals, tangents):
     import torch.autograd.forward_ad as fwAD
 
     return tuple(fwAD.make_dual(p, t) for p, t in zip(primals, tangents))
+
+
+compiled_dual_inputs = dual_inputs  # the adaLN ops' name for it (used under torch.compile only)

@@ -7,8 +7,9 @@ DMF training wants for du/dt (it is detached). A tangent given as None means zer
 skips that work (in DMF's decoder blocks the conditioning tangent is always zero).
 """
 from .adaln import adaln_modulate_dual as adaln_modulate
+from .attention import attention_dual as attention
 from .adaln import gated_residual_adaln_dual as gated_residual_adaln
 from .gated_residual import gated_residual_dual as gated_residual
 from .rms_norm import rms_norm_dual as rms_norm
 
-__all__ = ["adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm"]
+__all__ = ["adaln_modulate", "attention", "gated_residual_adaln", "gated_residual", "rms_norm"]

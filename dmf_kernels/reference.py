@@ -32,3 +32,10 @@ def rms_norm(x, weight, eps=1e-6):
     rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) if x.dtype != torch.float64 else \
         torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return (x * rstd).to(x.dtype) * weight
+
+
+def attention(q, k, v, scale=None):
+    """The math path: softmax(scale * q k^T) v with the N x N matrix materialised. The only
+    SDPA formulation PyTorch can take forward-mode derivatives of."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v

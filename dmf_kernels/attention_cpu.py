@@ -1,0 +1,81 @@
+"""Attention in plain PyTorch, one block of queries at a time: memory O(N * block) instead
+of the O(N^2) of the math path, with the same forward, backward and one-pass JVP formulas
+as the Triton kernels (each block sees all keys, so its softmax is exact; no online
+rescaling is needed). Used for CPU tensors and for float64 on any device. Computation is
+in fp32 for fp16/bf16 inputs (fp64 for fp64)."""
+import torch
+
+# Rows per query block: bounds the [B, H, block, NK] score tiles (about 3 live at once).
+DEFAULT_BLOCK = 128
+
+
+def _acc(t):
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(nq, block):
+    block = block or DEFAULT_BLOCK
+    return [(i, min(i + block, nq)) for i in range(0, nq, block)]
+
+
+def attention_fwd(q, k, v, scale, block=None):
+    B, H, NQ, D = q.shape
+    o = torch.empty(B, H, NQ, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, NQ, device=q.device, dtype=_stat_dtype(q.dtype))
+    kt, va = _acc(k).transpose(-1, -2), _acc(v)
+    for i, j in _blocks(NQ, block):
+        s = (_acc(q[:, :, i:j]) @ kt) * scale
+        lse_b = torch.logsumexp(s, -1)
+        o[:, :, i:j] = torch.exp(s - lse_b[..., None]) @ va
+        lse[:, :, i:j] = lse_b
+    return o, lse
+
+
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None):
+    """o, o_dot, lse with S_dot = c (Q_dot K^T + Q K_dot^T), P = softmax(S),
+    O_dot = P V_dot + (P * S_dot) V - rowsum(P * S_dot) O. None tangents are zero."""
+    B, H, NQ, D = q.shape
+    o = torch.empty(B, H, NQ, v.shape[-1], device=q.device, dtype=q.dtype)
+    o_dot = torch.empty_like(o)
+    lse = torch.empty(B, H, NQ, device=q.device, dtype=_stat_dtype(q.dtype))
+    kt, va = _acc(k).transpose(-1, -2), _acc(v)
+    kdt = None if k_dot is None else _acc(k_dot).transpose(-1, -2)
+    vda = None if v_dot is None else _acc(v_dot)
+    for i, j in _blocks(NQ, block):
+        qb = _acc(q[:, :, i:j])
+        s = (qb @ kt) * scale
+        lse_b = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse_b[..., None])
+        ob = p @ va
+        sd = torch.zeros_like(s)
+        if q_dot is not None:
+            sd += _acc(q_dot[:, :, i:j]) @ kt
+        if kdt is not None:
+            sd += qb @ kdt
+        t = p * (sd * scale)
+        odb = t @ va - t.sum(-1, keepdim=True) * ob
+        if vda is not None:
+            odb += p @ vda
+        o[:, :, i:j], o_dot[:, :, i:j], lse[:, :, i:j] = ob, odb, lse_b
+    return o, o_dot, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, scale, block=None):
+    """dq, dk, dv from the saved o and lse, recomputing P one query block at a time."""
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    ka, va = _acc(k), _acc(v)
+    dk = torch.zeros(ka.shape, device=k.device, dtype=ka.dtype)
+    dv = torch.zeros(va.shape, device=v.device, dtype=va.dtype)
+    for i, j in _blocks(q.shape[2], block):
+        qb, dob, ob = _acc(q[:, :, i:j]), _acc(do[:, :, i:j]), _acc(o[:, :, i:j])
+        p = torch.exp((qb @ ka.transpose(-1, -2)) * scale - lse[:, :, i:j, None].to(qb.dtype))
+        dv += p.transpose(-1, -2) @ dob
+        dp = dob @ va.transpose(-1, -2)
+        ds = p * (dp - (dob * ob).sum(-1, keepdim=True))
+        dq[:, :, i:j] = (ds @ ka) * scale
+        dk += (ds.transpose(-1, -2) @ qb) * scale
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
