@@ -1,0 +1,189 @@
+"""dmf_kernels.attention through the public API: forward, backward and JVP against the
+float64 math path, the dual API, compile, opcheck, bad input, CPU-path memory. On a CUDA
+device these run the Triton kernels; on CPU the blockwise PyTorch path (the Triton kernels
+under the interpreter are in test_attention_triton.py)."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import dmf_kernels as dk
+from dmf_kernels import reference as ref
+from conftest import LOW_PRECISION, assert_f64, assert_three_way, rand
+
+# (B, H, NQ, NK, D): DiT head dims 64 and 72, the other supported odd ones, ragged lengths.
+SHAPES = [(1, 2, 1, 1, 64), (2, 2, 17, 17, 72), (1, 3, 257, 257, 72), (1, 1, 40, 1000, 64), (2, 1, 33, 7, 80),
+          (1, 2, 65, 65, 96), (1, 1, 31, 47, 128), (1, 2, 20, 20, 16)]
+
+
+def qkv(B, H, NQ, NK, D, device, dtype=torch.float64, seed=0, scale=1.0):
+    return [rand(B, H, n, D, device=device, dtype=dtype, seed=seed + i, scale=scale)
+            for i, n in enumerate((NQ, NK, NK))]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_attention_f64(device, shape):
+    q, k, v = qkv(*shape, device)
+    tangents = qkv(*shape, device, seed=10)
+    # forward and backward
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xr = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, r_out = dk.attention(*xs), ref.attention(*xr)
+    assert_f64(out, r_out, "o")
+    g = rand(*out.shape, device=device, seed=20)
+    for a, b, n in zip(torch.autograd.grad(out, xs, g), torch.autograd.grad(r_out, xr, g), "qkv"):
+        assert_f64(a, b, f"d{n}")
+    # torch.func.jvp, forward_ad, dual API
+    o, t = torch.func.jvp(dk.attention, (q, k, v), tuple(tangents))
+    ro, rt = torch.func.jvp(ref.attention, (q, k, v), tuple(tangents))
+    assert_f64(o, ro, "jvp primal")
+    assert_f64(t, rt, "func.jvp tangent")
+    with fwAD.dual_level():
+        fa = fwAD.unpack_dual(dk.attention(*[fwAD.make_dual(p, tt) for p, tt in zip((q, k, v), tangents)])).tangent
+    assert_f64(fa, rt, "forward_ad tangent")
+    o2, t2 = dk.jvp.attention(q, k, v, *tangents)
+    assert_f64(o2, ro)
+    assert_f64(t2, rt)
+
+
+def test_attention_scale_and_partial_tangents(device):
+    q, k, v = qkv(2, 2, 19, 23, 72, device)
+    qd, kd, vd = qkv(2, 2, 19, 23, 72, device, seed=5)
+    for tangents in [(qd, None, None), (None, kd, None), (None, None, vd), (None, None, None)]:
+        full = [torch.zeros_like(p) if t is None else t for p, t in zip((q, k, v), tangents)]
+        ro, rt = torch.func.jvp(lambda a, b, c: ref.attention(a, b, c, scale=0.3), (q, k, v), tuple(full))
+        o, t = dk.jvp.attention(q, k, v, *tangents, scale=0.3)
+        assert_f64(o, ro)
+        assert_f64(t, rt)
+
+
+def test_attention_grad_through_jvp_primal(device):
+    # MeanFlow: u, du_dt = jvp(model, ...); loss(u).backward()
+    q, k, v = qkv(1, 2, 33, 33, 72, device)
+    tangents = qkv(1, 2, 33, 33, 72, device, seed=3)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xr = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, t = torch.func.jvp(dk.attention, tuple(xs), tuple(tangents))
+    ro, rt = torch.func.jvp(ref.attention, tuple(xr), tuple(tangents))
+    assert not t.requires_grad
+    (o * 1.5).sum().backward()
+    (ro * 1.5).sum().backward()
+    for a, b in zip(xs, xr):
+        assert_f64(a.grad, b.grad)
+
+
+def test_attention_permuted_qkv_view(device):
+    # q, k, v as permuted views of a fused (B, N, 3, H, D) projection, read in place.
+    qkv_proj = rand(2, 21, 3, 4, 72, device=device, seed=1)
+    q, k, v = (qkv_proj[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+    assert not q.is_contiguous()
+    assert_f64(dk.attention(q, k, v), ref.attention(q, k, v))
+    t = rand(*q.shape, device=device, seed=2)
+    assert_f64(dk.jvp.attention(q, k, v, t, None, None)[1],
+               torch.func.jvp(lambda a: ref.attention(a, k, v), (q,), (t,))[1])
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 65, 65, 72), (1, 2, 100, 37, 64)], ids=str)
+def test_attention_low_precision(device, dtype, shape):
+    q, k, v = qkv(*shape, device)
+    tq, tk, tv = qkv(*shape, device, seed=10)
+    lp = [t.to(dtype) for t in (q, k, v, tq, tk, tv)]
+    ro, rt = torch.func.jvp(ref.attention, (q, k, v), (tq, tk, tv))
+    eo, et = torch.func.jvp(ref.attention, tuple(lp[:3]), tuple(lp[3:]))
+    ko, kt = torch.func.jvp(dk.attention, tuple(lp[:3]), tuple(lp[3:]))
+    assert_three_way(ko, eo, ro, dtype, "o")
+    assert_three_way(kt, et, rt, dtype, "o_dot")
+    g = rand(*ro.shape, device=device, seed=30)
+    xs = [t.clone().requires_grad_() for t in lp[:3]]
+    xe = [t.clone().requires_grad_() for t in lp[:3]]
+    x64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    gk = torch.autograd.grad(dk.attention(*xs), xs, g.to(dtype))
+    ge = torch.autograd.grad(ref.attention(*xe), xe, g.to(dtype))
+    gr = torch.autograd.grad(ref.attention(*x64), x64, g)
+    for a, b, c, n in zip(gk, ge, gr, "qkv"):
+        assert_three_way(a, b, c, dtype, f"d{n}")
+
+
+def test_attention_compile(device):
+    torch._dynamo.reset()
+    q, k, v = qkv(1, 2, 24, 24, 64, device, dtype=torch.float32)
+    tangents = qkv(1, 2, 24, 24, 64, device, dtype=torch.float32, seed=4)
+    f = torch.compile(dk.attention, fullgraph=True)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xe = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, eout = f(*xs), dk.attention(*xe)
+    torch.testing.assert_close(out, eout)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, xs, g), torch.autograd.grad(eout, xe, g)):
+        torch.testing.assert_close(a, b)
+    jvp = torch.compile(lambda *a: torch.func.jvp(dk.attention, a[:3], a[3:]), fullgraph=True)
+    (o, t), (eo, et) = jvp(q, k, v, *tangents), torch.func.jvp(dk.attention, (q, k, v), tuple(tangents))
+    torch.testing.assert_close(o, eo)
+    torch.testing.assert_close(t, et)
+    assert t.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", ["attention_fwd", "attention_jvp", "attention_bwd"])
+def test_attention_opcheck(device, name):
+    q, k, v = qkv(1, 2, 9, 13, 64, device, dtype=torch.float32)
+    qd, kd, vd = qkv(1, 2, 9, 13, 64, device, dtype=torch.float32, seed=3)
+    o, lse = torch.ops.dmf_kernels.attention_fwd(q, k, v, 0.125)
+    args = {"attention_fwd": (q, k, v, 0.125), "attention_jvp": (q, k, v, qd, None, vd, 0.125),
+            "attention_bwd": (torch.randn_like(o), q, k, v, o, lse, 0.125)}[name]
+    torch.library.opcheck(getattr(torch.ops.dmf_kernels, name).default, args)
+
+
+def test_attention_bad_input(device):
+    q, k, v = qkv(1, 2, 9, 13, 64, device, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"k's head dim 32 differs from q's 64"):
+        dk.attention(q, k[..., :32], v)
+    with pytest.raises(ValueError, match=r"v's head dim 32 differs"):
+        dk.attention(q, k, v[..., :32])
+    with pytest.raises(ValueError, match=r"share batch and heads"):
+        dk.attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(TypeError, match=r"k has dtype torch.float16, expected q's dtype torch.float32"):
+        dk.attention(q, k.half(), v)
+    with pytest.raises(TypeError, match=r"must be float16, bfloat16, float32 or float64"):
+        dk.attention(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match=r"must have shape \(B, H, N, D\)"):
+        dk.attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match=r"same sequence length"):
+        dk.attention(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match=r"k_dot must have the shape of its primal"):
+        dk.jvp.attention(q, k, v, None, k[:, :, :3], None)
+    with pytest.raises(ValueError, match=r"no keys"):
+        dk.attention(q, k[:, :, :0], v[:, :, :0])
+    if device == "cuda":
+        with pytest.raises(ValueError, match=r"head dim 160 is outside the supported range 16..128"):
+            dk.attention(*qkv(1, 1, 4, 4, 160, device, dtype=torch.float16))
+
+
+def test_attention_empty_queries(device):
+    q, k, v = qkv(1, 2, 0, 13, 64, device, dtype=torch.float32)
+    assert dk.attention(q, k, v).shape == (1, 2, 0, 64)
+    o, t = dk.jvp.attention(q, k, v, q, None, None)
+    assert o.shape == t.shape == (1, 2, 0, 64)
+
+
+def test_attention_large_logits_finite(device):
+    q, k, v = qkv(1, 2, 33, 33, 64, device, dtype=torch.float32, scale=30.0)
+    o, t = dk.jvp.attention(q, k, v, *qkv(1, 2, 33, 33, 64, device, dtype=torch.float32, seed=7, scale=30.0))
+    assert torch.isfinite(o).all() and torch.isfinite(t).all()
+
+
+def test_attention_cpu_path_memory_is_linear():
+    # The blockwise CPU path must not materialise the N x N scores: at N = 2048 one fp32
+    # score matrix per head is 16 MiB; the whole JVP must stay well under it.
+    from torch.profiler import ProfilerActivity, profile
+
+    N, D = 2048, 64
+    q, k, v, qd, kd, vd = (torch.randn(1, 1, N, D) for _ in range(6))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        dk.jvp.attention(q, k, v, qd, kd, vd)
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events() if (e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage))
+    live = peak = 0
+    for _, d in deltas:
+        live += d
+        peak = max(peak, live)
+    assert peak < 0.5 * N * N * 4, f"peak {peak / 2**20:.1f} MiB: the N x N scores were materialised"
