@@ -28,8 +28,11 @@ $(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
 	$(PY) -c "import dmf_kernels; print('dmf_kernels', dmf_kernels.__version__, dmf_kernels.build_info())"
 	touch $@
 
+# The Triton kernels run on the CPU only under the interpreter, which must be set before
+# triton is imported: a second pytest process for that file.
 test: build
 	$(PY) -m pytest tests -q
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_attention_triton.py -q
 
 bench: build
 	$(PY) -m benchmarks.run --quick

@@ -71,23 +71,21 @@ def time_fn(fn, device, min_time_s, max_reps, warmup):
 
 
 def cpu_peak_bytes(fn):
-    """Peak of live CPU tensor bytes allocated during fn (relative to its start)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Peak of live CPU tensor bytes during fn, above what was live when it started.
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    From the profiler's allocation timeline: per-op memory deltas are not enough, since a
+    free that happens inside an op (e.g. the temporaries of a Python custom op) is booked
+    into that op's own total at its start time, which hides the true peak."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
-    # Allocations are attributed to the op that made them (self usage: a parent op's
-    # inclusive usage would count them twice); frees appear as "[memory]" events.
-    deltas = []
-    for e in prof.events():
-        delta = e.cpu_memory_usage if e.name == "[memory]" else getattr(e, "self_cpu_memory_usage", 0)
-        if delta:
-            deltas.append((e.time_range.start, delta))
-    live = peak = 0
-    for _, delta in sorted(deltas):
-        live += delta
-        peak = max(peak, live)
-    return peak
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    if not sizes:
+        return 0
+    totals = [sum(s) for s in sizes]
+    return max(totals) - totals[0]
 
 
 def peak_bytes(fn, device):
@@ -135,16 +133,23 @@ def run_cases(cases, device, quick, log=print):
 
 
 def add_ratios(rows):
-    """ratio_eager / ratio_compile: the baseline's time over ours (>1: we are faster)."""
+    """vs_eager / vs_compile / vs_sdpa: the baseline's time over this row's (>1: faster than
+    the baseline; vs_sdpa against the fastest SDPA backend of the same case);
+    jvp_over_fwd: our fwd+jvp time over our forward time of the same case."""
     by_key = {}
     for r in rows:
         by_key.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), {})[r["provider"]] = r
-    for group in by_key.values():
+    for (op, mode, shape, dtype), group in by_key.items():
+        sdpa = [b["ms"] for p, b in group.items() if p.startswith("sdpa") and b.get("ms")]
+        own_fwd = by_key.get((op, "fwd", shape, dtype), {}).get("dmf")
         for r in group.values():
             for base in ("eager", "compile"):
                 b = group.get(base)
                 ok = r.get("ms") and b is not None and b.get("ms")
                 r[f"vs_{base}"] = b["ms"] / r["ms"] if ok else None
+            r["vs_sdpa"] = min(sdpa) / r["ms"] if sdpa and r.get("ms") else None
+            ok = mode == "fwd+jvp" and r["provider"] == "dmf" and own_fwd and own_fwd.get("ms") and r.get("ms")
+            r["jvp_over_fwd"] = r["ms"] / own_fwd["ms"] if ok else None
 
 
 def format_row(r):
@@ -161,8 +166,9 @@ def markdown(rows, meta):
              f"torch {meta['torch']}, triton {meta.get('triton')}, dmf_kernels build {meta['build_info']}", ""]
     if meta.get("copy_gbps"):
         lines += [f"Measured device copy bandwidth: {meta['copy_gbps']:.0f} GB/s", ""]
-    lines += ["| op | mode | shape | dtype | provider | median ms | GB/s | TFLOP/s | peak MB | eager/ours | compile/ours |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| op | mode | shape | dtype | provider | median ms | GB/s | TFLOP/s | peak MB | eager/this | "
+              "compile/this | best SDPA/this | jvp/own fwd |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         if r.get("ms") is None:
@@ -173,7 +179,9 @@ def markdown(rows, meta):
             f"| {r['op']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['provider']} | {r['ms']:.3f} | "
             f"{fmt(r.get('gbps'), '.1f')} | {fmt(r.get('tflops'), '.1f')} | {r['peak_mb']:.1f} | "
             f"{fmt(r['vs_eager'] if r['provider'] != 'eager' else None, '.2f')} | "
-            f"{fmt(r['vs_compile'] if r['provider'] != 'compile' else None, '.2f')} |")
+            f"{fmt(r['vs_compile'] if r['provider'] != 'compile' else None, '.2f')} | "
+            f"{fmt(r['vs_sdpa'] if not r['provider'].startswith('sdpa') else None, '.2f')} | "
+            f"{fmt(r.get('jvp_over_fwd'), '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
