@@ -37,6 +37,12 @@ class Case:
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 
@@ -186,7 +192,8 @@ def markdown(rows, meta):
 
 
 def plot(rows, path, title):
-    """Speed-up of every non-baseline provider over eager, one bar per case."""
+    """One panel per op: speed-up over eager PyTorch (log scale) per (mode, shape), one bar
+    per provider."""
     try:
         import matplotlib
 
@@ -194,20 +201,40 @@ def plot(rows, path, title):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ours = [r for r in rows if r.get("vs_eager") and r["provider"] != "eager"]
-    if not ours:
+    rows = [r for r in rows if r.get("vs_eager") and r["provider"] != "eager"]
+    if not rows:
         return None
-    labels = [f"{r['op']}\n{r['mode']} {r['shape']} {r['dtype']}\n{r['provider']}" for r in ours]
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(ours)), 6))
-    colors = {"dmf": "tab:green", "dmf_func_jvp": "tab:olive", "compile": "tab:blue"}
-    ax.bar(range(len(ours)), [r["vs_eager"] for r in ours], color=[colors.get(r["provider"], "gray") for r in ours])
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(range(len(ours)))
-    ax.set_xticklabels(labels, rotation=90, fontsize=6)
-    ax.set_ylabel("speed-up over eager PyTorch (x)")
-    ax.set_title(title)
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    colors = dict(zip(providers, plt.get_cmap("tab10").colors))
+    cols = 2
+    nrows = (len(ops) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(14, 3.6 * nrows), squeeze=False)
+    for ax, op in zip(axes.flat, ops):
+        mine = [r for r in rows if r["op"] == op]
+        groups = list(dict.fromkeys((r["mode"], r["shape"], r["dtype"]) for r in mine))
+        provs = [p for p in providers if any(r["provider"] == p for r in mine)]
+        width = 0.8 / len(provs)
+        for i, prov in enumerate(provs):
+            xs, ys = [], []
+            for g, key in enumerate(groups):
+                match = [r for r in mine if (r["mode"], r["shape"], r["dtype"]) == key and r["provider"] == prov]
+                if match:
+                    xs.append(g + (i - (len(provs) - 1) / 2) * width)
+                    ys.append(match[0]["vs_eager"])
+            ax.bar(xs, ys, width, color=colors[prov], label=prov)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{m}\n{sh}" for m, sh, _ in groups], fontsize=7)
+        ax.set_title(op, fontsize=10)
+        ax.set_ylabel("speed-up over eager (x)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
