@@ -200,11 +200,12 @@ def dual_inputs(*tensors):
     When any input carries a tangent at the current forward-AD level (torch.func.jvp,
     forward_ad, jacfwd; eager or under torch.compile), returns (primals, tangents) so the op
     can compute both with its one-pass dual kernel and re-wrap the outputs with make_dual;
-    returns None when no input has a tangent. Two reasons to route this way: attention must
-    run one pass, not a primal kernel followed by a tangent kernel; and under torch.compile,
-    Dynamo refuses autograd.Functions that define `jvp` while without one it silently drops
-    the tangent (pytorch issue 192985; measured here: zero tangents from a compiled
-    torch.func.jvp), so the adaLN ops call this when compiling.
+    returns None when no input has a tangent. Every public op routes forward-mode AD this
+    way: one kernel pass instead of a primal kernel followed by a tangent kernel; and under
+    torch.compile, Dynamo refuses autograd.Functions that define `jvp` while without one it
+    silently drops the tangent (pytorch issue 192985; measured here: zero tangents from a
+    compiled torch.func.jvp). The Functions' own jvp methods remain as a fallback for
+    forward-mode AD this detection does not see.
     """
     import torch.autograd.forward_ad as fwAD
 
@@ -216,10 +217,37 @@ def dual_inputs(*tensors):
     return primals, tangents
 
 
-def make_duals(primals, tangents):
+class _TangentGuard(torch.autograd.Function):
+    """Identity on a forward-mode tangent whose backward raises. The one-pass kernels do not
+    differentiate tangents; without this, a loss that used a non-detached tangent (eager
+    torch.func.jvp tangents are differentiable) would silently miss that gradient. Saves
+    nothing, so it costs no activation memory."""
+
+    @staticmethod
+    def forward(name, tangent, *inputs):
+        return tangent.view_as(tangent)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"dmf_kernels.{ctx.name}: gradients through forward-mode tangents are not supported; "
+            "detach the tangent (as MeanFlow's stopgrad target does)"
+        )
+
+
+def make_duals(primals, tangents, name=None, inputs=()):
+    """Wraps (primal, tangent) pairs as dual tensors of the current forward-AD level. In eager,
+    when `inputs` require grad, tangents are guarded so that backprop into them raises."""
     import torch.autograd.forward_ad as fwAD
 
+    # Inside torch.func.jvp the inputs do not report requires_grad, so the guard is applied
+    # whenever grad mode is on; autograd drops it where nothing requires grad.
+    guard = name is not None and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+    if guard:
+        tangents = [_TangentGuard.apply(name, t, *inputs) for t in tangents]
     return tuple(fwAD.make_dual(p, t) for p, t in zip(primals, tangents))
 
-
-compiled_dual_inputs = dual_inputs  # the adaLN ops' name for it (used under torch.compile only)

@@ -12,12 +12,12 @@ over tokens, the DiT convention), (B, 1, D), or x's full shape; see csrc/ops.cpp
 """
 import torch
 
-from ._library import compiled_dual_inputs, make_duals, ops
+from ._library import dual_inputs, make_duals, ops
 
 
 class _AdaLNModulateBase(torch.autograd.Function):
     """(x, shift, scale, eps) -> (out, mean, rstd); mean and rstd are not differentiable.
-    No jvp: this is the class torch.compile traces (see compiled_dual_inputs)."""
+    No jvp: this is the class torch.compile traces (see _library.dual_inputs)."""
 
     @staticmethod
     def forward(x, shift, scale, eps):
@@ -141,12 +141,12 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6):
         out: (..., D), like x. Differentiable, and correct under torch.func.jvp and
         torch.autograd.forward_ad (tangent from one fused pass).
     """
-    if torch.compiler.is_compiling():
-        dual = compiled_dual_inputs(x, shift, scale)
-        if dual is not None:
-            (x, shift, scale), (x_dot, shift_dot, scale_dot) = dual
-            out, out_dot = adaln_modulate_dual(x, x_dot, shift, shift_dot, scale, scale_dot, eps)
-            return make_duals((out,), (out_dot,))[0]
+    dual = dual_inputs(x, shift, scale)
+    if dual is not None:  # forward-mode AD: primal and tangent in one pass
+        (x, shift, scale), (x_dot, shift_dot, scale_dot) = dual
+        out, out_dot = adaln_modulate_dual(x, x_dot, shift, shift_dot, scale, scale_dot, eps)
+        return make_duals((out,), (out_dot,), "adaln_modulate", (x, shift, scale))[0]
+    if torch.compiler.is_compiling():  # Dynamo refuses Functions that define jvp
         return _AdaLNModulateBase.apply(x, shift, scale, eps)[0]
     return AdaLNModulateFunction.apply(x, shift, scale, eps)[0]
 
@@ -166,15 +166,13 @@ def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6):
     Returns:
         (x_out, h): both (..., D), both differentiable.
     """
-    if torch.compiler.is_compiling():
-        dual = compiled_dual_inputs(x, gate, y, shift, scale)
-        if dual is not None:
-            (x, gate, y, shift, scale), (xd, gd, yd, shd, scd) = dual
-            x_out, x_out_dot, h, h_dot = gated_residual_adaln_dual(x, xd, gate, gd, y, yd, shift, shd, scale, scd, eps)
-            return make_duals((x_out, h), (x_out_dot, h_dot))
-        x_out, h, _, _ = _GatedResidualAdaLNBase.apply(x, gate, y, shift, scale, eps)
-        return x_out, h
-    x_out, h, _, _ = GatedResidualAdaLNFunction.apply(x, gate, y, shift, scale, eps)
+    dual = dual_inputs(x, gate, y, shift, scale)
+    if dual is not None:  # forward-mode AD: primal and tangent in one pass
+        (x, gate, y, shift, scale), (xd, gd, yd, shd, scd) = dual
+        x_out, x_out_dot, h, h_dot = gated_residual_adaln_dual(x, xd, gate, gd, y, yd, shift, shd, scale, scd, eps)
+        return make_duals((x_out, h), (x_out_dot, h_dot), "gated_residual_adaln", (x, gate, y, shift, scale))
+    fn = _GatedResidualAdaLNBase if torch.compiler.is_compiling() else GatedResidualAdaLNFunction
+    x_out, h, _, _ = fn.apply(x, gate, y, shift, scale, eps)
     return x_out, h
 
 

@@ -240,7 +240,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     if dual is not None:
         (q, k, v), (q_dot, k_dot, v_dot) = dual
         o, o_dot = attention_dual(q, k, v, q_dot, k_dot, v_dot, scale)
-        return make_duals((o,), (o_dot,))[0]
+        return make_duals((o,), (o_dot,), "attention", (q, k, v))[0]
     _check(q, k, v)
     return AttentionFunction.apply(q, k, v, scale)[0]
 

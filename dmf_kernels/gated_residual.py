@@ -1,11 +1,11 @@
 """gated_residual: out = x + gate * y (the adaLN-Zero residual of a DiT block)."""
 import torch
 
-from ._library import compiled_dual_inputs, make_duals, ops
+from ._library import dual_inputs, make_duals, ops
 
 
 class _GatedResidualBase(torch.autograd.Function):
-    """No jvp: the class torch.compile traces (see compiled_dual_inputs)."""
+    """No jvp: the class torch.compile traces (see _library.dual_inputs)."""
 
     @staticmethod
     def forward(x, gate, y):
@@ -58,14 +58,13 @@ def gated_residual(x, gate, y):
     Returns:
         out: (..., D), differentiable, correct under torch.func.jvp / forward_ad.
     """
-    if torch.compiler.is_compiling():
-        dual = compiled_dual_inputs(x, gate, y)
-        if dual is not None:
-            (x, gate, y), (xd, gd, yd) = dual
-            out, out_dot = gated_residual_dual(x, xd, gate, gd, y, yd)
-            return make_duals((out,), (out_dot,))[0]
-        return _GatedResidualBase.apply(x, gate, y)
-    return GatedResidualFunction.apply(x, gate, y)
+    dual = dual_inputs(x, gate, y)
+    if dual is not None:  # forward-mode AD: primal and tangent in one pass
+        (x, gate, y), (xd, gd, yd) = dual
+        out, out_dot = gated_residual_dual(x, xd, gate, gd, y, yd)
+        return make_duals((out,), (out_dot,), "gated_residual", (x, gate, y))[0]
+    fn = _GatedResidualBase if torch.compiler.is_compiling() else GatedResidualFunction
+    return fn.apply(x, gate, y)
 
 
 def gated_residual_dual(x, x_dot, gate, gate_dot, y, y_dot):

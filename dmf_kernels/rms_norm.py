@@ -1,7 +1,7 @@
 """rms_norm: RMSNorm with a learnable scale, as used for qk-norm in DiT/DMF attention."""
 import torch
 
-from ._library import compiled_dual_inputs, make_duals, ops
+from ._library import dual_inputs, make_duals, ops
 
 
 class _RMSNormBase(torch.autograd.Function):
@@ -61,14 +61,13 @@ def rms_norm(x, weight, eps: float = 1e-6):
     Returns:
         out: (..., D), differentiable, correct under torch.func.jvp / forward_ad.
     """
-    if torch.compiler.is_compiling():
-        dual = compiled_dual_inputs(x, weight)
-        if dual is not None:
-            (x, weight), (x_dot, weight_dot) = dual
-            out, out_dot = rms_norm_dual(x, x_dot, weight, weight_dot, eps)
-            return make_duals((out,), (out_dot,))[0]
-        return _RMSNormBase.apply(x, weight, eps)[0]
-    return RMSNormFunction.apply(x, weight, eps)[0]
+    dual = dual_inputs(x, weight)
+    if dual is not None:  # forward-mode AD: primal and tangent in one pass
+        (x, weight), (x_dot, weight_dot) = dual
+        out, out_dot = rms_norm_dual(x, x_dot, weight, weight_dot, eps)
+        return make_duals((out,), (out_dot,), "rms_norm", (x, weight))[0]
+    fn = _RMSNormBase if torch.compiler.is_compiling() else RMSNormFunction
+    return fn.apply(x, weight, eps)[0]
 
 
 def rms_norm_dual(x, x_dot, weight, weight_dot=None, eps: float = 1e-6):
