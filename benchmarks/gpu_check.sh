@@ -4,6 +4,7 @@
 #   2. runs the CUDA variants of the test suite,
 #   3. runs the benchmark suite at DiT shapes and writes benchmarks/results/<gpu>_<date>.*
 # Logs and results are also copied to $OUT when it is set (the device tool returns $OUT).
+# GPU_CHECK_TUNE=1 adds a sweep of the attention kernels' launch configs (tune_attention.py).
 # Budget: under 8 minutes on an H100 with 16 cores.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,5 +42,13 @@ start=$SECONDS
 $PY -m benchmarks.run --device cuda 2>&1 | grep -v -E "^(USDT|\s*warnings.warn)" | tee bench.log | tail -80
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 save bench.log benchmarks/results/*"$(date +%Y-%m-%d)"*
-log "benchmarks took $((SECONDS - start)) s; exit $status"
+log "benchmarks took $((SECONDS - start)) s"
+
+# Optional (about 3 more minutes): sweep the attention kernels' launch configs.
+if [ "${GPU_CHECK_TUNE:-0}" = "1" ]; then
+  log "tuning attention launch configs"
+  $PY -m benchmarks.tune_attention 2>&1 | tee tune.log | grep -E "^best|wrote"
+  save tune.log benchmarks/results/*attention_tuning.json
+fi
+log "exit $status"
 exit $status
