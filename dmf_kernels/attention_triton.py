@@ -398,13 +398,14 @@ def _empty(*shape, device, dtype):
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=4, num_stages=2):
+def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
     """o (B, H, NQ, D) like q, contiguous; lse (B, H, NQ) float32."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
     bm, bn = _default_blocks("fwd", D, _interpreting())
     bm, bn = block_m or bm, block_n or bn
+    num_warps = num_warps or (8 if bm >= 128 else 4)  # a 128-row tile wants 8 warps
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     if o.numel() == 0:
