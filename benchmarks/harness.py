@@ -8,12 +8,15 @@ Timing: CUDA events (GPU) or perf_counter (CPU) around single calls after warm-u
 median of the samples. Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the
 peak of live tensor bytes seen by the profiler's memory events.
 """
+import contextlib
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -76,6 +79,21 @@ def time_fn(fn, device, min_time_s, max_reps, warmup):
     return statistics.median(samples), len(samples)
 
 
+@contextlib.contextmanager
+def _quiet_c_stderr():
+    """The profiler's C++ side prints two USDT lines per use straight to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_peak_bytes(fn):
     """Peak of live CPU tensor bytes during fn, above what was live when it started.
 
@@ -85,7 +103,8 @@ def cpu_peak_bytes(fn):
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with _quiet_c_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                    with_stack=True) as prof:
         fn()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     if not sizes:

@@ -77,7 +77,6 @@ def test_adaln_modulate_dual_f64(device, shape, form, with_tangent):
 def test_adaln_modulate_gradcheck(device):
     inputs = [t.requires_grad_() for t in adaln_inputs(2, 5, 12, "BD", device)]
     assert torch.autograd.gradcheck(dk.adaln_modulate, inputs)
-    assert torch.autograd.forward_ad  # noqa: forward-mode gradcheck below
     assert torch.autograd.gradcheck(dk.adaln_modulate, inputs, check_forward_ad=True, check_backward_ad=False,
                                     check_undefined_grad=False, check_batched_grad=False)
 
