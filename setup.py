@@ -4,8 +4,8 @@
 
 Environment switches:
     DMF_KERNELS_SKIP_CUDA=1    build the CPU kernels only
-    DMF_KERNELS_FORCE_CUDA=1   build the CUDA kernels even if torch is a CPU build (needs nvcc);
-                               the result then only loads against a CUDA torch
+    DMF_KERNELS_FORCE_CUDA=1   require the CUDA kernels: fail, saying why, instead of quietly
+                               building CPU kernels only (no nvcc, or a CPU build of torch)
     TORCH_CUDA_ARCH_LIST       CUDA archs, default "8.0;9.0a" (A100, H100/H200)
     DMF_KERNELS_CPU_ARCH       CPU code generation: avx2 (default on x86-64: AVX2 + FMA),
                                native (-march=native, e.g. AVX-512; not portable), none (baseline)
@@ -20,6 +20,27 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: CUDA_HOME / CUDA_PATH, /usr/local/cuda, or nvcc's grandparent
+    on PATH; only a directory with bin/nvcc and include/cuda_runtime.h counts."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if shutil.which("nvcc"):
+        candidates.append(str(Path(shutil.which("nvcc")).resolve().parent.parent))
+    for home in candidates:
+        if home and (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME once, at import; hand it what we found (it
+# misses nvcc behind a wrapper script, e.g. /usr/local/bin/nvcc -> /usr/local/cuda-13.0).
+if find_cuda_home() and not os.environ.get("CUDA_HOME"):
+    os.environ["CUDA_HOME"] = find_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -28,10 +49,6 @@ except ImportError as e:  # pragma: no cover - only hit by isolated builds
         "dmf_kernels builds against an installed torch: install torch first, then "
         f"`pip install --no-build-isolation .` ({e})"
     )
-
-ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0a"
-
 
 def flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
@@ -47,26 +64,18 @@ def read_sources():
     return kinds
 
 
-def find_cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home is None and shutil.which("nvcc"):
-        home = str(Path(shutil.which("nvcc")).resolve().parent.parent)
-    if home is None and Path("/usr/local/cuda/bin/nvcc").exists():
-        home = "/usr/local/cuda"
-    return home
-
-
 def want_cuda():
     if flag("DMF_KERNELS_SKIP_CUDA"):
         return False
     has_nvcc = find_cuda_home() is not None
-    if flag("DMF_KERNELS_FORCE_CUDA"):
-        if not has_nvcc:
-            sys.exit("DMF_KERNELS_FORCE_CUDA=1 but no nvcc was found (set CUDA_HOME)")
-        return True
+    cuda_torch = torch.version.cuda is not None
+    if flag("DMF_KERNELS_FORCE_CUDA") and not (has_nvcc and cuda_torch):
+        why = "no CUDA toolkit (bin/nvcc + include/cuda_runtime.h) was found; set CUDA_HOME" if not has_nvcc else \
+            f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+        sys.exit(f"DMF_KERNELS_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
     # Decided from the toolchain and the torch build, not torch.cuda.is_available():
     # a GPU-less build machine still builds the CUDA kernels for a CUDA torch.
-    return has_nvcc and torch.version.cuda is not None
+    return has_nvcc and cuda_torch
 
 
 def cpu_arch():
