@@ -15,7 +15,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (B, H, NQ, NK, D); small for the interpreter: its cost grows with every program instance.
 SHAPES = [(1, 1, 1, 1, 16), (1, 2, 17, 17, 72), (2, 1, 40, 23, 64), (1, 1, 33, 50, 80), (1, 1, 20, 20, 96),
-          (1, 1, 18, 9, 128), (1, 1, 12, 40, 48)]
+          (1, 1, 18, 9, 128), (1, 1, 12, 40, 48), (1, 1, 257, 257, 72), (1, 1, 5, 1000, 72)]
 
 
 @pytest.fixture
