@@ -24,10 +24,14 @@ status=0
 log "GPU: $($PY -c 'import torch; print(torch.cuda.get_device_name(), torch.__version__)'), archs $TORCH_CUDA_ARCH_LIST"
 log "building"
 start=$SECONDS
-if ! $PY -m pip install --no-build-isolation --no-deps -q -e . >build.log 2>&1; then
-  tail -50 build.log; save build.log; log "BUILD FAILED"; exit 1
+if ! DMF_KERNELS_FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -q -e . >build.log 2>&1; then
+  # Keep going: the Triton attention kernels do not need the CUDA extension, so a CPU-only
+  # build still lets their tests and benchmarks run (the adaLN CUDA cases then fail, loudly).
+  tail -60 build.log; save build.log; status=1
+  log "CUDA BUILD FAILED; continuing with a CPU-only extension for the Triton parts"
+  DMF_KERNELS_SKIP_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -q -e . >>build.log 2>&1 || exit 1
 fi
-$PY -c "import dmf_kernels as d; i = d.build_info(); print(i); assert i['cuda'], 'built without CUDA'" || exit 1
+$PY -c "import dmf_kernels as d; print(d.build_info())" || exit 1
 log "built in $((SECONDS - start)) s"
 
 log "CUDA tests"
