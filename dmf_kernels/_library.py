@@ -82,14 +82,20 @@ RAW_OPS = tuple(_FAKES)
 def _no_derivative(name):
     public = name.rsplit("_", 1)[0]
 
+    def setup_context(ctx, inputs, output):
+        ctx.n_inputs = len(inputs)
+        ctx.set_materialize_grads(False)  # an unused output must not arrive as zeros and raise
+
     def backward(ctx, *grads):
+        if all(g is None for g in grads) or torch.compiler.is_compiling():
+            return (None,) * ctx.n_inputs
         raise RuntimeError(
             f"dmf_kernels::{name} has no derivative. Differentiate dmf_kernels.{public} "
             f"(or dmf_kernels.jvp.{public}) instead; derivatives of tangents and double "
             "backward are not supported."
         )
 
-    return backward
+    return setup_context, backward
 
 
 # The primal outputs of the _fwd and _jvp ops are differentiable w.r.t. the primal inputs
@@ -156,7 +162,9 @@ def _primal_autograd(name, saved_spec, primal_outputs, grads_fn, at):
 
     def backward(ctx, *grads):
         for k, g in enumerate(grads):
-            if k not in primal_outputs and g is not None:
+            # Under torch.compile, AOTAutograd hands a gradient placeholder to every output
+            # of the traced graph, used or not, so this check only runs in eager.
+            if k not in primal_outputs and g is not None and not torch.compiler.is_compiling():
                 raise RuntimeError(
                     f"dmf_kernels::{name}: output {k} (a tangent or a statistic) received a gradient; "
                     "only the primal outputs are differentiable."
@@ -191,7 +199,8 @@ for _name, _fake in _FAKES.items():
         _setup, _backward = _primal_autograd(_name, *_PRIMAL_AUTOGRAD[_name])
         torch.library.register_autograd(f"dmf_kernels::{_name}", _backward, setup_context=_setup)
     else:
-        torch.library.register_autograd(f"dmf_kernels::{_name}", _no_derivative(_name))
+        _setup, _backward = _no_derivative(_name)
+        torch.library.register_autograd(f"dmf_kernels::{_name}", _backward, setup_context=_setup)
 
 
 def dual_inputs(*tensors):
@@ -230,9 +239,15 @@ class _TangentGuard(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.name = inputs[0]
+        ctx.n_inputs = len(inputs) - 2
+        # Unmaterialised: a consumer that returns None for the tangent (our dual Functions)
+        # must not arrive here as a zero tensor and trip the error.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, *grads):
+        if all(g is None for g in grads):
+            return (None,) * (len(grads) + 1 + ctx.n_inputs)
         raise RuntimeError(
             f"dmf_kernels.{ctx.name}: gradients through forward-mode tangents are not supported; "
             "detach the tangent (as MeanFlow's stopgrad target does)"

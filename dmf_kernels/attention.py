@@ -151,7 +151,8 @@ def _primal_setup(ctx, inputs, output):
 
 
 def _primal_backward(ctx, grad_o, *other_grads):
-    if any(g is not None for g in other_grads):
+    # eager only: under torch.compile every traced output gets a gradient placeholder
+    if any(g is not None for g in other_grads) and not torch.compiler.is_compiling():
         raise RuntimeError("dmf_kernels::attention: o_dot and lse are not differentiable (only o is)")
     if grad_o is None:
         return (None,) * ctx.n_inputs
