@@ -197,7 +197,7 @@ def _attn_jvp_kernel(
         l_new = l_i * alpha + tl.sum(p, 1)
         c_new = (alpha * l_i * c_i + tl.sum(p * sd, 1)) / l_new
         dc = (c_new - c_i)[:, None]
-        t = p * (sd[:, :] - c_new[:, None])  # centred p * (S_dot - mu): small even for one-hot p
+        t = p * (sd - c_new[:, None])  # centred p * (S_dot - mu): small even for one-hot p
         v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D)
         pv = p.to(v0.dtype)
         acc_o0 = acc_o0 * alpha[:, None]
