@@ -3,7 +3,7 @@
 #   1. builds dmf_kernels with its CUDA kernels against the installed torch,
 #   2. runs the CUDA variants of the test suite,
 #   3. runs the benchmark suite at DiT shapes and writes benchmarks/results/<gpu>_<date>.*
-# Logs and results are also copied to $OUT when it is set (the device tool returns $OUT).
+# With $OUT set (the device tool returns it), logs and results come back as $OUT/gpu_check.tar.gz.
 # GPU_CHECK_TUNE=1 adds a sweep of the attention kernels' launch configs (tune_attention.py).
 # Budget: under 8 minutes on an H100 with 16 cores.
 set -uo pipefail
