@@ -8,7 +8,7 @@ import importlib
 
 import torch
 
-from .harness import copy_bandwidth, device_name, run_cases, write_results
+from .harness import copy_bandwidth, device_name, pin_cpu_allocator, run_cases, write_results
 
 SUITES = ["bench_adaln", "bench_gated_residual", "bench_rms_norm", "bench_attention"]
 
@@ -23,6 +23,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     torch.manual_seed(0)
+    pinned = pin_cpu_allocator() if args.device == "cpu" else False
     print(f"# dmf-kernels benchmarks on {device_name(args.device)} ({args.device}, {dtype}, "
           f"{torch.get_num_threads()} CPU threads)")
     copy_gbps = copy_bandwidth(args.device)
@@ -31,7 +32,8 @@ def main(argv=None):
     for name in args.only or SUITES:
         suite = importlib.import_module(f"benchmarks.{name}")
         rows += run_cases(list(suite.cases(args.device, dtype, args.quick)), args.device, args.quick)
-    paths = write_results(rows, args.device, dict(copy_gbps=copy_gbps, quick=args.quick), stem=args.stem)
+    paths = write_results(rows, args.device, dict(copy_gbps=copy_gbps, quick=args.quick, pinned_malloc=pinned),
+                          stem=args.stem)
     print("\n" + paths[1].read_text())
     print("wrote", ", ".join(str(p) for p in paths if p))
 
