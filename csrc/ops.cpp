@@ -202,7 +202,9 @@ std::tuple<Tensor, Tensor, Tensor> adaln_modulate_bwd(const Tensor& grad_out, co
   const Layout l = layout_of(x, {gs});
   Tensor dx = at::empty_like(x);
   const auto acc = x.options().dtype(acc_type(x));
-  Tensor ps = at::zeros({l.groups * l.chunks(), l.dim}, acc), pc = at::zeros_like(ps);
+  // Uninitialised: the kernels write every partial whenever x has rows (no memset pass; for
+  // per-token parameters these buffers are as large as x in fp32).
+  Tensor ps = at::empty({l.groups * l.chunks(), l.dim}, acc), pc = at::empty_like(ps);
   if (l.rows > 0) {
     const Tensor sc = mod_matrix(scale, gs, l.groups, l.dim);
     NormModBwdParams p;
@@ -372,7 +374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_adaln_bwd(
   const Layout l = layout_of(x, {gm, gg});
   Tensor dx = at::empty_like(x), dy = at::empty_like(x);
   const auto acc = x.options().dtype(acc_type(x));
-  Tensor ps = at::zeros({l.groups * l.chunks(), l.dim}, acc), pc = at::zeros_like(ps), pg = at::zeros_like(ps);
+  Tensor ps = at::empty({l.groups * l.chunks(), l.dim}, acc), pc = at::empty_like(ps), pg = at::empty_like(ps);
   if (l.rows > 0) {
     const Tensor sc = mod_matrix(scale, gm, l.groups, l.dim), ga = mod_matrix(gate, gg, l.groups, l.dim);
     NormModBwdParams p;
@@ -469,7 +471,7 @@ std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& grad_out, const Tens
   GatedResidualCall c("gated_residual_bwd", y, gate, nullptr);
   const Tensor g = rows_like(grad_out, "grad_out", c.ref, c.op);
   Tensor dy = at::empty_like(c.ref);
-  Tensor pg = at::zeros({c.l.groups * c.l.chunks(), c.l.dim}, c.ref.options().dtype(acc_type(c.ref)));
+  Tensor pg = at::empty({c.l.groups * c.l.chunks(), c.l.dim}, c.ref.options().dtype(acc_type(c.ref)));
   if (c.l.rows > 0) {
     c.p.y = c.ref.data_ptr(), c.p.grad_out = g.data_ptr(), c.p.grad_y = dy.data_ptr(), c.p.part_gate = pg.data_ptr();
     backend_for(c.ref).gated_residual_bwd(c.p);
@@ -559,13 +561,14 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& x,
   check_stats(rstd, "rstd", c.x, c.op);
   const Tensor g = rows_like(grad_out, "grad_out", c.x, c.op);
   Tensor dx = at::empty_like(c.x);
-  Tensor pw = at::zeros({std::max<int64_t>(c.chunks, 1), c.p.dim}, c.x.options().dtype(acc_type(c.x)));
+  Tensor pw = at::empty({c.chunks, c.p.dim}, c.x.options().dtype(acc_type(c.x)));
   if (c.p.rows > 0) {
     c.p.rstd = const_cast<void*>(rstd.data_ptr()), c.p.grad_out = g.data_ptr();
     c.p.grad_x = dx.data_ptr(), c.p.part_weight = pw.data_ptr();
     backend_for(c.x).rms_norm_bwd(c.p);
   }
-  return {dx, reduce_partials(pw, std::max<int64_t>(c.chunks, 1), 1, 1, weight)};
+  if (c.p.rows == 0) return {dx, at::zeros(weight.sizes(), weight.options())};
+  return {dx, reduce_partials(pw, c.chunks, 1, 1, weight)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_jvp(const Tensor& x, const optional<Tensor>& x_dot, const Tensor& weight,

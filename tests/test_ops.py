@@ -143,6 +143,15 @@ def test_empty_batch(device):
     q = torch.empty(0, 4, 0 + 3, 8, device=device)
     assert dk.rms_norm(q, torch.ones(8, device=device)).shape == q.shape
     assert dk.gated_residual(x.detach(), p.detach(), x.detach()).shape == x.shape
+    # No rows but non-empty parameters: their gradients are zeros, not uninitialised memory.
+    w = torch.ones(8, device=device, requires_grad=True)
+    dk.rms_norm(q.requires_grad_(), w).sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    d = torch.randn(8, device=device, requires_grad=True)
+    xe = torch.empty(0, 5, 8, device=device, requires_grad=True)
+    x_out, h = dk.gated_residual_adaln(xe, d, xe, d, d)
+    (x_out.sum() + h.sum()).backward()
+    assert torch.equal(d.grad, torch.zeros_like(d))
 
 
 def test_nan_propagates(device):
