@@ -149,5 +149,35 @@ void dispatch_shape(bool vectorise, const RowLaunch& L, F&& f) {
 
 inline int row_vec(bool vectorise, int elem_size) { return vectorise && elem_size < 8 ? 16 / elem_size : 1; }
 
+// Launches a row-team kernel: picks 16-byte vectors when every pointer and stride allows,
+// the team shape for `dim`, and the instantiation make_kernel(T{}, VEC, WARP, EPT) returns;
+// `params` is the kernel's only argument, `teams` the number of row teams.
+template <typename Params, typename MakeKernel>
+cudaError_t launch_row_kernel(DType dtype, int64_t dim, std::initializer_list<const void*> ptrs,
+                              std::initializer_list<int64_t> strides, const Params& params, int64_t teams,
+                              cudaStream_t stream, MakeKernel&& make_kernel) {
+  if (teams == 0) return cudaSuccess;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    const bool vec = vec_ok(dim, sizeof(T), ptrs, strides);
+    const RowLaunch L = row_launch(dim, row_vec(vec, sizeof(T)));
+    dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
+      const dim3 block(L.threads, L.rows_per_block);
+      const dim3 grid(static_cast<unsigned>(ceil_div(teams, L.rows_per_block)));
+      void* args[] = {const_cast<Params*>(&params)};
+      err = cudaLaunchKernel(make_kernel(t, v, w, e), grid, block, args, 0, stream);
+    });
+  });
+  return err;
+}
+
+// The kernel template instantiation for launch_row_kernel's make_kernel arguments.
+#define DMF_ROW_KERNEL(kernel)                                                                  \
+  [](auto t, auto v, auto w, auto e) {                                                          \
+    return reinterpret_cast<const void*>(                                                       \
+        kernel<decltype(t), decltype(v)::value, decltype(w)::value, decltype(e)::value>);       \
+  }
+
 }  // namespace cuda
 }  // namespace dmf

@@ -288,64 +288,31 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_bwd_kernel(
   }
 }
 
-template <typename Kernel, typename Params>
-cudaError_t launch_rows(Kernel kernel, const Params& p, int64_t teams, const RowLaunch& L, cudaStream_t stream) {
-  if (teams == 0) return cudaSuccess;
-  const dim3 block(L.threads, L.rows_per_block);
-  const dim3 grid(static_cast<unsigned>(ceil_div(teams, L.rows_per_block)));
-  kernel<<<grid, block, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t norm_mod_fwd(const NormModFwdParams& p, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    const bool vec = vec_ok(p.dim, sizeof(T), {p.x, p.res, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr},
-                            {p.shift.row_stride, p.scale.row_stride, p.gate.row_stride});
-    const RowLaunch L = row_launch(p.dim, row_vec(vec, sizeof(T)));
-    dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
-      err = launch_rows(norm_mod_fwd_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>, p, p.rows, L, stream);
-    });
-  });
-  return err;
+  return launch_row_kernel(p.dtype, p.dim, {p.x, p.res, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr},
+                           {p.shift.row_stride, p.scale.row_stride, p.gate.row_stride}, p, p.rows, stream,
+                           DMF_ROW_KERNEL(norm_mod_fwd_kernel));
 }
 
 cudaError_t norm_mod_jvp(const NormModJvpParams& q, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
   const NormModFwdParams& p = q.p;
-  dispatch_dtype(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    const bool vec = vec_ok(p.dim, sizeof(T),
-                            {p.x, p.res, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr, q.x_dot, q.res_dot,
-                             q.x_out_dot, q.out_dot, q.gate_dot.ptr, q.shift_dot.ptr, q.scale_dot.ptr},
-                            {p.shift.row_stride, p.scale.row_stride, p.gate.row_stride, q.gate_dot.row_stride,
-                             q.shift_dot.row_stride, q.scale_dot.row_stride});
-    const RowLaunch L = row_launch(p.dim, row_vec(vec, sizeof(T)));
-    dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
-      err = launch_rows(norm_mod_jvp_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>, q, p.rows, L, stream);
-    });
-  });
-  return err;
+  return launch_row_kernel(p.dtype, p.dim,
+                           {p.x, p.res, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr, q.x_dot, q.res_dot,
+                            q.x_out_dot, q.out_dot, q.gate_dot.ptr, q.shift_dot.ptr, q.scale_dot.ptr},
+                           {p.shift.row_stride, p.scale.row_stride, p.gate.row_stride, q.gate_dot.row_stride,
+                            q.shift_dot.row_stride, q.scale_dot.row_stride},
+                           q, p.rows, stream, DMF_ROW_KERNEL(norm_mod_jvp_kernel));
 }
 
 cudaError_t norm_mod_bwd(const NormModBwdParams& p, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    const bool vec = vec_ok(p.dim, sizeof(T),
-                            {p.grad_out, p.grad_x_out, p.x, p.res, p.grad_x, p.grad_res, p.scale.ptr, p.gate.ptr,
-                             p.part_shift, p.part_scale, p.part_gate},
-                            {p.scale.row_stride, p.gate.row_stride});
-    const RowLaunch L = row_launch(p.dim, row_vec(vec, sizeof(T)));
-    const int64_t items = (p.rows / p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
-    dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
-      err = launch_rows(norm_mod_bwd_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>, p, items, L, stream);
-    });
-  });
-  return err;
+  const int64_t items = (p.rows / p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
+  return launch_row_kernel(p.dtype, p.dim,
+                           {p.grad_out, p.grad_x_out, p.x, p.res, p.grad_x, p.grad_res, p.scale.ptr, p.gate.ptr,
+                            p.part_shift, p.part_scale, p.part_gate},
+                           {p.scale.row_stride, p.gate.row_stride}, p, items, stream,
+                           DMF_ROW_KERNEL(norm_mod_bwd_kernel));
 }
 
 }  // namespace cuda

@@ -172,58 +172,21 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) rms_norm_bwd_kernel(
 }
 
 
-template <typename Launch>
-cudaError_t dispatch(const RmsNormParams& p, std::initializer_list<const void*> ptrs, Launch&& launch) {
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    const bool vec = vec_ok(p.dim, sizeof(T), ptrs, {});
-    const RowLaunch L = row_launch(p.dim, row_vec(vec, sizeof(T)));
-    dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) { err = launch(t, v, w, e, L); });
-  });
-  return err;
-}
-
-cudaError_t launch_teams(const void* kernel, const RmsNormParams& p, int64_t teams, const RowLaunch& L,
-                         cudaStream_t stream) {
-  if (teams == 0) return cudaSuccess;
-  const dim3 block(L.threads, L.rows_per_block);
-  const dim3 grid(static_cast<unsigned>(ceil_div(teams, L.rows_per_block)));
-  void* args[] = {const_cast<RmsNormParams*>(&p)};
-  return cudaLaunchKernel(kernel, grid, block, args, 0, stream);
-}
-
 }  // namespace
 
 cudaError_t rms_norm_fwd(const RmsNormParams& p, cudaStream_t stream) {
-  return dispatch(p, {p.x, p.weight, p.out}, [&](auto t, auto v, auto w, auto e, const RowLaunch& L) {
-    using T = decltype(t);
-    return launch_teams(reinterpret_cast<const void*>(
-                            rms_norm_fwd_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>),
-                        p, p.rows, L, stream);
-  });
+  return launch_row_kernel(p.dtype, p.dim, {p.x, p.weight, p.out}, {}, p, p.rows, stream,
+                           DMF_ROW_KERNEL(rms_norm_fwd_kernel));
 }
 
 cudaError_t rms_norm_jvp(const RmsNormParams& p, cudaStream_t stream) {
-  return dispatch(p, {p.x, p.weight, p.out, p.x_dot, p.weight_dot, p.out_dot},
-                  [&](auto t, auto v, auto w, auto e, const RowLaunch& L) {
-                    using T = decltype(t);
-                    return launch_teams(
-                        reinterpret_cast<const void*>(
-                            rms_norm_jvp_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>),
-                        p, p.rows, L, stream);
-                  });
+  return launch_row_kernel(p.dtype, p.dim, {p.x, p.weight, p.out, p.x_dot, p.weight_dot, p.out_dot}, {}, p, p.rows,
+                           stream, DMF_ROW_KERNEL(rms_norm_jvp_kernel));
 }
 
 cudaError_t rms_norm_bwd(const RmsNormParams& p, cudaStream_t stream) {
-  return dispatch(p, {p.x, p.weight, p.grad_out, p.grad_x, p.part_weight},
-                  [&](auto t, auto v, auto w, auto e, const RowLaunch& L) {
-                    using T = decltype(t);
-                    return launch_teams(
-                        reinterpret_cast<const void*>(
-                            rms_norm_bwd_kernel<T, decltype(v)::value, decltype(w)::value, decltype(e)::value>),
-                        p, ceil_div(p.rows, p.chunk_rows), L, stream);
-                  });
+  return launch_row_kernel(p.dtype, p.dim, {p.x, p.weight, p.grad_out, p.grad_x, p.part_weight}, {}, p,
+                           ceil_div(p.rows, p.chunk_rows), stream, DMF_ROW_KERNEL(rms_norm_bwd_kernel));
 }
 
 }  // namespace cuda
