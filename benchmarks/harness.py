@@ -76,7 +76,8 @@ def time_fn(fn, device, min_time_s, max_reps, warmup):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples), len(samples)
+    q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) >= 2 else (samples[0],) * 3
+    return statistics.median(samples), len(samples), q1, q3
 
 
 @contextlib.contextmanager
@@ -130,7 +131,7 @@ def copy_bandwidth(device, nbytes=256 << 20):
     n = nbytes // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms, _ = time_fn(lambda: dst.copy_(src), device, 0.5, 200, 3)
+    ms = time_fn(lambda: dst.copy_(src), device, 0.5, 200, 3)[0]
     return 2 * nbytes / ms / 1e6
 
 
@@ -160,8 +161,8 @@ def run_cases(cases, device, quick, log=print):
         row = {k: getattr(case, k) for k in ("op", "mode", "provider", "shape", "dtype")}
         try:
             fn, row["bytes_moved"], row["flops"] = case.make()
-            ms, reps = time_fn(fn, device, min_time, max_reps, warmup=3 if device == "cpu" else 10)
-            row.update(ms=ms, reps=reps, peak_mb=peak_bytes(fn, device) / 2**20)
+            ms, reps, q1, q3 = time_fn(fn, device, min_time, max_reps, warmup=3 if device == "cpu" else 10)
+            row.update(ms=ms, reps=reps, iqr_ms=[q1, q3], peak_mb=peak_bytes(fn, device) / 2**20)
             row["gbps"] = row["bytes_moved"] / ms / 1e6 if row["bytes_moved"] else None
             row["tflops"] = row["flops"] / ms / 1e9 if row["flops"] else None
         except Exception as e:  # a provider that fails is reported, not hidden
@@ -209,6 +210,7 @@ def markdown(rows, meta):
              f"torch {meta['torch']}, triton {meta.get('triton')}, dmf_kernels build {meta['build_info']}", ""]
     if meta.get("copy_gbps"):
         lines += [f"Measured device copy bandwidth: {meta['copy_gbps']:.0f} GB/s", ""]
+    lines += ["Times are medians; the JSON file has each row's interquartile range (`iqr_ms`).", ""]
     lines += ["| op | mode | shape | dtype | provider | median ms | GB/s | TFLOP/s | peak MB | eager/this | "
               "compile/this | best SDPA/this | jvp/own fwd |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

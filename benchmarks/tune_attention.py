@@ -39,7 +39,7 @@ def main():
             best = None
             for bm, bn, w, s in configs:
                 try:
-                    ms, _ = time_fn(lambda: runs[kind](bm, bn, w, s), "cuda", 0.2, 50, 3)
+                    ms = time_fn(lambda: runs[kind](bm, bn, w, s), "cuda", 0.2, 50, 3)[0]
                 except Exception as e:  # out of shared memory / registers: not a candidate
                     print(f"{kind} B{B} H{H} N{N} D{D} ({bm},{bn},{w},{s}) failed: {type(e).__name__}")
                     continue

@@ -1,0 +1,38 @@
+"""The benchmark harness runs end to end on tiny shapes (CI never runs the full suite, so
+this keeps it from rotting): cases from every suite build, time, and write results."""
+import json
+
+import torch
+
+from benchmarks import bench_adaln, bench_attention, bench_gated_residual, bench_rms_norm, harness
+
+
+def test_every_suite_builds_and_runs_a_case(monkeypatch):
+    tiny = {
+        bench_adaln: [(1, 3, 24)],
+        bench_gated_residual: [(1, 3, 24)],
+        bench_rms_norm: [(1, 2, 3, 16)],
+        bench_attention: [(1, 2, 8, 16)],
+    }
+    for suite, shapes in tiny.items():
+        monkeypatch.setattr(suite, "shapes", lambda device, quick, headline=False, s=shapes: s)
+        cases = [c for c in suite.cases("cpu", torch.float32, True) if c.provider in ("dmf", "eager")]
+        assert {c.mode for c in cases} == {"fwd", "bwd", "fwd+jvp"}
+        rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+        failed = [r for r in rows if r.get("ms") is None]
+        assert not failed, failed
+        ours = [r for r in rows if r["provider"] == "dmf"]
+        assert all(r["vs_eager"] is not None and r["bytes_moved"] > 0 for r in ours)
+
+
+def test_results_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    rows = [dict(op="adaln_modulate", mode="fwd", provider=p, shape="B1 N3 D24", dtype="float32", ms=ms,
+                 reps=5, iqr_ms=[ms, ms], peak_mb=0.1, gbps=1.0, tflops=None, bytes_moved=10, flops=0)
+            for p, ms in (("dmf", 1.0), ("eager", 2.0))]
+    harness.add_ratios(rows)
+    assert rows[0]["vs_eager"] == 2.0
+    paths = harness.write_results(rows, "cpu", stem="unit")
+    meta = json.loads(paths[0].read_text())["meta"]
+    assert meta["device"] == "cpu" and "build_info" in meta
+    assert "| adaln_modulate | fwd |" in paths[1].read_text()
