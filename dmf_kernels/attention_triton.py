@@ -107,10 +107,10 @@ def _attn_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=DOT_PRECISION)
+        acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
         if HAS_D1:
             v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=DOT_PRECISION)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     o_base = O + b * sob + h * soh
     _store_rows(o_base, (acc0 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
@@ -202,20 +202,20 @@ def _attn_jvp_kernel(
         pv = p.to(v0.dtype)
         acc_o0 = acc_o0 * alpha[:, None]
         acc_t0 = acc_t0 * alpha[:, None] - dc * acc_o0  # re-centre the past keys on c_new
-        acc_o0 += tl.dot(pv, v0, input_precision=DOT_PRECISION)
+        acc_o0 = tl.dot(pv, v0, acc_o0, input_precision=DOT_PRECISION)
         acc_t0 += _guarded_dot(t, v0, FP16_GUARD, DOT_PRECISION)
         if HAS_VD:
-            acc_t0 += tl.dot(pv, _load_rows(vd_base, n, svdn, d0, svdd, n_mask, HEAD_D),
-                             input_precision=DOT_PRECISION)
+            acc_t0 = tl.dot(pv, _load_rows(vd_base, n, svdn, d0, svdd, n_mask, HEAD_D), acc_t0,
+                            input_precision=DOT_PRECISION)
         if HAS_D1:
             v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D)
             acc_o1 = acc_o1 * alpha[:, None]
             acc_t1 = acc_t1 * alpha[:, None] - dc * acc_o1
-            acc_o1 += tl.dot(pv, v1, input_precision=DOT_PRECISION)
+            acc_o1 = tl.dot(pv, v1, acc_o1, input_precision=DOT_PRECISION)
             acc_t1 += _guarded_dot(t, v1, FP16_GUARD, DOT_PRECISION)
             if HAS_VD:
-                acc_t1 += tl.dot(pv, _load_rows(vd_base, n, svdn, d1, svdd, n_mask, HEAD_D),
-                                 input_precision=DOT_PRECISION)
+                acc_t1 = tl.dot(pv, _load_rows(vd_base, n, svdn, d1, svdd, n_mask, HEAD_D), acc_t1,
+                                input_precision=DOT_PRECISION)
         m_i = m_new
         l_i = l_new
         c_i = c_new
@@ -296,11 +296,11 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(DELTA + bh * NQ + m, mask=m_mask, other=0.0)
         pT = tl.where(m_mask[None, :], tl.exp(sT * qk_scale - lse[None, :]), 0.0)
         dsT = pT * (dpT - delta[None, :])
-        dv0 += tl.dot(pT.to(v0.dtype), tl.trans(doT0), input_precision=DOT_PRECISION)
-        dk0 += tl.dot(dsT.to(k0.dtype), tl.trans(qT0), input_precision=DOT_PRECISION)
+        dv0 = tl.dot(pT.to(v0.dtype), tl.trans(doT0), dv0, input_precision=DOT_PRECISION)
+        dk0 = tl.dot(dsT.to(k0.dtype), tl.trans(qT0), dk0, input_precision=DOT_PRECISION)
         if HAS_D1:
-            dv1 += tl.dot(pT.to(v1.dtype), tl.trans(doT1), input_precision=DOT_PRECISION)
-            dk1 += tl.dot(dsT.to(k1.dtype), tl.trans(qT1), input_precision=DOT_PRECISION)
+            dv1 = tl.dot(pT.to(v1.dtype), tl.trans(doT1), dv1, input_precision=DOT_PRECISION)
+            dk1 = tl.dot(dsT.to(k1.dtype), tl.trans(qT1), dk1, input_precision=DOT_PRECISION)
     dk_base = DK + b * sdkb + h * sdkh  # DK and DV share strides (both allocated contiguous)
     dv_base = DV + b * sdkb + h * sdkh
     _store_rows(dk_base, (dk0 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
@@ -351,9 +351,9 @@ def _attn_bwd_dq_kernel(
             dp += tl.dot(do1, _load_cols(v_base, n, svn, d1, svd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
         p = tl.where(n_mask[None, :], tl.exp(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(q0.dtype)
-        dq0 += tl.dot(ds, tl.trans(kT0), input_precision=DOT_PRECISION)
+        dq0 = tl.dot(ds, tl.trans(kT0), dq0, input_precision=DOT_PRECISION)
         if HAS_D1:
-            dq1 += tl.dot(ds, tl.trans(kT1), input_precision=DOT_PRECISION)
+            dq1 = tl.dot(ds, tl.trans(kT1), dq1, input_precision=DOT_PRECISION)
     dq_base = DQ + b * sdqb + h * sdqh
     _store_rows(dq_base, (dq0 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d0, sdqd, m_mask, HEAD_D)
     if HAS_D1:
