@@ -226,6 +226,14 @@ def dual_inputs(*tensors):
     return primals, tangents
 
 
+def needs_grad(*tensors):
+    """Whether autograd must record this call. When it need not (sampling under no_grad,
+    frozen inputs), the public ops call the raw op directly: autograd.Function.apply costs
+    ~15 us of Python per call (23 vs 6.5 us for adaln_modulate on a tiny input), comparable to
+    a whole memory-bound kernel at DiT shapes on an H100."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _TangentGuard(torch.autograd.Function):
     """Identity on a forward-mode tangent whose backward raises. The one-pass kernels do not
     differentiate tangents; without this, a loss that used a non-detached tangent (eager

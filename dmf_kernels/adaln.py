@@ -12,7 +12,7 @@ over tokens, the DiT convention), (B, 1, D), or x's full shape; see csrc/ops.cpp
 """
 import torch
 
-from ._library import dual_inputs, make_duals, ops
+from ._library import dual_inputs, make_duals, needs_grad, ops
 
 
 class _AdaLNModulateBase(torch.autograd.Function):
@@ -146,6 +146,8 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6):
         (x, shift, scale), (x_dot, shift_dot, scale_dot) = dual
         out, out_dot = adaln_modulate_dual(x, x_dot, shift, shift_dot, scale, scale_dot, eps)
         return make_duals((out,), (out_dot,), "adaln_modulate", (x, shift, scale))[0]
+    if not needs_grad(x, shift, scale):
+        return ops.adaln_modulate_fwd(x, shift, scale, eps)[0]
     if torch.compiler.is_compiling():  # Dynamo refuses Functions that define jvp
         return _AdaLNModulateBase.apply(x, shift, scale, eps)[0]
     return AdaLNModulateFunction.apply(x, shift, scale, eps)[0]
@@ -171,6 +173,9 @@ def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6):
         (x, gate, y, shift, scale), (xd, gd, yd, shd, scd) = dual
         x_out, x_out_dot, h, h_dot = gated_residual_adaln_dual(x, xd, gate, gd, y, yd, shift, shd, scale, scd, eps)
         return make_duals((x_out, h), (x_out_dot, h_dot), "gated_residual_adaln", (x, gate, y, shift, scale))
+    if not needs_grad(x, gate, y, shift, scale):
+        x_out, h, _, _ = ops.gated_residual_adaln_fwd(x, gate, y, shift, scale, eps)
+        return x_out, h
     fn = _GatedResidualAdaLNBase if torch.compiler.is_compiling() else GatedResidualAdaLNFunction
     x_out, h, _, _ = fn.apply(x, gate, y, shift, scale, eps)
     return x_out, h
@@ -186,6 +191,9 @@ def adaln_modulate_dual(x, x_dot, shift, shift_dot, scale, scale_dot, eps: float
         (out, out_dot): out differentiable w.r.t. x, shift, scale; out_dot a plain tensor
         (tangents are treated as constants: no gradient flows into x_dot, shift_dot, scale_dot).
     """
+    if not needs_grad(x, shift, scale):
+        out, out_dot, _, _ = ops.adaln_modulate_jvp(x, x_dot, shift, shift_dot, scale, scale_dot, eps)
+        return out, out_dot
     out, out_dot, _, _ = AdaLNModulateDualFunction.apply(x, x_dot, shift, shift_dot, scale, scale_dot, eps)
     return out, out_dot
 
@@ -198,7 +206,9 @@ def gated_residual_adaln_dual(x, x_dot, gate, gate_dot, y, y_dot, shift, shift_d
         (x_out, x_out_dot, h, h_dot): x_out and h differentiable; the tangents not recorded.
         Any tangent argument may be None (zero); the kernel skips that work.
     """
-    x_out, x_out_dot, h, h_dot, _, _ = GatedResidualAdaLNDualFunction.apply(
-        x, x_dot, gate, gate_dot, y, y_dot, shift, shift_dot, scale, scale_dot, eps
-    )
+    args = (x, x_dot, gate, gate_dot, y, y_dot, shift, shift_dot, scale, scale_dot, eps)
+    if not needs_grad(x, gate, y, shift, scale):
+        x_out, x_out_dot, h, h_dot, _, _ = ops.gated_residual_adaln_jvp(*args)
+    else:
+        x_out, x_out_dot, h, h_dot, _, _ = GatedResidualAdaLNDualFunction.apply(*args)
     return x_out, x_out_dot, h, h_dot

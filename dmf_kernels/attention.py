@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import attention_cpu
-from ._library import dual_inputs, make_duals
+from ._library import dual_inputs, make_duals, needs_grad
 
 MAX_TRITON_HEAD_DIM = 128
 MIN_TRITON_HEAD_DIM = 16
@@ -243,6 +243,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
         o, o_dot = attention_dual(q, k, v, q_dot, k_dot, v_dot, scale)
         return make_duals((o,), (o_dot,), "attention", (q, k, v))[0]
     _check(q, k, v)
+    if not needs_grad(q, k, v):
+        return torch.ops.dmf_kernels.attention_fwd(q, k, v, scale)[0]
     return AttentionFunction.apply(q, k, v, scale)[0]
 
 
@@ -259,5 +261,8 @@ def attention_dual(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale: Optional[
     """
     scale = _scale(q, scale)
     _check(q, k, v, (("q_dot", q_dot, q), ("k_dot", k_dot, k), ("v_dot", v_dot, v)))
+    if not needs_grad(q, k, v):
+        o, o_dot, _ = torch.ops.dmf_kernels.attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale)
+        return o, o_dot
     o, o_dot, _ = AttentionDualFunction.apply(q, k, v, q_dot, k_dot, v_dot, scale)
     return o, o_dot

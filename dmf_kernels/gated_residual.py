@@ -1,7 +1,7 @@
 """gated_residual: out = x + gate * y (the adaLN-Zero residual of a DiT block)."""
 import torch
 
-from ._library import dual_inputs, make_duals, ops
+from ._library import dual_inputs, make_duals, needs_grad, ops
 
 
 class _GatedResidualBase(torch.autograd.Function):
@@ -63,11 +63,15 @@ def gated_residual(x, gate, y):
         (x, gate, y), (xd, gd, yd) = dual
         out, out_dot = gated_residual_dual(x, xd, gate, gd, y, yd)
         return make_duals((out,), (out_dot,), "gated_residual", (x, gate, y))[0]
+    if not needs_grad(x, gate, y):
+        return ops.gated_residual_fwd(x, gate, y)
     fn = _GatedResidualBase if torch.compiler.is_compiling() else GatedResidualFunction
     return fn.apply(x, gate, y)
 
 
 def gated_residual_dual(x, x_dot, gate, gate_dot, y, y_dot):
     """(out, out_dot) in one pass; out differentiable, out_dot not recorded; None tangents are zero."""
+    if not needs_grad(x, gate, y):
+        return ops.gated_residual_jvp(x, x_dot, gate, gate_dot, y, y_dot)
     out, out_dot = GatedResidualDualFunction.apply(x, x_dot, gate, gate_dot, y, y_dot)
     return out, out_dot

@@ -1,7 +1,7 @@
 """rms_norm: RMSNorm with a learnable scale, as used for qk-norm in DiT/DMF attention."""
 import torch
 
-from ._library import dual_inputs, make_duals, ops
+from ._library import dual_inputs, make_duals, needs_grad, ops
 
 
 class _RMSNormBase(torch.autograd.Function):
@@ -66,11 +66,16 @@ def rms_norm(x, weight, eps: float = 1e-6):
         (x, weight), (x_dot, weight_dot) = dual
         out, out_dot = rms_norm_dual(x, x_dot, weight, weight_dot, eps)
         return make_duals((out,), (out_dot,), "rms_norm", (x, weight))[0]
+    if not needs_grad(x, weight):
+        return ops.rms_norm_fwd(x, weight, eps)[0]
     fn = _RMSNormBase if torch.compiler.is_compiling() else RMSNormFunction
     return fn.apply(x, weight, eps)[0]
 
 
 def rms_norm_dual(x, x_dot, weight, weight_dot=None, eps: float = 1e-6):
     """(out, out_dot) in one pass; out differentiable, out_dot not recorded; None tangents are zero."""
+    if not needs_grad(x, weight):
+        out, out_dot, _ = ops.rms_norm_jvp(x, x_dot, weight, weight_dot, eps)
+        return out, out_dot
     out, out_dot, _ = RMSNormDualFunction.apply(x, x_dot, weight, weight_dot, eps)
     return out, out_dot
