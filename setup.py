@@ -115,7 +115,7 @@ def extension():
         )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     cuda_version = torch.version.cuda or ""
-    cxx += [f'-DDMF_CUDA_ARCHS="{archs}"', f'-DDMF_CUDA_VERSION="{cuda_version}"', "-DDMF_WITH_CUDA"]
+    cxx += [f'-DDMF_CUDA_ARCHS="{archs}"', f'-DDMF_CUDA_VERSION="{cuda_version}"']
     nvcc = opt + ["-std=c++17", "-lineinfo"]
     if debug:
         nvcc += ["-G"]

@@ -33,6 +33,6 @@ mkdir -p "$stub" && echo "#pragma once" >"$stub/cuda_cmake_macros.h"
 includes=$("$PYTHON" -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 for cpp in $(awk '$1 == "cuda" && $2 ~ /\.cpp$/ {print $2}' csrc/sources.txt); do
   # shellcheck disable=SC2086
-  g++ -std=c++20 -fsyntax-only $includes -I"$out/stub" -I"$CUDA_HOME/include" -DDMF_WITH_CUDA "$cpp"
+  g++ -std=c++20 -fsyntax-only $includes -I"$out/stub" -I"$CUDA_HOME/include" "$cpp"
 done
 echo "CUDA sources OK"

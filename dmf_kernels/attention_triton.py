@@ -28,14 +28,9 @@ dtype for the product with V; with large tangents it can still exceed fp16's 655
 row is divided by max(1, rowmax|.| / 2^14) before rounding and the product multiplied back
 (row scaling commutes with the product), so nothing overflows.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
-FP16_TANGENT_LIMIT = 16384.0
 
 
 def head_split(head_dim):
@@ -471,6 +466,3 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
         H, NQ, NK, scale, **common)
     return dq, dk, dv
 
-
-def default_scale(head_dim):
-    return 1.0 / math.sqrt(head_dim)

@@ -5,11 +5,6 @@ namespace dmf {
 namespace cpu {
 namespace {
 
-template <typename A>
-inline A rms_rstd(const A* xb, int64_t D, double eps) {
-  return A(1) / std::sqrt(row_dot(xb, xb, D) / static_cast<A>(D) + static_cast<A>(eps));
-}
-
 // Rows are read straight from the input, with no staging copy: qk-norm rows are short (head
 // dim 64-128) and the copy plus its loop overhead dominated: the forward at B=8, H=16,
 // N=256, D=72 fp32 on 2 threads went from 0.62 to 0.19 ms without it.
