@@ -1,8 +1,15 @@
-"""Attention in plain PyTorch, one block of queries at a time: memory O(N * block) instead
-of the O(N^2) of the math path, with the same forward, backward and one-pass JVP formulas
-as the Triton kernels (each block sees all keys, so its softmax is exact; no online
-rescaling is needed). Used for CPU tensors and for float64 on any device. Computation is
-in fp32 for fp16/bf16 inputs (fp64 for fp64)."""
+"""Attention on the CPU (and for float64 on any device), memory O(N * block) instead of the
+O(N^2) of the math path.
+
+- Forward and backward of the primal: aten's CPU flash-attention kernels, which return and
+  accept the same natural-log logsumexp as ours (measured at B=8, H=6, N=256, D=64, fp32 on
+  2 cores: 4.7/11.3 ms fwd/bwd against 9.4/24.5 ms for our blockwise matmuls).
+- The one-pass JVP (no aten counterpart): one block of queries at a time in plain PyTorch,
+  with the same formulas as the Triton kernel (each block sees all keys, so its softmax is
+  exact; no online rescaling is needed). Its lse feeds the flash backward.
+The blockwise forward/backward stay as the float64 path on CUDA tensors (aten's flash
+kernel is CPU-only) and as the reference the tests compare the flash path with. Computation
+is in fp32 for fp16/bf16 inputs (fp64 for fp64)."""
 import torch
 
 # Rows per query block: bounds the [B, H, block, NK] score tiles (about 3 live at once).
@@ -22,7 +29,20 @@ def _blocks(nq, block):
     return [(i, min(i + block, nq)) for i in range(0, nq, block)]
 
 
+def _flash_ok(q):
+    # aten's CPU flash kernels: CPU tensors only; an empty query or batch is handled here.
+    return q.device.type == "cpu" and q.numel() > 0
+
+
 def attention_fwd(q, k, v, scale, block=None):
+    """o (B, H, NQ, D) contiguous, lse (B, H, NQ) in fp32 (fp64 for fp64)."""
+    if block is None and _flash_ok(q):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+        return o.contiguous(), lse.to(_stat_dtype(q.dtype)).contiguous()
+    return attention_fwd_blockwise(q, k, v, scale, block)
+
+
+def attention_fwd_blockwise(q, k, v, scale, block=None):
     B, H, NQ, D = q.shape
     o = torch.empty(B, H, NQ, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, NQ, device=q.device, dtype=_stat_dtype(q.dtype))
@@ -65,6 +85,15 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None):
 
 
 def attention_bwd(do, q, k, v, o, lse, scale, block=None):
+    """dq, dk, dv (contiguous) from the saved o and lse."""
+    if block is None and _flash_ok(q):
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse.to(_stat_dtype(q.dtype)), 0.0, False, scale=scale)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return attention_bwd_blockwise(do, q, k, v, o, lse, scale, block)
+
+
+def attention_bwd_blockwise(do, q, k, v, o, lse, scale, block=None):
     """dq, dk, dv from the saved o and lse, recomputing P one query block at a time."""
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     ka, va = _acc(k), _acc(v)
