@@ -10,6 +10,7 @@ from .adaln import adaln_modulate_dual as adaln_modulate
 from .attention import attention_dual as attention
 from .adaln import gated_residual_adaln_dual as gated_residual_adaln
 from .gated_residual import gated_residual_dual as gated_residual
+from .gelu import gelu_tanh_dual as gelu_tanh
 from .rms_norm import rms_norm_dual as rms_norm
 
-__all__ = ["adaln_modulate", "attention", "gated_residual_adaln", "gated_residual", "rms_norm"]
+__all__ = ["adaln_modulate", "attention", "gated_residual_adaln", "gated_residual", "gelu_tanh", "rms_norm"]
