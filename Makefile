@@ -32,7 +32,7 @@ $(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
 # triton is imported: a second pytest process for that file.
 test: build
 	$(PY) -m pytest tests -q
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_attention_triton.py -q
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_attention_triton.py tests/test_gelu_triton.py -q
 
 bench: build
 	$(PY) -m benchmarks.run --quick

@@ -15,6 +15,7 @@ from .adaln import adaln_modulate, gated_residual_adaln
 from .attention import attention
 from .gated_residual import gated_residual
 from .gelu import gelu_tanh
+from .patch import patch
 from .rms_norm import rms_norm
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "gelu_tanh",
     "rms_norm",
     "model_jvp",
+    "patch",
     "nn",
     "jvp",
     "reference",
