@@ -33,7 +33,7 @@ _warned = set()
 
 def _modules_of(fn, depth=0):
     """The nn.Modules fn runs: fn itself, the func of a functools.partial (and modules among
-    its arguments), or the owner of a bound method."""
+    its arguments), the owner of a bound method, or modules a lambda / closure captured."""
     if depth > 8:
         return []
     if isinstance(fn, nn.Module):
@@ -47,7 +47,15 @@ def _modules_of(fn, depth=0):
     owner = getattr(fn, "__self__", None)
     if isinstance(owner, nn.Module):
         return [owner]
-    return []
+    found = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, nn.Module) or isinstance(value, functools.partial) or callable(value):
+            found += _modules_of(value, depth + 1)
+    return found
 
 
 def has_dual_blocks(module: nn.Module) -> bool:
@@ -106,7 +114,8 @@ def model_jvp(fn, primals, tangents):
 
     Args:
         fn: a module, a functools.partial of one (e.g. partial(model, y=y, return_logvar=True)),
-            or a bound method of one; its outputs may be a tensor or any tuple/dict of tensors.
+            a bound method of one, or a function closing over one (lambda x, t, r: model(x, t, r, y));
+            its outputs may be a tensor or any tuple/dict of tensors (and non-tensors).
         primals: tuple of tensors, e.g. (x_t, t, r).
         tangents: tuple of the same length; each a tensor of its primal's shape, dtype and
             device, or None (zero tangent, skipped).
