@@ -179,20 +179,22 @@ def run_cases(cases, device, quick, log=print):
 def add_ratios(rows):
     """vs_eager / vs_compile / vs_sdpa: the baseline's time over this row's (>1: faster than
     the baseline; vs_sdpa against the fastest SDPA backend of the same case);
-    jvp_over_fwd: our fwd+jvp time over our forward time of the same case."""
+    jvp_over_fwd: our fwd+jvp time over our forward time of the same case (for a training
+    step, mode jvp+bwd: our jvp+bwd over our fwd+bwd)."""
     by_key = {}
     for r in rows:
         by_key.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), {})[r["provider"]] = r
     for (op, mode, shape, dtype), group in by_key.items():
         sdpa = [b["ms"] for p, b in group.items() if p.startswith("sdpa") and b.get("ms")]
-        own_fwd = by_key.get((op, "fwd", shape, dtype), {}).get("dmf")
+        base_mode = {"fwd+jvp": "fwd", "jvp+bwd": "fwd+bwd"}.get(mode)
+        own_fwd = by_key.get((op, base_mode, shape, dtype), {}).get("dmf")
         for r in group.values():
             for base in ("eager", "compile"):
                 b = group.get(base)
                 ok = r.get("ms") and b is not None and b.get("ms")
                 r[f"vs_{base}"] = b["ms"] / r["ms"] if ok else None
             r["vs_sdpa"] = min(sdpa) / r["ms"] if sdpa and r.get("ms") else None
-            ok = mode == "fwd+jvp" and r["provider"] == "dmf" and own_fwd and own_fwd.get("ms") and r.get("ms")
+            ok = base_mode and r["provider"] == "dmf" and own_fwd and own_fwd.get("ms") and r.get("ms")
             r["jvp_over_fwd"] = r["ms"] / own_fwd["ms"] if ok else None
 
 
