@@ -110,7 +110,7 @@ def _make(name, kind, B, mode, prov, device, dtype):
         else:  # the MeanFlow step: target from du/dt, detached
             out, out_dot = jvp(fn, primals, tangents)
             loss = (out.float() - out_dot.detach().float()).square().mean()
-        return torch.autograd.grad(loss, params)
+        return torch.autograd.grad(loss, params, allow_unused=True)  # logvar head: unused by fwd+bwd
 
     run = compiled(step) if prov == "compile" else step
     return run, 0, 0

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from benchmarks import bench_adaln, bench_attention, bench_gated_residual, bench_rms_norm, harness
+from benchmarks import bench_adaln, bench_attention, bench_dit, bench_gated_residual, bench_rms_norm, harness
 
 
 def test_every_suite_builds_and_runs_a_case(monkeypatch):
@@ -23,6 +23,16 @@ def test_every_suite_builds_and_runs_a_case(monkeypatch):
         assert not failed, failed
         ours = [r for r in rows if r["provider"] == "dmf"]
         assert all(r["vs_eager"] is not None and r["bytes_moved"] > 0 for r in ours)
+
+
+def test_dit_suite_builds_and_runs(monkeypatch):
+    monkeypatch.setattr(bench_dit, "shapes", lambda device, quick: [("DMFT-Ti/2", "block", 1), ("DMFT-Ti/2", "model", 1)])
+    cases = [c for c in bench_dit.cases("cpu", torch.float32, True) if c.provider in ("dmf", "eager")]
+    assert {c.mode for c in cases} == {"fwd", "fwd+bwd", "fwd+jvp", "jvp+bwd"}
+    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+    assert not [r for r in rows if r.get("ms") is None]
+    steps = [r for r in rows if r["provider"] == "dmf" and r["mode"] in ("fwd+jvp", "jvp+bwd")]
+    assert len(steps) == 4 and all(r["jvp_over_fwd"] is not None and r["vs_eager"] is not None for r in steps)
 
 
 def test_results_files(tmp_path, monkeypatch):
