@@ -211,3 +211,26 @@ def test_dmft_bf16_cuda():
     uk, duk = dk.model_jvp(functools.partial(ours.bfloat16(), y=y), bf(x, t, r), bf(*tg))
     assert_three_way(uk, ue, u64, torch.bfloat16, "u")
     assert_three_way(duk, due, du64, torch.bfloat16, "du/dt")
+
+
+def test_autocast_bf16_three_way():
+    """Under CPU autocast (bf16 Linears, fp32 residual stream) model_jvp's u and du/dt are
+    as close to float64 as the official model's torch.func.jvp under the same autocast."""
+    from conftest import assert_three_way
+    ours, ref = models("cpu", depth=3, dmf_depth=2, qk_norm=True)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.mul_(0.2)  # moderate activations: bf16 errors stay comparable
+    ours.load_state_dict(ref.state_dict())
+    x, t, r, y, v = batch("cpu")
+    tg = (v, torch.ones_like(t), torch.zeros_like(r))
+    u64, du64 = torch.func.jvp(functools.partial(ref, y=y), (x, t, r), tg)
+    ours.float(), ref.float()
+    f32 = lambda *a: tuple(z.float() for z in a)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ue, due = torch.func.jvp(functools.partial(ref, y=y), f32(x, t, r), f32(*tg))
+        uk, duk = dk.model_jvp(functools.partial(ours, y=y), f32(x, t, r), f32(*tg))
+    assert uk.dtype == ue.dtype == torch.bfloat16
+    assert_three_way(uk, ue, u64, torch.bfloat16, "u")
+    assert_three_way(duk, due, du64, torch.bfloat16, "du/dt")
