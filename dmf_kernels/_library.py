@@ -238,7 +238,10 @@ class _TangentGuard(torch.autograd.Function):
     """Identity on a forward-mode tangent whose backward raises. The one-pass kernels do not
     differentiate tangents; without this, a loss that used a non-detached tangent (eager
     torch.func.jvp tangents are differentiable) would silently miss that gradient. Saves
-    nothing, so it costs no activation memory."""
+    nothing, so it costs no activation memory. Its forward is a view, so vmap (jacfwd,
+    vmap over jvp) can batch it with the generated rule."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(name, tangent, *inputs):

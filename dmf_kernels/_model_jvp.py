@@ -11,11 +11,13 @@ How it differs from torch.func.jvp, and why:
 - Tangent outputs are detached: MeanFlow's target uses stopgrad(du/dt), and eager
   torch.func.jvp keeps every tangent op of the whole network in the autograd graph
   (pytorch issue 151782), holding their activations alive until the backward.
-- A tangent that is None, or a small tangent that is all zeros (DMF's r tangent), does not
-  enter forward-mode AD at all, so the decoder blocks see a conditioning without tangent and
-  skip its work. (Checked only for tensors of at most 65536 elements, and not under
-  torch.compile, where the check would be a data-dependent branch; a zero tangent that is
-  not skipped is still correct, only slower.)
+- A tangent that is None does not enter forward-mode AD at all, so e.g. DMF's decoder
+  blocks see a conditioning without tangent and skip its work. A small tangent (at most
+  65536 elements) that is all zeros, like the official code's `torch.zeros_like(r)`, is
+  skipped the same way when the check is free: for CPU tensors by default. On a GPU the check
+  is a host sync (it would stall the CPU's run-ahead and break CUDA graph capture), so pass
+  None for a zero tangent there, or `skip_zero_tangents=True`. Never under torch.compile
+  (a data-dependent branch). A zero tangent that is not skipped is still correct, only slower.
 For a model with none of our modules it falls back to torch.func.jvp (with a one-time
 warning saying so) and still detaches the tangents.
 """
@@ -90,10 +92,12 @@ def _check(primals, tangents):
                             "tangent (pass None)")
 
 
-def _is_zero(t):
+def _is_zero(t, skip_zero_tangents):
     if t is None:
         return True
-    if torch.compiler.is_compiling() or t.numel() > _ZERO_CHECK_MAX_NUMEL:
+    if skip_zero_tangents is None:
+        skip_zero_tangents = t.device.type == "cpu"
+    if not skip_zero_tangents or torch.compiler.is_compiling() or t.numel() > _ZERO_CHECK_MAX_NUMEL:
         return False
     return not bool(t.any())
 
@@ -101,15 +105,18 @@ def _is_zero(t):
 def _fallback(fn, primals, tangents, why):
     if why not in _warned:
         _warned.add(why)
-        warnings.warn(f"dmf_kernels.model_jvp: {why}; falling back to torch.func.jvp (no fused dual pass; "
-                      "tangents still detached). Build the model from dmf_kernels.nn or call "
-                      "dmf_kernels.patch(model) first.", stacklevel=3)
+        warnings.warn(f"dmf_kernels.model_jvp: {why}; falling back to torch.func.jvp (tangents still "
+                      "detached; blocks from dmf_kernels.nn or dmf_kernels.patch still take their one-pass "
+                      "dual path, but tangent activations of the rest stay in the autograd graph). For the "
+                      "full dual-stream pass, pass the model, a functools.partial of it or a lambda that "
+                      "captures it directly, built from dmf_kernels.nn or patched by dmf_kernels.patch.",
+                      stacklevel=3)
     tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents))
     out, out_dot = torch.func.jvp(fn, tuple(primals), tangents)
     return out, pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out_dot)
 
 
-def model_jvp(fn, primals, tangents):
+def model_jvp(fn, primals, tangents, *, skip_zero_tangents=None):
     """Jacobian-vector product of a DiT-style model, with the calling convention of torch.func.jvp.
 
     Args:
@@ -119,6 +126,8 @@ def model_jvp(fn, primals, tangents):
         primals: tuple of tensors, e.g. (x_t, t, r).
         tangents: tuple of the same length; each a tensor of its primal's shape, dtype and
             device, or None (zero tangent, skipped).
+        skip_zero_tangents: whether small all-zero tangents are detected and skipped like None
+            (default: for CPU tensors only; on CUDA the check costs a host sync).
     Returns:
         (outputs, output_tangents), each with fn's output structure. `outputs` are
         differentiable (a loss on them backpropagates through the fused backward kernels);
@@ -127,13 +136,19 @@ def model_jvp(fn, primals, tangents):
     _check(primals, tangents)
     modules = _modules_of(fn)
     if not modules:
-        return _fallback(fn, primals, tangents, f"{type(fn).__name__} is not a module, a functools.partial of "
-                                                "one or a bound method of one")
+        return _fallback(fn, primals, tangents, f"found no nn.Module in {type(fn).__name__} (looked at modules, "
+                                                "functools.partial, bound methods and closure variables)")
     if not any(has_dual_blocks(m) for m in modules):
         return _fallback(fn, primals, tangents, f"{type(modules[0]).__name__} has no dmf_kernels.nn modules and "
                                                 "no patched blocks")
+    if not torch.compiler.is_compiling() and (fwAD._current_level >= 0 or
+                                              torch._C._functorch.peek_interpreter_stack() is not None):
+        raise RuntimeError("dmf_kernels.model_jvp cannot run inside another forward-mode AD or torch.func transform "
+                           "(torch.func.jvp, jacfwd, vmap or forward_ad.dual_level): PyTorch's forward_ad does not "
+                           "nest. Call torch.func.jvp there instead (our modules still take their dual path).")
     with fwAD.dual_level():
-        args = [p if _is_zero(t) else fwAD.make_dual(p, t.detach()) for p, t in zip(primals, tangents)]
+        args = [p if _is_zero(t, skip_zero_tangents) else fwAD.make_dual(p, t.detach())
+                for p, t in zip(primals, tangents)]
         out = fn(*args)
         flat, spec = pytree.tree_flatten(out)
         outs, outs_dot = [], []

@@ -104,8 +104,23 @@ def _to(dtype, *ts):
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in ts)
 
 
+def _no_parameter_tangents(module):
+    """The dual pass treats parameters as constants (MeanFlow: zero parameter tangents). With
+    tangents on the parameters too (torch.func.functional_call under jvp with parameter
+    tangents), refuse clearly. One parameter is looked at: functional_call makes all or none
+    of them dual, and this runs on every dual call."""
+    import torch.autograd.forward_ad as fwAD
+
+    p = next(module.parameters(), None)
+    if p is not None and fwAD.unpack_dual(p).tangent is not None:
+        raise NotImplementedError(
+            f"dmf_kernels.nn.{type(module).__name__}: forward-mode tangents on the parameters are not supported "
+            "by the fused dual pass (only tangents of the inputs)")
+
+
 def _dual_call(module, primals, tangents):
     """Runs module.forward_jvp on unpacked forward-mode duals and re-wraps the outputs."""
+    _no_parameter_tangents(module)
     out = module.forward_jvp(*primals, *tangents)
     outs, outs_dot = (out[0],), (out[1],)
     name = type(module).__name__
@@ -388,9 +403,9 @@ class FinalLayer(DualModule):
         x_dot = _check_tangent("x_dot", x_dot, x, "FinalLayer")
         c_dot = _check_tangent("c_dot", c_dot, c, "FinalLayer")
         (shift, scale), (shift_d, scale_d) = self.modulation_jvp(c, c_dot, x.dtype)
+        if x_dot is None and c_dot is None:  # no tangent at all: nothing to compute
+            return self.linear(adaln_modulate(x, shift, scale, self.norm_final.eps)), None
         h, h_dot = adaln_modulate_dual(x, x_dot, shift, shift_d, scale, scale_d, self.norm_final.eps)
-        if h_dot is not None and x_dot is None and c_dot is None:
-            h_dot = None
         return linear_dual(h, h_dot, self.linear)
 
 
@@ -406,6 +421,8 @@ def dit_blocks(blocks: Sequence[DiTBlock], x: Tensor, conds: Sequence[Tensor], f
     tensors = [x, *conds] + ([final_cond] if final is not None else [])
     dual = dual_inputs(*tensors)
     if dual is not None:
+        for b in list(blocks) + ([final] if final is not None else []):
+            _no_parameter_tangents(b)
         (x, *rest), (x_dot, *rest_dot) = dual
         n = len(conds)
         out, out_dot = dit_blocks_jvp(blocks, x, rest[:n], x_dot, rest_dot[:n], final,

@@ -11,16 +11,19 @@ codebases is recognised too):
     mlp          fc1, act = GELU(approximate="tanh"), fc2; drop1/drop2 p = 0; norm absent or Identity
     final layer  norm_final (LayerNorm without affine), linear, adaLN_modulation = Sequential(SiLU,
                  Linear(D, 2D)); forward(x, c)
-Each recognised module gets our `forward` and `forward_jvp` as instance methods: parameters,
-buffers, state_dict keys, hooks and classes stay as they are; outputs are equal up to
-rounding. Anything that looks like one of these but differs (LayerNorm qk-norm, exact GELU,
-dropout, affine norms) is left alone and reported, never guessed at. The patched model keeps
+Each recognised module's class becomes a subclass of its own class with our `forward` and
+`forward_jvp` (isinstance, parameters, buffers and state_dict keys are unchanged; the model
+still deep-copies and pickles). Before a module is patched, its own forward and ours run on
+one small random input and must agree. Anything that looks like one of these but differs
+(LayerNorm qk-norm, exact GELU, dropout, affine norms, extra submodules or parameters, a
+different formula, forward hooks on the submodules our forward bypasses) is left alone and
+reported, never guessed at. Hooks on the patched modules themselves still run. The patched model keeps
 working under plain torch.func.jvp / forward_ad (then with the one-pass JVP attention and no
 N x N matrices) and runs its dual-stream pass under dmf_kernels.model_jvp.
 """
-import types
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from . import nn as dnn
@@ -47,10 +50,38 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _bind(module, kind, methods):
-    for name, fn in methods.items():
-        setattr(module, name, types.MethodType(fn, module))
-    module._dmf_kernels_patched = kind
+_PATCHED_CLASSES = {}
+
+
+def _patched_class(base, kind):
+    """A subclass of the module's own class with our methods: isinstance, parameters, buffers
+    and state_dict are unchanged, and (unlike methods bound on the instance) it pickles: the
+    instance reduces to (its original class, its state), re-patched on load."""
+    key = (base, kind)
+    if key not in _PATCHED_CLASSES:
+        ns = dict(_METHODS[kind], _dmf_kernels_patched=kind, __reduce_ex__=_reduce_patched,
+                  __module__=base.__module__, __qualname__=base.__qualname__)
+        _PATCHED_CLASSES[key] = type(base.__name__, (base,), ns)
+    return _PATCHED_CLASSES[key]
+
+
+def _reduce_patched(self, protocol):
+    base = type(self).__mro__[1]
+    return _rebuild_patched, (base, self._dmf_kernels_patched, self.__getstate__())
+
+
+def _rebuild_patched(base, kind, state):
+    obj = base.__new__(base)
+    if hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.update(state)
+    obj.__class__ = _patched_class(base, kind)
+    return obj
+
+
+def _bind(module, kind):
+    module.__class__ = _patched_class(type(module), kind)
 
 
 def _linear(m, d_in, d_out):
@@ -106,8 +137,6 @@ def _mlp_reason(m):
     fc1, act, fc2 = getattr(m, "fc1", None), getattr(m, "act", None), getattr(m, "fc2", None)
     if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear) or fc1.out_features != fc2.in_features:
         return "fc1/fc2 are not chained Linears"
-    if fc1.bias is None or fc2.bias is None:
-        return "fc1/fc2 without bias"
     if not (isinstance(act, nn.GELU) and act.approximate == "tanh"):
         return f"act is {act!r}; only GELU(approximate='tanh') is fused"
     norm = getattr(m, "norm", None)
@@ -140,6 +169,81 @@ def _final_reason(m):
         _adaln(getattr(m, "adaLN_modulation", None), dim, 2)
 
 
+# Submodules each kind may have (anything else, e.g. timm's scale-norm `norm` in attention,
+# is an operation our forward would drop) and whether direct parameters are allowed (none:
+# BEiT-style q_bias / v_bias would be dropped too).
+_CHILDREN = {
+    "attention": {"qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop"},
+    "mlp": {"fc1", "act", "drop1", "norm", "fc2", "drop2", "drop"},
+    "block": {"norm1", "attn", "norm2", "mlp", "adaLN_modulation"},
+    "final_layer": {"norm_final", "linear", "adaLN_modulation"},
+}
+
+
+def _structure_reason(m, kind):
+    extra = sorted(set(dict(m.named_children())) - _CHILDREN[kind])
+    if extra:
+        return f"unexpected submodules {extra} (our forward would skip them)"
+    params = [n for n, _ in m.named_parameters(recurse=False)]
+    if params:
+        return f"unexpected parameters {params} (our forward would skip them)"
+    return None
+
+
+def _hooks_reason(m):
+    # Our forward calls F.linear and the fused ops directly, so hooks on the submodules it
+    # bypasses would not run (legacy weight_norm and pruning recompute weights in pre-hooks).
+    for name, sub in m.named_modules():
+        if name and (sub._forward_pre_hooks or sub._forward_hooks):
+            return f"{name} has forward hooks, which the fused forward would bypass"
+    return None
+
+
+_SELF_CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 6e-2}
+
+
+def _self_check_reason(m, kind, original_forward):
+    """Runs the module's own forward and ours on one small random input (no grad) and refuses
+    the patch when they differ: structure alone cannot tell e.g. a (1 + scale) RMSNorm from a
+    scale RMSNorm. Relative tolerance per dtype; a wrong formula is off by O(1)."""
+    p = next(m.parameters(), None)
+    if p is None or p.device.type == "meta":
+        return None
+    dtype, device = p.dtype, p.device
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)  # noqa
+    if kind == "rms_norm":
+        args = (rnd(2, 3, m.scale.shape[0]),)
+    elif kind == "mlp":
+        args = (rnd(2, 3, m.fc1.in_features),)
+    elif kind == "attention":
+        args = (rnd(2, 5, m.qkv.in_features),)
+    else:
+        dim = m.attn.qkv.in_features if kind == "block" else m.linear.in_features
+        args = (rnd(2, 5, dim), rnd(2, dim))
+    base = type(m)
+    with torch.no_grad():
+        try:
+            try:
+                ref = original_forward(m, *args)
+            except RuntimeError:
+                if kind not in ("block", "final_layer"):
+                    raise
+                args = (args[0], args[1][:, None])  # a (B, 1, D) conditioning (the official DMF code's)
+                ref = original_forward(m, *args)
+            m.__class__ = _patched_class(base, kind)
+            ours = m.forward(*args)
+        except Exception as e:  # e.g. a forward with a different signature
+            return f"self-check failed to run: {type(e).__name__}: {e}"
+        finally:
+            m.__class__ = base
+    err = (ours.double() - ref.double()).abs().max().item()
+    scale = max(ref.double().abs().max().item(), 1.0)
+    if not err <= _SELF_CHECK_TOL.get(dtype, 1e-4) * scale:
+        return f"its own forward and ours differ on a random input (max error {err:.3g}); not patched"
+    return None
+
+
 def _looks_like(m):
     has = lambda *names: all(hasattr(m, n) for n in names)  # noqa: E731
     if has("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
@@ -167,15 +271,21 @@ _METHODS = {
 
 
 def _patch_attention(name, m, report):
+    """Patches q_norm / k_norm first (the attention's self-check runs through them); returns a
+    reason when one of them fails its own self-check."""
     for n in ("q_norm", "k_norm"):
         norm = getattr(m, n, None)
         if norm is None:
             setattr(m, n, nn.Identity())
-        elif not isinstance(norm, (nn.Identity, dnn.RMSNorm)):
-            _bind(norm, "rms_norm", _METHODS["rms_norm"])
+        elif not isinstance(norm, (nn.Identity, dnn.RMSNorm)) and not getattr(norm, "_dmf_kernels_patched", None):
+            why = _self_check_reason(norm, "rms_norm", type(norm).forward)
+            if why:
+                return f"{n}: {why}"
+            _bind(norm, "rms_norm")
             report.patched[f"{name}.{n}"] = "rms_norm"
     if not hasattr(m, "head_dim"):
         m.head_dim = m.qkv.in_features // m.num_heads
+    return None
 
 
 def patch(model: nn.Module) -> PatchReport:
@@ -205,12 +315,14 @@ def patch(model: nn.Module) -> PatchReport:
                 continue
             why = {"attention": _attention_reason, "mlp": _mlp_reason, "final_layer": _final_reason}[kind](m) \
                 if kind != "block" else _block_reason(m, done)
+            why = why or _structure_reason(m, kind) or _hooks_reason(m)
+            if not why and kind == "attention":
+                why = _patch_attention(name, m, report)
+            why = why or _self_check_reason(m, kind, type(m).forward)
             if why:
                 report.skipped[name] = why
                 continue
-            if kind == "attention":
-                _patch_attention(name, m, report)
-            _bind(m, kind, _METHODS[kind])
+            _bind(m, kind)
             report.patched[name] = kind
             done.add(m)
     if not report.patched:

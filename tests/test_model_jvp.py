@@ -234,3 +234,44 @@ def test_autocast_bf16_three_way():
     assert uk.dtype == ue.dtype == torch.bfloat16
     assert_three_way(uk, ue, u64, torch.bfloat16, "u")
     assert_three_way(duk, due, du64, torch.bfloat16, "du/dt")
+
+
+def test_skip_zero_tangents_option(device):
+    ours, _ = models(device, depth=2, dmf_depth=1)
+    x, t, r, y, v = batch(device)
+    calls = []
+    blk = ours.blocks[1]
+    orig = blk.modulation_jvp
+    blk.modulation_jvp = lambda c, c_dot, dtype: calls.append(c_dot is None) or orig(c, c_dot, dtype)
+    fn = functools.partial(ours, y=y)
+    tg = (v, torch.ones_like(t), torch.zeros_like(r))
+    outs = [dk.model_jvp(fn, (x, t, r), tg, skip_zero_tangents=flag)[1] for flag in (True, False, None)]
+    assert calls == [True, False, device == "cpu"]  # default: checked on CPU only (free there)
+    for o in outs[1:]:
+        assert_f64(o, outs[0])
+
+
+def test_nested_forward_ad_and_parameter_tangents_raise_clearly():
+    ours, _ = models("cpu", depth=2, dmf_depth=1)
+    x, t, r, y, v = batch("cpu")
+    fn = functools.partial(ours, y=y)
+    with pytest.raises(RuntimeError, match="cannot run inside another forward-mode AD or torch.func transform"):
+        torch.func.jvp(lambda x_: dk.model_jvp(fn, (x_, t, r), (v, None, None))[1], (x,), (v,))
+    params = {k: p.detach() for k, p in ours.named_parameters()}
+    dparams = {k: torch.randn_like(p) for k, p in params.items()}
+    call = lambda p, x_: torch.func.functional_call(ours, p, (x_, t, r, y))  # noqa: E731
+    with pytest.raises(NotImplementedError, match="tangents on the parameters are not supported"):
+        torch.func.jvp(call, (params, x), (dparams, v))
+
+
+def test_jacfwd_and_vmap_of_jvp_through_modules():
+    from dmf_kernels import nn as dnn
+    mlp = dnn.Attention(16, 2, qk_norm=True).double()
+    x = rand(1, 3, 16, seed=3)
+    jf = torch.func.jacfwd(mlp)(x)
+    jr = torch.func.jacrev(mlp)(x)
+    assert_f64(jf, jr.detach(), "jacfwd vs jacrev")
+    a, b = rand(4, 1, 3, 16, seed=4), rand(4, 1, 3, 16, seed=5)
+    batched = torch.func.vmap(lambda a_, b_: torch.func.jvp(mlp, (a_,), (b_,))[1])(a, b)
+    for i in range(4):
+        assert_f64(batched[i], torch.func.jvp(mlp, (a[i],), (b[i],))[1].detach())

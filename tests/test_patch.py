@@ -93,6 +93,56 @@ def test_patched_model_copies_and_reloads():
     assert_f64(clone(*primals, y=y), model(*primals, y=y))
     fresh = rdmf.DMFT(**SMALL, depth=3, dmf_depth=2, qk_norm=True).double()
     fresh.load_state_dict(model.state_dict(), strict=True)
+    import io
+    buf = io.BytesIO()
+    torch.save(model, buf)  # a whole pickled model comes back patched
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.blocks[0]._dmf_kernels_patched == "block" and isinstance(loaded.blocks[0], rdmf.DiTBlock)
+    primals, tangents, y = inputs("dmf")
+    assert_f64(loaded(*primals, y=y), model(*primals, y=y))
+    assert_f64(dk.model_jvp(functools.partial(loaded, y=y), primals, tangents)[1],
+               dk.model_jvp(functools.partial(model, y=y), primals, tangents)[1])
+
+
+class GemmaRMSNorm(rdmf.RMSNorm):
+    """Looks like the official RMSNorm (a `scale`, an `eps`) but multiplies by (1 + scale)."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.scale)
+
+
+class ScaleNormAttention(timm_layers.Attention):
+    """timm's scale_norm: a norm before proj, which our forward would drop."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.norm = tnn.LayerNorm(self.qkv.in_features)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = torch.softmax(q @ k.transpose(-1, -2) * self.scale, -1) @ v
+        return self.proj(self.norm(x.transpose(1, 2).reshape(B, N, C)))
+
+
+def test_look_alikes_are_left_alone():
+    model = build("dmf", depth=3, qk_norm=True)
+    model.blocks[0].attn.q_norm = GemmaRMSNorm(16).double()
+    model.blocks[1].attn = ScaleNormAttention(48, 3, qkv_bias=True).double()
+    model.blocks[2].attn.q_bias = tnn.Parameter(torch.zeros(48, dtype=torch.float64))
+    tnn.utils.weight_norm(model.final_layer.linear)  # legacy weight_norm: a forward pre-hook
+    primals, tangents, y = inputs("dmf")
+    with torch.no_grad():
+        before = model(*primals, y=y)
+    report = dk.patch(model)
+    assert "q_norm: its own forward and ours differ" in report.skipped["blocks.0.attn"]
+    assert "unexpected submodules ['norm']" in report.skipped["blocks.1.attn"]
+    assert "unexpected parameters ['q_bias']" in report.skipped["blocks.2.attn"]
+    assert "linear has forward hooks" in report.skipped["final_layer"]
+    assert all(report.skipped[f"blocks.{i}"] for i in range(3))
+    with torch.no_grad():
+        assert_f64(model(*primals, y=y), before)
 
 
 def test_leaves_alone_what_it_does_not_understand():
