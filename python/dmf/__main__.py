@@ -1,0 +1,104 @@
+"""python -m dmf {train, sample, convert, demo} ...: see `python -m dmf COMMAND --help`.
+
+Bad input (unknown model, corrupt checkpoint, data of the wrong shape, impossible config) ends
+with one line on stderr and exit code 2, before any training starts.
+"""
+import argparse
+import sys
+
+from .errors import DMFError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        print(f"dmf {self.prog.split()[-1]}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _train_args(p):
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--stage", choices=["flow", "dmf"], required=True)
+    p.add_argument("--model", default=d.model, help="a DMFT_models name (default: DMFT-Ti/2 on digits, else DMFT-S/2)")
+    p.add_argument("--data", default=d.data, help="digits (default) or a .pt/.npz file with images/latents and labels")
+    p.add_argument("--steps", type=int, required=True, help="total optimizer steps of the run")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--init", default=d.init, help="start from this dmf checkpoint's weights")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt up to --steps")
+    p.add_argument("--dmf-depth", type=int, default=d.dmf_depth, help="encoder blocks (conditioned on t)")
+    p.add_argument("--no-logvar", dest="use_logvar", action="store_false", help="stage dmf without the logvar head")
+    p.add_argument("--qk-norm", action="store_true")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--beta2", type=float, default=d.beta2)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false")
+    for name in ("P_mean", "P_std", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name))
+    p.add_argument("--cfg-prob", type=float, default=d.cfg_prob, help="label dropout")
+    p.add_argument("--omega", type=float, default=d.omega, help="model guidance strength (0: off)")
+    p.add_argument("--g-min", type=float, default=d.g_min)
+    p.add_argument("--g-max", type=float, default=d.g_max)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def parser():
+    ap = _Parser(prog="dmf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _train_args(sub.add_parser("train", help="train a flow model (stage flow) or a DMF model (stage dmf)"))
+
+    p = sub.add_parser("sample", help="sample from a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--steps", type=int, required=True, help="sampling steps (DMF: 1, 2, 4, ...; flow: e.g. 50)")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--class", dest="cls", type=int, default=None, help="one class for all samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=1.0, help="time shift s: t' = s t / (1 + (s - 1) t)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--device", default="")
+    p.add_argument("--out", required=True, help=".png grid or .npz (images in [0, 1], labels)")
+
+    p = sub.add_parser("convert", help="a flow-model checkpoint (SiT/REPA, DiT, our stage 1) -> a DMF checkpoint")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--model", default=None, help="DMFT_models name (needed when the size is not a known one)")
+    p.add_argument("--dmf-depth", type=int, default=None, help="encoder blocks (default: the source's, or 2/3)")
+    p.add_argument("--no-ema", action="store_true", help="convert the raw weights instead of the EMA")
+
+    p = sub.add_parser("demo", help="digits: flow model, conversion, DMF, then quality and speed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="a tiny run (< 2 min) that exercises every stage")
+    p.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import main as run
+        elif args.command == "sample":
+            from .sample import main as run
+        elif args.command == "convert":
+            from .convert import main as run
+        else:
+            from .demo import main as run
+        run(args)
+    except DMFError as e:
+        print(f"dmf {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"dmf {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Flow matching and Decoupled MeanFlow losses (linear path, t = 1 is noise).
+
+All randomness (times, noise, label dropout) comes in as a `Draw` made from one torch.Generator
+for the whole global batch, so a resumed run and every DDP rank replay exactly the same numbers.
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _default_jvp():
+    try:
+        from dmf_kernels import model_jvp
+        return model_jvp
+    except ImportError:  # an older dmf_kernels: eager forward-mode AD still gives the same numbers
+        return torch.func.jvp
+
+
+@dataclass
+class Draw:
+    """The random numbers of one global batch (all (B, ...), on CPU until `.to`)."""
+    noise_fm: Tensor   # (B, C, H, W)
+    noise_mf: Tensor   # (B, C, H, W)
+    t_fm: Tensor       # (B, 1, 1, 1)
+    t_mf: Tensor       # (B, 1, 1, 1)
+    r_mf: Tensor       # (B, 1, 1, 1), r <= t
+    drop: Tensor       # (B,) bool: label replaced by the null class
+
+    def to(self, device):
+        return Draw(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    def shard(self, rank, world):
+        b = self.drop.shape[0] // world
+        return Draw(*(getattr(self, f)[rank * b:(rank + 1) * b] for f in self.__dataclass_fields__))
+
+
+def draw(g: torch.Generator, shape, P_mean=0.0, P_std=1.0, P_mean_t=0.4, P_std_t=1.0, P_mean_r=-1.2, P_std_r=1.0,
+         cfg_prob=0.1) -> Draw:
+    """Logit-normal times as in the official DMFLoss.sample_times: t_fm ~ sigmoid(N(P_mean, P_std));
+    the MF pair from two independent draws, t = max, r = min."""
+    B = shape[0]
+    ln = lambda m, s: torch.sigmoid(torch.randn(B, 1, 1, 1, generator=g) * s + m)  # noqa: E731
+    noise_fm = torch.randn(shape, generator=g)
+    noise_mf = torch.randn(shape, generator=g)
+    t_fm, a, b = ln(P_mean, P_std), ln(P_mean_t, P_std_t), ln(P_mean_r, P_std_r)
+    drop = torch.rand(B, generator=g) < cfg_prob
+    return Draw(noise_fm, noise_mf, t_fm, torch.maximum(a, b), torch.minimum(a, b), drop)
+
+
+def log_lv_loss(pred: Tensor, target: Tensor, logvar: Tensor, eps: float = 0.01) -> Tensor:
+    """Per-sample robust loss log(exp(-phi) * m + eps) + phi, m = mean (C,H,W) squared error; (B,).
+    The official loss.py computes this between m (B,) and logvar (B, 1, 1, 1), which broadcasts to
+    (B, 1, 1, B): every sample's error against every sample's logvar. We pair them per sample."""
+    m = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))   # (B,)
+    phi = logvar.float().reshape(-1)                                    # (B,)
+    return torch.log(torch.exp(-phi) * m + eps) + phi
+
+
+def flow_loss(model, x: Tensor, y: Tensor, d: Draw, num_classes: int) -> Tensor:
+    """Stage 1: plain flow matching, mean of |u(x_t, t, t) - v|^2."""
+    y = torch.where(d.drop, num_classes, y)              # null class for classifier-free guidance
+    x_t = (1 - d.t_fm) * x + d.t_fm * d.noise_fm         # (B, C, H, W)
+    v = d.noise_fm - x
+    u = model(x_t, d.t_fm, d.t_fm, y)
+    return (u.float() - v.float()).square().mean()
+
+
+@torch.no_grad()
+def guided_velocity(model, x_t, t, y, v, drop, num_classes, omega, g_min, g_max):
+    """Model guidance: v + omega * (u(x_t, t, t | y) - u(x_t, t, t | null)) for t in [g_min, g_max]
+    and kept labels, plain v elsewhere (the official compute_guidance, g_type "mg")."""
+    if omega == 0:
+        return v
+    y_null = torch.full_like(y, num_classes)
+    u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, y_null])).float()
+    u_cond, u_uncond = u.chunk(2)
+    use = (t >= g_min) & (t <= g_max) & ~drop.view(-1, 1, 1, 1)
+    return torch.where(use, v + omega * (u_cond - u_uncond), v)
+
+
+def dmf_loss(model, raw_model, x: Tensor, y: Tensor, d: Draw, num_classes: int, omega=0.0, g_min=0.0, g_max=1.0,
+             jvp=None):
+    """Stage 2: 0.5 * (FM branch + MF branch), each with the log-variance loss; returns
+    (loss, {"fm": ..., "mf": ...}) with per-branch mean squared errors for logging.
+
+    `model` runs the FM branch (it may be the DDP wrapper, whose forward arms gradient sync);
+    the MF branch's JVP runs on `raw_model`, the unwrapped module (forward-mode AD cannot go
+    through DDP's forward). Both share parameters, so DDP's hooks fire once per parameter on
+    the sum of both branches' gradients. `jvp` defaults to dmf_kernels.model_jvp; the benchmark
+    passes torch.func.jvp to run the official way."""
+    jvp = jvp or _default_jvp()
+    y = torch.where(d.drop, num_classes, y)
+
+    # FM branch: r = t, target the (guided) velocity
+    x_fm = (1 - d.t_fm) * x + d.t_fm * d.noise_fm                              # (B, C, H, W)
+    v_fm = guided_velocity(raw_model, x_fm, d.t_fm, y, d.noise_fm - x, d.drop, num_classes, omega, g_min, g_max)
+    u_fm, lv_fm = model(x_fm, d.t_fm, d.t_fm, y, return_logvar=True)            # (B, C, H, W), (B, 1, 1, 1)
+    fm = log_lv_loss(u_fm, v_fm, lv_fm)                                         # (B,)
+
+    # MF branch: u(x_t, t, r) and du/dt along the trajectory from ONE forward-mode pass with
+    # tangents (v, 1, 0); du/dt comes back detached (stopgrad target), u differentiable.
+    x_mf = (1 - d.t_mf) * x + d.t_mf * d.noise_mf
+    v_mf = guided_velocity(raw_model, x_mf, d.t_mf, y, d.noise_mf - x, d.drop, num_classes, omega, g_min, g_max)
+    fn = functools.partial(raw_model, y=y, return_logvar=True)
+    # model_jvp takes None for the zero tangent of r (the decoder then skips tangent work with no
+    # host-side zero check); torch.func.jvp needs the zeros.
+    r_dot = None if getattr(jvp, "__name__", "") == "model_jvp" else torch.zeros_like(d.r_mf)
+    (u, lv_mf), (du_dt, _) = jvp(fn, (x_mf, d.t_mf, d.r_mf), (v_mf.to(x_mf.dtype), torch.ones_like(d.t_mf), r_dot))
+    u_tgt = (v_mf - (d.t_mf - d.r_mf) * du_dt.float()).detach()                 # MeanFlow identity
+    mf = log_lv_loss(u, u_tgt, lv_mf)                                           # (B,)
+
+    with torch.no_grad():
+        logs = {"fm_mse": (u_fm.float() - v_fm).square().mean(), "mf_mse": (u.float() - u_tgt).square().mean()}
+    return 0.5 * (fm.mean() + mf.mean()), logs

@@ -1,0 +1,313 @@
+"""Training: stage "flow" (flow matching) and stage "dmf" (FM branch + MeanFlow branch on the fused JVP).
+
+    python -m dmf train --stage flow --steps 1000 --out runs/flow
+    python -m dmf convert runs/flow/checkpoints/last.pt runs/flow.dmf.pt
+    python -m dmf train --stage dmf --init runs/flow.dmf.pt --steps 500 --out runs/dmf
+    torchrun --nproc_per_node 2 -m dmf train ...        # DDP: gloo on CPU, nccl on GPU
+
+Determinism: every step's data order, noise, times and label dropout are drawn for the whole
+global batch from a generator seeded by (seed, step); each rank takes its slice. So a resumed
+run replays an uninterrupted one exactly, and N ranks see the same global batch as one process.
+"""
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import convert as ckpt
+from .data import batch_indices, load_data
+from .errors import DMFError
+from .loss import dmf_loss, draw, flow_loss
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "flow"           # "flow": flow matching; "dmf": Decoupled MeanFlow
+    model: str = ""               # a DMFT_models name; default: DMFT-Ti/2 on digits, DMFT-S/2 otherwise
+    data: str = "digits"          # "digits" or a .pt/.npz file of (N, C, H, W) images or latents + labels
+    steps: int = 1000             # total optimizer steps of the run (a resumed run continues up to it)
+    batch_size: int = 128         # global batch, split over DDP ranks
+    seed: int = 0
+    out: str = "runs/dmf"
+    init: str = ""                # start from this checkpoint's weights (ours, or converted)
+    dmf_depth: int = -1           # encoder blocks conditioned on t; -1: the model's default
+    use_logvar: bool = True       # stage dmf: the log-variance head of the robust loss
+    qk_norm: bool = False
+    # optimizer; the paper: lr 1e-4, EMA 0.9999 at ImageNet scale. On digits (minutes on a CPU)
+    # lr 3e-4 with a plain 0.999 EMA learned nothing visible; 1e-3 with the EMA warm-up did.
+    lr: float = 1e-3
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True       # decay min(ema_decay, (1 + k) / (10 + k)) at step k
+    # time proposals (official: FM P_mean 0, MF P_mean_t 0.4, P_mean_r -1.2, all std 1)
+    P_mean: float = 0.0
+    P_std: float = 1.0
+    P_mean_t: float = 0.4
+    P_std_t: float = 1.0
+    P_mean_r: float = -1.2
+    P_std_r: float = 1.0
+    cfg_prob: float = 0.1         # label dropout
+    omega: float = 0.0            # model guidance strength (official 0.6 at 256px); 0: off
+    g_min: float = 0.0
+    g_max: float = 0.7
+    ckpt_every: int = 500
+    log_every: int = 10
+    device: str = ""              # default cuda if available
+    progress: bool = True
+
+
+def step_generator(seed: int, step: int, stream: int = 2) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, step]).generate_state(1)[0]))
+
+
+def ema_decay(cfg: TrainConfig, k: int) -> float:
+    return min(cfg.ema_decay, (1 + k) / (10 + k)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def model_args_for(cfg: TrainConfig, data) -> dict:
+    from .model import DMFT_models
+
+    name = cfg.model or ("DMFT-Ti/2" if cfg.data == "digits" else "DMFT-S/2")
+    if name not in DMFT_models:
+        raise DMFError(f"unknown model {name!r}; known: {', '.join(DMFT_models)}")
+    ctor = DMFT_models[name]
+    args = dict(ctor.keywords, input_size=data.shape[1], in_channels=data.shape[0], num_classes=data.num_classes,
+                use_logvar=cfg.stage == "dmf" and cfg.use_logvar, qk_norm=cfg.qk_norm)
+    args.setdefault("dmf_depth", 8)  # the DMFT constructor's default
+    if cfg.dmf_depth >= 0:
+        args["dmf_depth"] = cfg.dmf_depth
+    return args
+
+
+def check_fits(model_args, data):
+    c, h, w = data.shape
+    if (model_args["in_channels"], model_args["input_size"]) != (c, h) or h != w:
+        raise DMFError(f"data of shape {data.shape} does not fit the model (in_channels {model_args['in_channels']}, "
+                       f"input_size {model_args['input_size']})")
+    if h % model_args["patch_size"]:
+        raise DMFError(f"image size {h} is not divisible by the patch size {model_args['patch_size']}")
+    if data.num_classes > model_args["num_classes"]:
+        raise DMFError(f"data has labels up to {data.num_classes - 1} but the model has {model_args['num_classes']} "
+                       "classes")
+    if not 0 <= model_args["dmf_depth"] <= model_args["depth"]:
+        raise DMFError(f"dmf_depth must be in [0, depth] = [0, {model_args['depth']}], got {model_args['dmf_depth']}")
+
+
+def init_weights(cfg: TrainConfig):
+    """(model_args, state dict) from --init: a dmf checkpoint, or our stage-1 checkpoint (converted
+    in memory: its EMA weights, plus a zero-initialised logvar head for stage dmf)."""
+    ck = ckpt.read(cfg.init)
+    if ck.get("format") != ckpt.FORMAT:
+        raise DMFError(f"{cfg.init}: not a dmf checkpoint; convert it first: python -m dmf convert {cfg.init} OUT.pt")
+    args = dict(ck["model_args"])
+    if cfg.stage == "dmf":
+        args["use_logvar"] = cfg.use_logvar
+    if cfg.dmf_depth >= 0:
+        args["dmf_depth"] = cfg.dmf_depth
+    sd = ck["ema"] if ck.get("ema") is not None else ck["model"]
+    return args, sd
+
+
+def setup_dist(cfg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.batch_size < world or cfg.batch_size % world:
+        raise DMFError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
+    if world > 1:
+        if device == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def validate(cfg: TrainConfig):
+    if cfg.stage not in ("flow", "dmf"):
+        raise DMFError(f"--stage must be flow or dmf, got {cfg.stage!r}")
+    for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise DMFError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and cfg.grad_clip > 0 and 0 <= cfg.cfg_prob <= 1):
+        raise DMFError("need lr > 0, ema_decay in [0, 1), grad_clip > 0 and cfg_prob in [0, 1]")
+
+
+class Metrics:
+    """DIR/metrics.jsonl (one JSON object per logged step) and DIR/loss.png; rank 0 only."""
+
+    def __init__(self, out: Path, start_step: int):
+        self.path = out / "metrics.jsonl"
+        self.rows = []
+        if self.path.exists():  # a resumed run drops what was logged after its checkpoint
+            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def log(self, row):
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.rows:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        steps = [r["step"] for r in self.rows]
+        for key in ("loss", "fm_mse", "mf_mse"):
+            if key in self.rows[0]:
+                ax.plot(steps, [r[key] for r in self.rows], label=key)
+        ax.set_xlabel("step")
+        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.path.with_name("loss.png"), dpi=90)
+        plt.close(fig)
+
+
+def train(cfg: TrainConfig, resume: bool = False):
+    validate(cfg)
+    out = Path(cfg.out)
+    last = out / "checkpoints" / "last.pt"
+    ck = None
+    if resume:
+        if not last.is_file():
+            raise DMFError(f"--resume: no checkpoint at {last}")
+        ck = ckpt.read(last)
+        if ck.get("format") != ckpt.FORMAT or "opt" not in ck or ck.get("config") is None:
+            raise DMFError(f"{last}: not a dmf training checkpoint")
+        saved = TrainConfig(**{f.name: ck["config"][f.name] for f in fields(TrainConfig) if f.name in ck["config"]})
+        if saved.stage != cfg.stage:
+            raise DMFError(f"--resume: {last} is a stage-{saved.stage} run, not stage {cfg.stage}")
+        # the checkpoint's config wins (same data order and hyper-parameters); only the length,
+        # the output directory and the progress bar follow the command line
+        cfg = TrainConfig(**dict(asdict(saved), steps=cfg.steps, out=cfg.out, progress=cfg.progress))
+    data = load_data(cfg.data)
+    if cfg.init and not resume:
+        model_args, init_sd = init_weights(cfg)
+    else:
+        model_args, init_sd = (ck["model_args"], None) if ck else (model_args_for(cfg, data), None)
+    check_fits(model_args, data)
+    rank, world, device = setup_dist(cfg)
+    try:
+        return _train(cfg, data, model_args, init_sd, ck, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg, data, model_args, init_sd, ck, rank, world, device):
+    out = Path(cfg.out)
+    last = out / "checkpoints" / "last.pt"
+    torch.manual_seed(cfg.seed)  # weight init: the same on every rank (DDP also broadcasts rank 0's)
+    model = ckpt.build_model(model_args)
+    if init_sd is not None:
+        missing, unexpected = model.load_state_dict(init_sd, strict=False)
+        bad = [k for k in missing if not k.startswith("logvar_linear.")] + list(unexpected)
+        if bad:
+            raise DMFError(f"--init {cfg.init}: weights do not fit ({', '.join(bad[:3])})")
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    step = 0
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        step = int(ck["step"])
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    cuda = device.startswith("cuda")
+    b_local = cfg.batch_size // world
+    shape = (cfg.batch_size, *data.shape)
+    times = dict(P_mean=cfg.P_mean, P_std=cfg.P_std, P_mean_t=cfg.P_mean_t, P_std_t=cfg.P_std_t,
+                 P_mean_r=cfg.P_mean_r, P_std_r=cfg.P_std_r, cfg_prob=cfg.cfg_prob)
+    meta = {"format": ckpt.FORMAT, "model_args": model_args, "stage": cfg.stage, "data_kind": data.kind,
+            "config": asdict(cfg), "world_size": world}
+
+    def save():
+        if rank == 0:
+            ckpt.save_atomic(dict(meta, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                  step=step), last)
+
+    metrics = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = Metrics(out, step)
+        n_params = sum(p.numel() for p in params)
+        print(f"stage {cfg.stage}: {n_params / 1e6:.2f}M parameters, data {cfg.data} {tuple(data.x.shape)}, "
+              f"batch {cfg.batch_size} on {world} x {device}, steps {step} -> {cfg.steps}", flush=True)
+    bar = None
+    if rank == 0 and cfg.progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", dynamic_ncols=True, mininterval=1.0)
+        except ImportError:
+            pass
+
+    model.train()
+    t_last, s_last = time.perf_counter(), step
+    while step < cfg.steps:
+        # the global batch and its random numbers, then this rank's slice
+        idx = batch_indices(len(data.y), cfg.batch_size, step, cfg.seed)[rank * b_local:(rank + 1) * b_local]
+        d = draw(step_generator(cfg.seed, step), shape, **times).shard(rank, world).to(device)
+        x, y = data.x[idx].to(device), data.y[idx].to(device)     # (b, C, H, W), (b,)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            if cfg.stage == "flow":
+                loss, logs = flow_loss(ddp, x, y, d, model_args["num_classes"]), {}
+            else:
+                loss, logs = dmf_loss(ddp, model, x, y, d, model_args["num_classes"], cfg.omega, cfg.g_min,
+                                      cfg.g_max)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        stats = torch.stack([loss.detach().float()] + [v.float() for v in logs.values()])
+        if world > 1:  # every rank takes the same stop/continue decision
+            dist.all_reduce(stats)
+            stats /= world
+        if not torch.isfinite(stats).all():
+            raise DMFError(f"non-finite loss at step {step}: stopping; {last} keeps the last good checkpoint")
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            a = 1 - ema_decay(cfg, step)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), a)
+        step += 1
+
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            now = time.perf_counter()
+            row = {"step": step, "loss": stats[0].item(), **{k: stats[i + 1].item() for i, k in enumerate(logs)},
+                   "steps_per_s": (step - s_last) / (now - t_last)}
+            t_last, s_last = now, step
+            metrics.log(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.2f}")
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save()
+            if rank == 0:
+                metrics.plot()
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        print(f"saved {last} (step {step})", flush=True)
+    return last
+
+
+def main(args):
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    train(cfg, resume=args.resume)
