@@ -71,6 +71,7 @@ def parser():
     p.add_argument("dst")
     p.add_argument("--model", default=None, help="DMFT_models name (needed when the size is not a known one)")
     p.add_argument("--dmf-depth", type=int, default=None, help="encoder blocks (default: the source's, or 2/3)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (for sizes not in DMFT_models)")
     p.add_argument("--no-ema", action="store_true", help="convert the raw weights instead of the EMA")
 
     p = sub.add_parser("demo", help="digits: flow model, conversion, DMF, then quality and speed")

@@ -87,8 +87,9 @@ def _state_dict_of(ck: dict, ema: bool):
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
 
 
-def infer_model_args(sd: dict, model_name=None, dmf_depth=None) -> dict:
-    """DMFT keyword arguments from weight shapes; num_heads from --model or the known sizes."""
+def infer_model_args(sd: dict, model_name=None, dmf_depth=None, num_heads=None) -> dict:
+    """DMFT keyword arguments from weight shapes; the head count (invisible in the weights unless
+    qk-norm is on) from --num-heads, --model or the known sizes."""
     from .model import DMFT_models
 
     need = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight",
@@ -114,13 +115,17 @@ def infer_model_args(sd: dict, model_name=None, dmf_depth=None) -> dict:
             if spec[k] != args[k]:
                 raise DMFError(f"{model_name} has {k} {spec[k]} but the checkpoint has {args[k]}")
         args["num_heads"] = spec["num_heads"]
+    elif num_heads is not None:
+        if num_heads < 1 or hidden % num_heads:
+            raise DMFError(f"--num-heads {num_heads} does not divide the width {hidden}")
+        args["num_heads"] = num_heads
     elif args["qk_norm"]:
         args["num_heads"] = hidden // sd["blocks.0.attn.q_norm.scale"].shape[0]
     else:
         match = [f.keywords["num_heads"] for f in DMFT_models.values()
                  if (f.keywords["depth"], f.keywords["hidden_size"]) == (depth, hidden)]
         if not match:
-            raise DMFError(f"cannot tell the number of heads of a depth-{depth}, width-{hidden} model: pass --model")
+            raise DMFError(f"cannot tell the number of heads of a depth-{depth}, width-{hidden} model: pass --model or --num-heads")
         args["num_heads"] = match[0]
     # the encoder/decoder split: about 2/3 of the blocks see t (XL/2: 20 of 28 in the paper)
     args["dmf_depth"] = dmf_depth if dmf_depth is not None else round(2 * depth / 3)
@@ -129,10 +134,13 @@ def infer_model_args(sd: dict, model_name=None, dmf_depth=None) -> dict:
     return args
 
 
-def convert(src, dst, model_name=None, dmf_depth=None, ema=True, log=print) -> dict:
+def convert(src, dst, model_name=None, dmf_depth=None, ema=True, num_heads=None, log=print) -> dict:
     ck = read(src)
     ours = ck.get("format") == FORMAT
-    sd = _state_dict_of(ck, ema)
+    try:
+        sd = _state_dict_of(ck, ema)
+    except DMFError as e:
+        raise DMFError(f"{src}: {e}") from None
     if ours:
         args = dict(ck["model_args"], use_logvar=True)
         if dmf_depth is not None:
@@ -140,7 +148,10 @@ def convert(src, dst, model_name=None, dmf_depth=None, ema=True, log=print) -> d
                 raise DMFError(f"--dmf-depth must be in [0, depth] = [0, {args['depth']}], got {dmf_depth}")
             args["dmf_depth"] = dmf_depth
     else:
-        args = infer_model_args(sd, model_name, dmf_depth)
+        try:
+            args = infer_model_args(sd, model_name, dmf_depth, num_heads)
+        except DMFError as e:
+            raise DMFError(f"{src}: {e}") from None
     model = build_model(args)
     target = model.state_dict()
 
@@ -185,4 +196,4 @@ def _summary(keys):
 
 
 def main(args):
-    convert(args.src, args.dst, args.model, args.dmf_depth, ema=not args.no_ema)
+    convert(args.src, args.dst, args.model, args.dmf_depth, ema=not args.no_ema, num_heads=args.num_heads)

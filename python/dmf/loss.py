@@ -10,6 +10,11 @@ import torch
 from torch import Tensor
 
 
+def _f32(t: Tensor) -> Tensor:
+    """At least float32 (bf16 model outputs under autocast), float64 kept (the parity tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _default_jvp():
     try:
         from dmf_kernels import model_jvp
@@ -53,8 +58,8 @@ def log_lv_loss(pred: Tensor, target: Tensor, logvar: Tensor, eps: float = 0.01)
     """Per-sample robust loss log(exp(-phi) * m + eps) + phi, m = mean (C,H,W) squared error; (B,).
     The official loss.py computes this between m (B,) and logvar (B, 1, 1, 1), which broadcasts to
     (B, 1, 1, B): every sample's error against every sample's logvar. We pair them per sample."""
-    m = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))   # (B,)
-    phi = logvar.float().reshape(-1)                                    # (B,)
+    m = (_f32(pred) - _f32(target)).square().mean(dim=(1, 2, 3))       # (B,)
+    phi = _f32(logvar).reshape(-1)                                      # (B,)
     return torch.log(torch.exp(-phi) * m + eps) + phi
 
 
@@ -64,7 +69,7 @@ def flow_loss(model, x: Tensor, y: Tensor, d: Draw, num_classes: int) -> Tensor:
     x_t = (1 - d.t_fm) * x + d.t_fm * d.noise_fm         # (B, C, H, W)
     v = d.noise_fm - x
     u = model(x_t, d.t_fm, d.t_fm, y)
-    return (u.float() - v.float()).square().mean()
+    return (_f32(u) - _f32(v)).square().mean()
 
 
 @torch.no_grad()
@@ -74,16 +79,29 @@ def guided_velocity(model, x_t, t, y, v, drop, num_classes, omega, g_min, g_max)
     if omega == 0:
         return v
     y_null = torch.full_like(y, num_classes)
-    u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, y_null])).float()
+    u = _f32(model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([y, y_null])))
     u_cond, u_uncond = u.chunk(2)
     use = (t >= g_min) & (t <= g_max) & ~drop.view(-1, 1, 1, 1)
     return torch.where(use, v + omega * (u_cond - u_uncond), v)
 
 
+def mf_branch(raw_model, x_t, t, r, y, v, jvp):
+    """The MeanFlow branch: u(x_t, t, r) and du/dt along the trajectory from ONE forward-mode
+    pass with tangents (v, 1, 0); du/dt comes back detached (a stopgrad target), u differentiable.
+    Returns (per-sample loss (B,), u, u_tgt)."""
+    fn = functools.partial(raw_model, y=y, return_logvar=True)
+    # model_jvp takes None for the zero tangent of r (the decoder then skips tangent work with no
+    # host-side zero check); torch.func.jvp needs the zeros.
+    r_dot = None if getattr(jvp, "__name__", "") == "model_jvp" else torch.zeros_like(r)
+    (u, lv), (du_dt, _) = jvp(fn, (x_t, t, r), (v.to(x_t.dtype), torch.ones_like(t), r_dot))
+    u_tgt = (v - (t - r) * _f32(du_dt)).detach()          # u = v - (t - r) du/dt (MeanFlow identity)
+    return log_lv_loss(u, u_tgt, lv), u, u_tgt
+
+
 def dmf_loss(model, raw_model, x: Tensor, y: Tensor, d: Draw, num_classes: int, omega=0.0, g_min=0.0, g_max=1.0,
              jvp=None):
     """Stage 2: 0.5 * (FM branch + MF branch), each with the log-variance loss; returns
-    (loss, {"fm": ..., "mf": ...}) with per-branch mean squared errors for logging.
+    (loss, {"fm_mse", "mf_mse"}): the per-branch mean squared errors, for logging.
 
     `model` runs the FM branch (it may be the DDP wrapper, whose forward arms gradient sync);
     the MF branch's JVP runs on `raw_model`, the unwrapped module (forward-mode AD cannot go
@@ -99,18 +117,11 @@ def dmf_loss(model, raw_model, x: Tensor, y: Tensor, d: Draw, num_classes: int, 
     u_fm, lv_fm = model(x_fm, d.t_fm, d.t_fm, y, return_logvar=True)            # (B, C, H, W), (B, 1, 1, 1)
     fm = log_lv_loss(u_fm, v_fm, lv_fm)                                         # (B,)
 
-    # MF branch: u(x_t, t, r) and du/dt along the trajectory from ONE forward-mode pass with
-    # tangents (v, 1, 0); du/dt comes back detached (stopgrad target), u differentiable.
+    # MF branch
     x_mf = (1 - d.t_mf) * x + d.t_mf * d.noise_mf
     v_mf = guided_velocity(raw_model, x_mf, d.t_mf, y, d.noise_mf - x, d.drop, num_classes, omega, g_min, g_max)
-    fn = functools.partial(raw_model, y=y, return_logvar=True)
-    # model_jvp takes None for the zero tangent of r (the decoder then skips tangent work with no
-    # host-side zero check); torch.func.jvp needs the zeros.
-    r_dot = None if getattr(jvp, "__name__", "") == "model_jvp" else torch.zeros_like(d.r_mf)
-    (u, lv_mf), (du_dt, _) = jvp(fn, (x_mf, d.t_mf, d.r_mf), (v_mf.to(x_mf.dtype), torch.ones_like(d.t_mf), r_dot))
-    u_tgt = (v_mf - (d.t_mf - d.r_mf) * du_dt.float()).detach()                 # MeanFlow identity
-    mf = log_lv_loss(u, u_tgt, lv_mf)                                           # (B,)
+    mf, u, u_tgt = mf_branch(raw_model, x_mf, d.t_mf, d.r_mf, y, v_mf, jvp)                # (B,)
 
     with torch.no_grad():
-        logs = {"fm_mse": (u_fm.float() - v_fm).square().mean(), "mf_mse": (u.float() - u_tgt).square().mean()}
+        logs = {"fm_mse": (_f32(u_fm) - v_fm).square().mean(), "mf_mse": (_f32(u) - u_tgt).square().mean()}
     return 0.5 * (fm.mean() + mf.mean()), logs
