@@ -9,6 +9,7 @@ format is a dict of tensors and plain Python values, so it loads with weights_on
      "model_args": DMFT keyword arguments, "stage": "flow" | "dmf" | "converted", "data_kind"}
 """
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -25,7 +26,10 @@ def read(path) -> dict:
         raise DMFError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle (e.g. argparse.Namespace inside), not a zip
+    except pickle.UnpicklingError:  # e.g. an argparse.Namespace inside: we never unpickle code
+        raise DMFError(f"{path}: holds Python objects other than tensors and plain values (a foreign checkpoint; "
+                       "we load with weights_only=True)") from None
+    except Exception as e:  # truncated file, not a zip/pickle at all
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise DMFError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {msg})") from None
     if not isinstance(obj, dict):
