@@ -1,0 +1,25 @@
+"""python -m dmf demo --quick: every stage end to end (flow training, conversion, DMF training,
+classifier, sampling at 1/2/4 and 50 steps, the results table and grids), in under 2 minutes."""
+import json
+import math
+
+from dmf.__main__ import main
+
+
+def test_quick_demo(tmp_path, capsys):
+    main(["demo", "--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["model"], r["steps"]) for r in res["rows"]] == [("DMF", 1), ("DMF", 2), ("DMF", 4), ("flow", 50)]
+    for r in res["rows"]:
+        assert math.isfinite(r["fd"]) and r["fd"] > 0 and 0 <= r["acc"] <= 1 and r["ms_per_sample"] > 0
+        assert (tmp_path / r["grid"]).stat().st_size > 100
+    assert res["rows"][-1]["fd_vs_flow50"] == 1.0
+    assert res["dmf_over_flow_step"] > 1  # a DMF step does more work than a flow step
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("\n| DMF |") == 3 and md in out
+    for stage in ("flow", "dmf"):
+        assert (tmp_path / stage / "checkpoints" / "last.pt").is_file()
+        assert (tmp_path / stage / "loss.png").is_file()
+    assert (tmp_path / "flow" / "dmf_init.pt").is_file()
+    assert list(tmp_path.glob("digits_classifier_seed0.pt"))
