@@ -1,17 +1,19 @@
 # The two commands (see README):
-#   make          set up .venv (torch 2.13.0 CPU, triton), build the extension, run the quick benchmark suite
+#   make          set up .venv (torch 2.13.0 CPU, triton), build the extension, run the quick benchmark suite,
+#                 then the digits demo (make bench / make demo: each alone)
 #   make test     set up and build if needed, then run the whole test suite
 # CI (.ci/run) calls `make test` and then `make ci-extra`.
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 # torch stays pinned: a bare `torch` would pull a CUDA build with several GB of packages.
-DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchmark matplotlib setuptools wheel
+DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchmark matplotlib setuptools wheel \
+           scikit-learn tqdm
 SOURCES := $(shell awk '$$1 !~ /^\#/ && NF == 2 {print $$2}' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh) setup.py
 
-.PHONY: all setup build test bench ci-extra cmake-build cuda-sources gpu-check clean
+.PHONY: all setup build test bench demo ci-extra cmake-build cuda-sources gpu-check clean
 
-all: bench
+all: bench demo
 
 setup: $(VENV)/.deps-installed
 
@@ -36,6 +38,10 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks.run --quick
+
+# The dmf package on the digits set: flow model, conversion, DMF, then FD / accuracy / speed (~10 min, 2 cores).
+demo: build
+	$(PY) -m dmf demo --out runs/demo
 
 # Second build path (CMake) and the nvcc compile of every .cu (sm_80, sm_90a).
 ci-extra: cmake-build cuda-sources
