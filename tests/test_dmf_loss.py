@@ -97,3 +97,20 @@ def test_time_proposals_and_guidance():
     u_c = ours(x[:1], t[:1], t[:1], y[:1].clamp(max=9))
     u_u = ours(x[:1], t[:1], t[:1], torch.tensor([10]))
     assert_f64(vg[:1], v[:1] + 0.6 * (u_c - u_u), "guided target")
+
+
+def test_without_logvar_head_phi_is_zero():
+    """--no-logvar: the loss is log(m + 0.01) per sample, as with a logvar head stuck at zero."""
+    ours, _ = models()
+    with torch.no_grad():
+        ours.logvar_linear.weight.zero_()
+        ours.logvar_linear.bias.zero_()
+    plain = DMFT(**dict(KW, use_logvar=False)).double()
+    plain.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("logvar")}, strict=True)
+    x, _, _, y, _ = inputs(3)
+    d = draw(torch.Generator().manual_seed(4), x.shape)
+    d = Draw(*(getattr(d, f).double() if getattr(d, f).is_floating_point() else getattr(d, f)
+               for f in d.__dataclass_fields__))
+    a, _ = dmf_loss(ours, ours, x, y.clamp(max=9), d, 10)
+    b, _ = dmf_loss(plain, plain, x, y.clamp(max=9), d, 10)
+    assert_f64(a, b, "loss")

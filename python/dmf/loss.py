@@ -89,11 +89,13 @@ def mf_branch(raw_model, x_t, t, r, y, v, jvp):
     """The MeanFlow branch: u(x_t, t, r) and du/dt along the trajectory from ONE forward-mode
     pass with tangents (v, 1, 0); du/dt comes back detached (a stopgrad target), u differentiable.
     Returns (per-sample loss (B,), u, u_tgt)."""
-    fn = functools.partial(raw_model, y=y, return_logvar=True)
+    use_lv = getattr(raw_model, "use_logvar", True)
+    fn = functools.partial(raw_model, y=y, return_logvar=use_lv)
     # model_jvp takes None for the zero tangent of r (the decoder then skips tangent work with no
     # host-side zero check); torch.func.jvp needs the zeros.
     r_dot = None if getattr(jvp, "__name__", "") == "model_jvp" else torch.zeros_like(r)
-    (u, lv), (du_dt, _) = jvp(fn, (x_t, t, r), (v.to(x_t.dtype), torch.ones_like(t), r_dot))
+    out, out_dot = jvp(fn, (x_t, t, r), (v.to(x_t.dtype), torch.ones_like(t), r_dot))
+    (u, lv), du_dt = (out, out_dot[0]) if use_lv else ((out, torch.zeros_like(t)), out_dot)
     u_tgt = (v - (t - r) * _f32(du_dt)).detach()          # u = v - (t - r) du/dt (MeanFlow identity)
     return log_lv_loss(u, u_tgt, lv), u, u_tgt
 
@@ -114,7 +116,10 @@ def dmf_loss(model, raw_model, x: Tensor, y: Tensor, d: Draw, num_classes: int, 
     # FM branch: r = t, target the (guided) velocity
     x_fm = (1 - d.t_fm) * x + d.t_fm * d.noise_fm                              # (B, C, H, W)
     v_fm = guided_velocity(raw_model, x_fm, d.t_fm, y, d.noise_fm - x, d.drop, num_classes, omega, g_min, g_max)
-    u_fm, lv_fm = model(x_fm, d.t_fm, d.t_fm, y, return_logvar=True)            # (B, C, H, W), (B, 1, 1, 1)
+    if getattr(raw_model, "use_logvar", True):
+        u_fm, lv_fm = model(x_fm, d.t_fm, d.t_fm, y, return_logvar=True)        # (B, C, H, W), (B, 1, 1, 1)
+    else:  # without the head: phi = 0, loss log(m + 0.01), MeanFlow's adaptive weight
+        u_fm, lv_fm = model(x_fm, d.t_fm, d.t_fm, y), torch.zeros_like(d.t_fm)
     fm = log_lv_loss(u_fm, v_fm, lv_fm)                                         # (B,)
 
     # MF branch

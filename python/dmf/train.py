@@ -83,7 +83,8 @@ def model_args_for(cfg: TrainConfig, data) -> dict:
     ctor = DMFT_models[name]
     args = dict(ctor.keywords, input_size=data.shape[1], in_channels=data.shape[0], num_classes=data.num_classes,
                 use_logvar=cfg.stage == "dmf" and cfg.use_logvar, qk_norm=cfg.qk_norm)
-    args.setdefault("dmf_depth", 8)  # the DMFT constructor's default
+    # sizes without their own split: about 2/3 of the blocks see t (XL/2: 20 of 28 in the paper)
+    args.setdefault("dmf_depth", round(2 * args["depth"] / 3))
     if cfg.dmf_depth >= 0:
         args["dmf_depth"] = cfg.dmf_depth
     return args
