@@ -15,7 +15,7 @@ def test_quick_demo(tmp_path, capsys):
         assert math.isfinite(r["fd"]) and r["fd"] > 0 and 0 <= r["acc"] <= 1 and r["ms_per_sample"] > 0
         assert (tmp_path / r["grid"]).stat().st_size > 100
     assert res["rows"][-1]["fd_vs_flow50"] == 1.0
-    assert res["dmf_over_flow_step"] > 1  # a DMF step does more work than a flow step
+    assert res["step_s"]["flow"] > 0 and res["step_s"]["dmf"] > 0  # measured, never compared: speed is benchmarked
     md = (tmp_path / "results.md").read_text()
     assert md.count("\n| DMF |") == 3 and md in out
     for stage in ("flow", "dmf"):
