@@ -38,7 +38,7 @@ def shapes(device, quick):
     """(model name, label, input_size, channels, num_classes, batch)."""
     if device == "cuda":
         return [("DMFT-B/2", "N256", 32, 4, 1000, 32), ("DMFT-XL/2", "N256", 32, 4, 1000, 32)]
-    return [("DMFT-S/2", "digits N16", 8, 1, 10, 128), ("DMFT-S/2", "N256", 32, 4, 1000, 4 if quick else 8)]
+    return [("DMFT-S/2", "digits N16", 8, 1, 10, 32 if quick else 128), ("DMFT-S/2", "N256", 32, 4, 1000, 4 if quick else 8)]
 
 
 def _sdpa(q, k, v):  # the official attn op with torch_sdpa: (B, L, H, D)
