@@ -31,9 +31,12 @@ def main():
         scale = D ** -0.5
         o, lse = at.attention_fwd(q, k, v, scale)
         runs = {
-            "fwd": lambda bm, bn, w, s: at.attention_fwd(q, k, v, scale, bm, bn, w, s),
-            "jvp": lambda bm, bn, w, s: at.attention_jvp(q, k, v, qd, kd, vd, scale, bm, bn, w, s),
-            "bwd": lambda bm, bn, w, s: at.attention_bwd(do, q, k, v, o, lse, scale, bm, bn, w, s),
+            "fwd": lambda bm, bn, w, s: at.attention_fwd(q, k, v, scale, block_m=bm, block_n=bn, num_warps=w,
+                                                         num_stages=s),
+            "jvp": lambda bm, bn, w, s: at.attention_jvp(q, k, v, qd, kd, vd, scale, block_m=bm, block_n=bn,
+                                                         num_warps=w, num_stages=s),
+            "bwd": lambda bm, bn, w, s: at.attention_bwd(do, q, k, v, o, lse, scale, block_m=bm, block_n=bn,
+                                                         num_warps=w, num_stages=s),
         }
         for kind, configs in CONFIGS.items():
             best = None
