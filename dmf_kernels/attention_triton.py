@@ -407,14 +407,29 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.options)
 
 
-def _default_blocks(kind, head_dim, interpret):
+def _default_config(kind, head_dim, interpret, arch=90):
+    """(BLOCK_M, BLOCK_N, num_warps), chosen from the sm_90a/sm_80 machine code
+    (benchmarks/inspect_kernels.py: no spills, cp.async pipelining, tensor cores) until a GPU
+    sweep (benchmarks/tune_attention.py) says better. `arch`: 90 for Hopper and newer, 80 for
+    Ampere (mma.sync needs more registers than wgmma for the same tile)."""
     if interpret:  # the CPU interpreter's cost grows with tile size: small tiles, few programs
-        return 16, 16
+        return 16, 16, 4
+    if arch < 90:
+        if kind == "jvp":  # 64x32x4: 16-64 bytes of spills at D = 80/96; 32x32x4 still 28 (bf16, 96)
+            return (32, 32, 8) if head_dim > 72 else (64, 32, 4)
+        if kind == "bwd":  # dq: 28 bytes spilled at 64x64 (fp16, D = 64), 60 at 32x64 (D = 96);
+            return (32, 32, 4) if head_dim > 80 else (32, 64, 4)  # dkdv spills in every tile tried
+        if head_dim > 80:  # 64x64x4 spilled 8 bytes at D = 96
+            return 64, 32, 4
     if kind == "jvp":
-        return 64, 32  # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers
+        # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: at D = 128 with 4 warps
+        # the fp16 kernel spilled 32 bytes (255 registers); 8 warps halve the per-thread tile.
+        return 64, 32, 8 if head_dim > 96 else 4
     if kind == "bwd":
-        return 64, 64
-    return 128 if head_dim <= 64 else 64, 64
+        # dK and dV accumulators: 4 warps spilled 24 (D = 96) and 96 bytes (D = 128) in dkdv.
+        return 64, 64, 8 if head_dim > 80 else 4
+    bm = 128 if head_dim <= 64 else 64
+    return bm, 64, 8 if bm >= 128 else 4  # a 128-row tile wants 8 warps
 
 
 def _interpreting():
@@ -468,13 +483,19 @@ def _device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def plan_fwd(q, k, v, scale, o, lse, block_m=None, block_n=None, num_warps=None, num_stages=2):
+def _arch(t):
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return major * 10 + minor
+    return 90
+
+
+def plan_fwd(q, k, v, scale, o, lse, block_m=None, block_n=None, num_warps=None, num_stages=2, arch=None):
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn = _default_blocks("fwd", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
-    num_warps = num_warps or (8 if bm >= 128 else 4)  # a 128-row tile wants 8 warps
+    bm, bn, w = _default_config("fwd", D, _interpreting(), arch or _arch(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
     return [Launch(_attn_fwd_kernel, _grid(NQ, bm, B, H),
                    (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, NQ, NK, scale),
                    dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
@@ -482,13 +503,13 @@ def plan_fwd(q, k, v, scale, o, lse, block_m=None, block_n=None, num_warps=None,
                         num_warps=num_warps, num_stages=num_stages))]
 
 
-def plan_jvp(q, k, v, q_dot, k_dot, v_dot, scale, o, o_dot, lse, block_m=None, block_n=None, num_warps=4,
-             num_stages=2):
+def plan_jvp(q, k, v, q_dot, k_dot, v_dot, scale, o, o_dot, lse, block_m=None, block_n=None, num_warps=None,
+             num_stages=2, arch=None):
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn = _default_blocks("jvp", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn, w = _default_config("jvp", D, _interpreting(), arch or _arch(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
     qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
     return [Launch(_attn_jvp_kernel, _grid(NQ, bm, B, H),
                    (q, k, v, qd, kd, vd, o, o_dot, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(qd),
@@ -499,13 +520,13 @@ def plan_jvp(q, k, v, q_dot, k_dot, v_dot, scale, o, o_dot, lse, block_m=None, b
                         STRIDE_DIV8=_div8(q, k, v, qd, kd, vd, o), num_warps=num_warps, num_stages=num_stages))]
 
 
-def plan_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, delta, block_m=None, block_n=None, num_warps=4,
-             num_stages=2):
+def plan_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, delta, block_m=None, block_n=None, num_warps=None,
+             num_stages=2, arch=None):
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn = _default_blocks("bwd", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn, w = _default_config("bwd", D, _interpreting(), arch or _arch(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
     div8 = _div8(q, k, v, do, o, dq, dk)
     common = dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
                   DOT_PRECISION=_precision(q.dtype), STRIDE_DIV8=div8, num_warps=num_warps, num_stages=num_stages)
