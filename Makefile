@@ -11,7 +11,7 @@ DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchm
            scikit-learn tqdm
 SOURCES := $(shell awk '$$1 !~ /^\#/ && NF == 2 {print $$2}' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh) setup.py
 
-.PHONY: all setup build test bench demo ci-extra cmake-build cuda-sources gpu-check clean
+.PHONY: all setup build test bench demo ci-extra cmake-build cuda-sources inspect gpu-check clean
 
 all: bench demo
 
@@ -43,8 +43,22 @@ bench: build
 demo: build
 	$(PY) -m dmf demo --out runs/demo
 
-# Second build path (CMake) and the nvcc compile of every .cu (sm_80, sm_90a).
-ci-extra: cmake-build cuda-sources
+# Second build path (CMake), the nvcc compile of every .cu (sm_80, sm_90a), and the machine-code
+# gate: every kernel compiled for sm_90a / sm_80, tables in benchmarks/results/inspect_*.md.
+ci-extra: cmake-build cuda-sources inspect
+
+# Triton 3.6 is the GPU machines' version (it needs numpy < 2.3); its own environment keeps
+# the main one on triton 3.9. No GPU needed: kernels are compiled ahead of time.
+INSPECT_VENV ?= .venv-inspect
+
+$(INSPECT_VENV)/.deps-installed:
+	$(PYTHON) -m venv $(INSPECT_VENV)
+	$(INSPECT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(INSPECT_VENV)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.3"
+	touch $@
+
+inspect: $(INSPECT_VENV)/.deps-installed
+	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check
 
 cmake-build: build
 	rm -rf build-cmake
@@ -60,4 +74,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build build-cmake build-cmake.log *.egg-info dmf_kernels/_C*.so $(VENV)/.built
+	rm -rf build build-cmake build-cmake.log *.egg-info dmf_kernels/_C*.so $(VENV)/.built $(INSPECT_VENV)

@@ -4,7 +4,8 @@
 #   2. runs the CUDA variants of the test suite,
 #   3. runs the benchmark suite at DiT shapes and writes benchmarks/results/<gpu>_<date>.*
 # With $OUT set (the device tool returns it), logs and results come back as $OUT/gpu_check.tar.gz.
-# GPU_CHECK_TUNE=1 adds a sweep of the attention kernels' launch configs (tune_attention.py).
+# GPU_CHECK_TUNE=1 adds a sweep of the attention kernels' launch configs (tune_attention.py);
+# GPU_CHECK_MODELS=1 the whole-model benchmarks (bench_dit), best as a second call.
 # Budget: under 8 minutes on an H100 with 16 cores.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +72,18 @@ else
 fi
 save bench.log benchmarks/results/"$stem"*
 log "benchmarks took $((SECONDS - start)) s"
+
+# Optional, best as a second device call (torch.compile of whole-model baselines takes
+# minutes): DiT blocks and DMFTs (B/2, XL/2), fwd / fwd+bwd / fwd+jvp / jvp+bwd, with
+# model_jvp against eager torch.func.jvp and torch.compile (issue targets: XL/2 model_jvp at
+# most 2.3x a forward, the MeanFlow step at most 1.5x a forward+backward step).
+if [ "${GPU_CHECK_MODELS:-0}" = "1" ]; then
+  log "model benchmarks"
+  $PY -m benchmarks.run --device cuda --quick --only bench_dit --stem "${stem}_models" 2>&1 \
+    | grep -v -E "^(USDT|\s*warnings.warn)" | tee models.log | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  save models.log benchmarks/results/"${stem}_models"*
+fi
 
 # Optional (about 3 more minutes): sweep the attention kernels' launch configs.
 if [ "${GPU_CHECK_TUNE:-0}" = "1" ]; then

@@ -1,6 +1,6 @@
 """Sweeps the Triton attention kernels' launch configs (BLOCK_M, BLOCK_N, num_warps,
 num_stages) at DiT shapes on a GPU and prints the fastest per kernel and shape, so that
-the defaults in dmf_kernels/attention_triton.py (_default_blocks) can be set from
+the defaults in dmf_kernels/attention_triton.py (_default_config) can be set from
 measurements. Writes benchmarks/results/<gpu>_<date>_attention_tuning.json.
 
     python -m benchmarks.tune_attention            # bf16, DiT-B/2 and DiT-XL/2 shapes
@@ -31,9 +31,12 @@ def main():
         scale = D ** -0.5
         o, lse = at.attention_fwd(q, k, v, scale)
         runs = {
-            "fwd": lambda bm, bn, w, s: at.attention_fwd(q, k, v, scale, bm, bn, w, s),
-            "jvp": lambda bm, bn, w, s: at.attention_jvp(q, k, v, qd, kd, vd, scale, bm, bn, w, s),
-            "bwd": lambda bm, bn, w, s: at.attention_bwd(do, q, k, v, o, lse, scale, bm, bn, w, s),
+            "fwd": lambda bm, bn, w, s: at.attention_fwd(q, k, v, scale, block_m=bm, block_n=bn, num_warps=w,
+                                                         num_stages=s),
+            "jvp": lambda bm, bn, w, s: at.attention_jvp(q, k, v, qd, kd, vd, scale, block_m=bm, block_n=bn,
+                                                         num_warps=w, num_stages=s),
+            "bwd": lambda bm, bn, w, s: at.attention_bwd(do, q, k, v, o, lse, scale, block_m=bm, block_n=bn,
+                                                         num_warps=w, num_stages=s),
         }
         for kind, configs in CONFIGS.items():
             best = None

@@ -43,6 +43,33 @@ def head_split(head_dim):
 
 
 @triton.jit
+def _al(s0, s1, s2, DIV8: tl.constexpr):
+    # Triton marks an integer argument divisible only when it is a multiple of 16; a row
+    # stride of 72 (DiT-XL/2's head dim) or a fused-qkv head stride never is, and then every
+    # load is scalar and nothing is pipelined with cp.async. When the launcher has checked
+    # that these strides are multiples of 8 (DIV8), s // 8 * 8 is the same value with the
+    # divisibility visible to the compiler: 16-byte vector loads in bf16/fp16. Measured on
+    # the sm_90a JVP kernel at D=72: 160 scalar ld.global.b16 and 0 cp.async before.
+    if DIV8:
+        return s0 // 8 * 8, s1 // 8 * 8, s2 // 8 * 8
+    else:
+        return s0, s1, s2
+
+
+@triton.jit
+def _program(NQ, H, BLOCK_M: tl.constexpr):
+    # A 1-D grid (query blocks fastest, so consecutive programs share K/V in L2): the second
+    # grid axis of CUDA stops at 65535, i.e. B * H <= 65535 (B = 4096 at H = 16). Batch and
+    # head indices are int64 so that b * stride_b cannot overflow (fused qkv at B = 256,
+    # N = 4096, H = 16, D = 72 has (B - 1) * stride_b > 2^31).
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(NQ, BLOCK_M)
+    pid_m = pid % n_blocks
+    bh = (pid // n_blocks).to(tl.int64)
+    return pid_m, bh, bh // H, bh % H
+
+
+@triton.jit
 def _load_rows(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr):
     # A [rows, cols] tile of a (N, D) matrix; masked rows and columns >= HEAD_D read 0.
     mask = row_mask[:, None] & (cols[None, :] < HEAD_D)
@@ -68,12 +95,13 @@ def _attn_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     H, NQ, NK, qk_scale,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_DIV8: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program(NQ, H, BLOCK_M)
+    sqb, sqh, sqn = _al(sqb, sqh, sqn, STRIDE_DIV8)
+    skb, skh, skn = _al(skb, skh, skn, STRIDE_DIV8)
+    svb, svh, svn = _al(svb, svh, svn, STRIDE_DIV8)
+    sob, soh, son = _al(sob, soh, son, STRIDE_DIV8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
@@ -135,11 +163,16 @@ def _attn_jvp_kernel(
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_GUARD: tl.constexpr,
+    STRIDE_DIV8: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program(NQ, H, BLOCK_M)
+    sqb, sqh, sqn = _al(sqb, sqh, sqn, STRIDE_DIV8)
+    skb, skh, skn = _al(skb, skh, skn, STRIDE_DIV8)
+    svb, svh, svn = _al(svb, svh, svn, STRIDE_DIV8)
+    sqdb, sqdh, sqdn = _al(sqdb, sqdh, sqdn, STRIDE_DIV8)
+    skdb, skdh, skdn = _al(skdb, skdh, skdn, STRIDE_DIV8)
+    svdb, svdh, svdn = _al(svdb, svdh, svdn, STRIDE_DIV8)
+    sob, soh, son = _al(sob, soh, son, STRIDE_DIV8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
@@ -230,12 +263,12 @@ def _attn_jvp_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, NQ,
-                                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                STRIDE_DIV8: tl.constexpr):
     # delta = rowsum(O * dO), the softmax-backward correction.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program(NQ, H, BLOCK_M)
+    sob, soh, son = _al(sob, soh, son, STRIDE_DIV8)
+    sdob, sdoh, sdon = _al(sdob, sdoh, sdon, STRIDE_DIV8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < NQ
@@ -251,14 +284,16 @@ def _attn_bwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdkd,
     H, NQ, NK, qk_scale,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_DIV8: tl.constexpr,
 ):
     # One key block per program; loops over all query blocks. Works on transposed scores
     # sT = K Q^T so dk and dv accumulate as [BLOCK_N, D] without transposes.
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_n, bh, b, h = _program(NK, H, BLOCK_N)
+    sqb, sqh, sqn = _al(sqb, sqh, sqn, STRIDE_DIV8)
+    skb, skh, skn = _al(skb, skh, skn, STRIDE_DIV8)
+    svb, svh, svn = _al(svb, svh, svn, STRIDE_DIV8)
+    sdob, sdoh, sdon = _al(sdob, sdoh, sdon, STRIDE_DIV8)
+    sdkb, sdkh, sdkn = _al(sdkb, sdkh, sdkn, STRIDE_DIV8)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     d0 = tl.arange(0, D0)
@@ -312,12 +347,14 @@ def _attn_bwd_dq_kernel(
     sdqb, sdqh, sdqn, sdqd,
     H, NQ, NK, qk_scale,
     HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_DIV8: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program(NQ, H, BLOCK_M)
+    sqb, sqh, sqn = _al(sqb, sqh, sqn, STRIDE_DIV8)
+    skb, skh, skn = _al(skb, skh, skn, STRIDE_DIV8)
+    svb, svh, svn = _al(svb, svh, svn, STRIDE_DIV8)
+    sdob, sdoh, sdon = _al(sdob, sdoh, sdon, STRIDE_DIV8)
+    sdqb, sdqh, sdqn = _al(sdqb, sdqh, sdqn, STRIDE_DIV8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
@@ -356,16 +393,43 @@ def _attn_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------- launchers
+#
+# Each launcher builds its launches as plans (kernel, grid, args, options) and runs them; the
+# kernel inspection tool (benchmarks/inspect_kernels.py) compiles exactly the same plans for
+# sm_90a / sm_80 from meta tensors, so what it reports is what a GPU would run.
 
 
-def _default_blocks(kind, head_dim, interpret):
+class Launch:
+    def __init__(self, kernel, grid, args, options):
+        self.kernel, self.grid, self.args, self.options = kernel, grid, args, options
+
+    def run(self):
+        self.kernel[self.grid](*self.args, **self.options)
+
+
+def _default_config(kind, head_dim, interpret, arch=90):
+    """(BLOCK_M, BLOCK_N, num_warps), chosen from the sm_90a/sm_80 machine code
+    (benchmarks/inspect_kernels.py: no spills, cp.async pipelining, tensor cores) until a GPU
+    sweep (benchmarks/tune_attention.py) says better. `arch`: 90 for Hopper and newer, 80 for
+    Ampere (mma.sync needs more registers than wgmma for the same tile)."""
     if interpret:  # the CPU interpreter's cost grows with tile size: small tiles, few programs
-        return 16, 16
+        return 16, 16, 4
+    if arch < 90:
+        if kind == "jvp":  # 64x32x4: 16-64 bytes of spills at D = 80/96; 32x32x4 still 28 (bf16, 96)
+            return (32, 32, 8) if head_dim > 72 else (64, 32, 4)
+        if kind == "bwd":  # dq: 28 bytes spilled at 64x64 (fp16, D = 64), 60 at 32x64 (D = 96);
+            return (32, 32, 4) if head_dim > 80 else (32, 64, 4)  # dkdv spills in every tile tried
+        if head_dim > 80:  # 64x64x4 spilled 8 bytes at D = 96
+            return 64, 32, 4
     if kind == "jvp":
-        return 64, 32  # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers
+        # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: at D = 128 with 4 warps
+        # the fp16 kernel spilled 32 bytes (255 registers); 8 warps halve the per-thread tile.
+        return 64, 32, 8 if head_dim > 96 else 4
     if kind == "bwd":
-        return 64, 64
-    return 128 if head_dim <= 64 else 64, 64
+        # dK and dV accumulators: 4 warps spilled 24 (D = 96) and 96 bytes (D = 128) in dkdv.
+        return 64, 64, 8 if head_dim > 80 else 4
+    bm = 128 if head_dim <= 64 else 64
+    return bm, 64, 8 if bm >= 128 else 4  # a 128-row tile wants 8 warps
 
 
 def _interpreting():
@@ -375,12 +439,31 @@ def _interpreting():
 
 
 def _precision(dtype):
-    # fp32 inputs: exact fp32 products (TF32 would break the float32 precision contract).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot input precision. fp16/bf16 products are exact in fp32 accumulation. fp32 follows
+    torch.get_float32_matmul_precision(): "highest" (PyTorch's default) -> "ieee" (exact fp32,
+    no tensor cores), "high" -> "tf32x3" (three TF32 products, about fp32 accuracy, on tensor
+    cores), "medium" -> "tf32"."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for fp16/bf16 operands
+    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[torch.get_float32_matmul_precision()]
 
 
 def _strides(t):
     return tuple(t.stride())
+
+
+def _div8(*tensors):
+    """Whether every non-last stride is a multiple of 8 and every last stride is 1: then the
+    kernels may round the strides to show their divisibility (see _al)."""
+    return all(t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
+def _grid(n, block, B, H):
+    programs = triton.cdiv(n, block) * B * H
+    if programs >= 2**31:
+        raise ValueError(f"attention: {programs} programs exceed the CUDA grid limit 2^31 - 1 "
+                         f"(B={B}, H={H}, N={n}, block={block})")
+    return (programs,)
 
 
 # Tests set this: outputs are filled with NaN before each launch, so elements a kernel
@@ -390,79 +473,115 @@ POISON_OUTPUTS = False
 
 def _empty(*shape, device, dtype):
     t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+    return t.fill_(float("nan")) if POISON_OUTPUTS and t.device.type != "meta" else t
 
 
-def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
-    """o (B, H, NQ, D) like q, contiguous; lse (B, H, NQ) float32."""
+def _device(t):
+    # Launch on the inputs' GPU, not the current one (multi-GPU processes).
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _arch(t):
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return major * 10 + minor
+    return 90
+
+
+def plan_fwd(q, k, v, scale, o, lse, block_m=None, block_n=None, num_warps=None, num_stages=2, arch=None):
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn = _default_blocks("fwd", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
-    num_warps = num_warps or (8 if bm >= 128 else 4)  # a 128-row tile wants 8 warps
+    bm, bn, w = _default_config("fwd", D, _interpreting(), arch or _arch(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
+    return [Launch(_attn_fwd_kernel, _grid(NQ, bm, B, H),
+                   (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, NQ, NK, scale),
+                   dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
+                        DOT_PRECISION=_precision(q.dtype), STRIDE_DIV8=_div8(q, k, v, o),
+                        num_warps=num_warps, num_stages=num_stages))]
+
+
+def plan_jvp(q, k, v, q_dot, k_dot, v_dot, scale, o, o_dot, lse, block_m=None, block_n=None, num_warps=None,
+             num_stages=2, arch=None):
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    d0, d1 = head_split(D)
+    bm, bn, w = _default_config("jvp", D, _interpreting(), arch or _arch(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
+    qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
+    return [Launch(_attn_jvp_kernel, _grid(NQ, bm, B, H),
+                   (q, k, v, qd, kd, vd, o, o_dot, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(qd),
+                    *_strides(kd), *_strides(vd), *_strides(o), H, NQ, NK, scale),
+                   dict(HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
+                        HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
+                        DOT_PRECISION=_precision(q.dtype), FP16_GUARD=q.dtype == torch.float16,
+                        STRIDE_DIV8=_div8(q, k, v, qd, kd, vd, o), num_warps=num_warps, num_stages=num_stages))]
+
+
+def plan_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, delta, block_m=None, block_n=None, num_warps=None,
+             num_stages=2, arch=None):
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    d0, d1 = head_split(D)
+    bm, bn, w = _default_config("bwd", D, _interpreting(), arch or _arch(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
+    div8 = _div8(q, k, v, do, o, dq, dk)
+    common = dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
+                  DOT_PRECISION=_precision(q.dtype), STRIDE_DIV8=div8, num_warps=num_warps, num_stages=num_stages)
+    return [
+        Launch(_attn_bwd_preprocess_kernel, _grid(NQ, bm, B, H),
+               (o, do, delta, *_strides(o), *_strides(do), H, NQ),
+               dict(HEAD_D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=bm, STRIDE_DIV8=div8)),
+        Launch(_attn_bwd_dkdv_kernel, _grid(NK, bn, B, H),
+               (q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                *_strides(dk), H, NQ, NK, scale), common),
+        Launch(_attn_bwd_dq_kernel, _grid(NQ, bm, B, H),
+               (q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                *_strides(dq), H, NQ, NK, scale), common),
+    ]
+
+
+def attention_fwd(q, k, v, scale, **config):
+    """o (B, H, NQ, D) like q, contiguous; lse (B, H, NQ) float32."""
+    B, H, NQ, D = q.shape
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    grid = (triton.cdiv(NQ, bm), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, NQ, NK, scale, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
+    with _device(q):
+        for launch in plan_fwd(q, k, v, scale, o, lse, **config):
+            launch.run()
     return o, lse
 
 
-def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=None, num_warps=4, num_stages=2):
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, **config):
     """One pass: o, o_dot (B, H, NQ, D) contiguous, lse (B, H, NQ) float32. A None tangent is
     zero and its products are skipped."""
     B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    d0, d1 = head_split(D)
-    bm, bn = _default_blocks("jvp", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     o_dot = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, o_dot, lse
-    qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
-    grid = (triton.cdiv(NQ, bm), B * H)
-    _attn_jvp_kernel[grid](
-        q, k, v, qd, kd, vd, o, o_dot, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
-        H, NQ, NK, scale,
-        HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
-        HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype),
-        FP16_GUARD=q.dtype == torch.float16, num_warps=num_warps, num_stages=num_stages,
-    )
+    with _device(q):
+        for launch in plan_jvp(q, k, v, q_dot, k_dot, v_dot, scale, o, o_dot, lse, **config):
+            launch.run()
     return o, o_dot, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=4, num_stages=2):
+def attention_bwd(do, q, k, v, o, lse, scale, **config):
     """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    d0, d1 = head_split(D)
-    bm, bn = _default_blocks("bwd", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
     dq = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     dk = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
     dv = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
-    bd = triton.next_power_of_2(D)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(NQ, bm), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, NQ, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm)
-    common = dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype),
-                  num_warps=num_warps, num_stages=num_stages)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(NK, bn), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        H, NQ, NK, scale, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * H)](
-        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, NQ, NK, scale, **common)
+    with _device(q):
+        for launch in plan_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, delta, **config):
+            launch.run()
     return dq, dk, dv
-

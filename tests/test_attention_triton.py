@@ -135,3 +135,74 @@ def test_triton_attention_large_logits_and_tangents(tdev):
         assert torch.isfinite(o).all() and torch.isfinite(od).all(), f"{dtype}: non-finite output"
         rel = ((od.double() - rt).abs().max() / rt.abs().max()).item()
         assert rel < tol, f"{dtype}: tangent off by {rel:.2e} relative"
+
+
+def test_batch_offsets_are_int64(tdev):
+    """(B - 1) * stride_b >= 2^31 elements with stride_b < 2^31 (a 32-bit argument, as for a
+    fused qkv at B = 256, N = 4096): a view with a huge batch stride (4 GiB of virtual fp16
+    storage, only the used rows touched). int32 offsets would wrap and read elsewhere."""
+    if tdev == "cuda" and torch.cuda.get_device_properties(0).total_memory < 16 << 30:
+        pytest.skip("needs 5 GiB of GPU memory")
+    from dmf_kernels import attention_triton as at
+
+    H, N, D = 2, 9, 16
+    B, stride_b = 3, 2**30 + 64
+    base = torch.empty((B - 1) * stride_b + H * N * D, dtype=torch.float16, device=tdev)
+    views = []
+    for seed in range(3):
+        t = base.as_strided((B, H, N, D), (stride_b, N * D, D, 1))
+        t.copy_(rand(B, H, N, D, device=tdev, dtype=torch.float16, seed=seed))
+        views.append(t.clone())  # the values; base is overwritten by the next copy
+    q = base.as_strided((B, H, N, D), (stride_b, N * D, D, 1))  # holds views[2]
+    o, lse = at.attention_fwd(q, views[1], views[0], 0.25)
+    o_ref, _ = at.attention_fwd(views[2], views[1], views[0], 0.25)
+    torch.testing.assert_close(o, o_ref)
+    del base
+
+
+def test_strides_rounded_only_when_valid(tdev):
+    """A row stride of 17 (not a multiple of 8) must not be rounded: results equal the
+    contiguous copy's; the launcher's check says why."""
+    from dmf_kernels import attention_triton as at
+
+    wide = [rand(1, 2, 11, 17, device=tdev, dtype=torch.float32, seed=i) for i in range(3)]
+    q, k, v = (t[..., :16] for t in wide)
+    assert not at._div8(q) and at._div8(q.contiguous())
+    o, _ = at.attention_fwd(q, k, v, 0.25)
+    o_ref, _ = at.attention_fwd(*(t.contiguous() for t in (q, k, v)), 0.25)
+    torch.testing.assert_close(o, o_ref)
+    o, od, _ = at.attention_jvp(q, k, v, q, None, v, 0.25)
+    o2, od2, _ = at.attention_jvp(*(t.contiguous() for t in (q, k, v, q)), None, v.contiguous(), 0.25)
+    torch.testing.assert_close(od, od2)
+
+
+def test_launch_plans():
+    """One-dimensional grids (the second CUDA grid axis stops at 65535 = B * H), fp32
+    precision from torch's matmul setting, the stride flag (meta tensors: nothing runs)."""
+    from dmf_kernels import attention_triton as at
+
+    q = torch.empty(5000, 16, 256, 72, device="meta", dtype=torch.bfloat16)  # B * H = 80000
+    o, lse = torch.empty_like(q), torch.empty(5000, 16, 256, device="meta")
+    (launch,) = at.plan_fwd(q, q, q, 0.1, o, lse)
+    bm = launch.options["BLOCK_M"]
+    assert launch.grid == (256 // bm * 80000,) and launch.options["STRIDE_DIV8"]
+    qkv = torch.empty(2, 256, 3, 16, 72, device="meta", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
+    (launch,) = at.plan_jvp(qkv[0], qkv[1], qkv[2], qkv[0], None, qkv[2], 0.1, o[:2], o[:2], lse[:2])
+    assert launch.options["STRIDE_DIV8"]  # fused-qkv strides 3456 / 72 / 216: all multiples of 8
+    prev = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert at._precision(torch.float32) == expected
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def test_cpu_bf16_never_reaches_the_interpreter():
+    import importlib
+
+    A = importlib.import_module("dmf_kernels.attention")
+
+    q = torch.empty(1, 1, 4, 16, dtype=torch.bfloat16)
+    assert not A._use_triton(q)
+    assert A._use_triton(q.float()) == INTERPRET

@@ -94,18 +94,22 @@ constexpr int kRowThreads = 512;
 
 struct RowLaunch {
   bool warp;
-  bool big;            // EPT = 32
+  int ept;             // elements per thread the kernel is instantiated for: 8, 16 or 32
   int threads;         // threads per row team
   int rows_per_block;  // teams per block
 };
 
+// Per-thread arrays are sized by EPT, and the register count follows them even where
+// fewer elements are used: at D = 1152 bf16 (160 threads x 8 elements) the backward
+// compiled to 128 registers with EPT = 16 and 64 with EPT = 8 (sm_90a), which at B*N = 16384
+// rows is one wave instead of two. So block teams get the smallest EPT that holds the row.
 inline RowLaunch row_launch(int64_t dim, int vec) {
   const int64_t nvec = ceil_div(dim, vec);
-  if (nvec <= 32 * 4 && nvec * vec <= 32 * 16) return RowLaunch{true, false, 32, 4};
+  if (nvec <= 32 * 4 && nvec * vec <= 32 * 16) return RowLaunch{true, 16, 32, 4};
   int64_t threads = ceil_div(nvec, 32) * 32;
   if (threads > kRowThreads) threads = kRowThreads;
-  const bool big = ceil_div(nvec, threads) * vec > 16;
-  return RowLaunch{false, big, static_cast<int>(threads), 1};
+  const int64_t need = ceil_div(nvec, threads) * vec;
+  return RowLaunch{false, need <= 8 ? 8 : need <= 16 ? 16 : 32, static_cast<int>(threads), 1};
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -140,8 +144,9 @@ void dispatch_shape(bool vectorise, const RowLaunch& L, F&& f) {
   constexpr int kVec = sizeof(T) == 8 ? 1 : 16 / sizeof(T);
   auto by_vec = [&](auto v) {
     if (L.warp) f(v, std::true_type{}, std::integral_constant<int, 16>{});
-    else if (L.big) f(v, std::false_type{}, std::integral_constant<int, 32>{});
-    else f(v, std::false_type{}, std::integral_constant<int, 16>{});
+    else if (L.ept == 32) f(v, std::false_type{}, std::integral_constant<int, 32>{});
+    else if (L.ept == 16) f(v, std::false_type{}, std::integral_constant<int, 16>{});
+    else f(v, std::false_type{}, std::integral_constant<int, 8>{});
   };
   if (vectorise && kVec > 1) by_vec(std::integral_constant<int, kVec>{});
   else by_vec(std::integral_constant<int, 1>{});
