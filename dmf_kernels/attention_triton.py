@@ -28,6 +28,8 @@ dtype for the product with V; with large tangents it can still exceed fp16's 655
 row is divided by max(1, rowmax|.| / 2^14) before rounding and the product multiplied back
 (row scaling commutes with the product), so nothing overflows.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,26 @@ def head_split(head_dim):
     rest = head_dim - d0
     d1 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
     return d0, d1
+
+
+@triton.jit
+def _div8(s, ALIGN8: tl.constexpr):
+    # Triton marks an integer argument divisible only when it is a multiple of 16, so a row
+    # stride of 72 (D = 72, or a fused-qkv head stride) reads as unaligned and every load
+    # becomes a scalar 2-byte load with no cp.async (triton 3.6, sm_90a, bf16 JVP: 160
+    # ld.global.b16, 0 cp.async, 255 registers). The launcher sets ALIGN8 when every
+    # non-last stride is a multiple of 8 elements; rounding under it is then a no-op that
+    # tells the compiler so (16-byte vectors for 16-bit dtypes, cp.async back).
+    if ALIGN8:
+        return s // 8 * 8
+    else:
+        return s
+
+
+@triton.jit
+def _bh_offset(b, h, stride_b, stride_h, ALIGN8: tl.constexpr):
+    # int64: (B - 1) * stride_b passes 2^31 for a fused qkv view at B=256, N=4096, H=16, D=72.
+    return b.to(tl.int64) * _div8(stride_b, ALIGN8) + h.to(tl.int64) * _div8(stride_h, ALIGN8)
 
 
 @triton.jit
@@ -67,20 +89,24 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     H, NQ, NK, qk_scale,
-    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    son = _div8(son, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     m_mask = offs_m < NQ
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
     q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
@@ -107,12 +133,12 @@ def _attn_fwd_kernel(
             v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
-    o_base = O + b * sob + h * soh
+    o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)
     _store_rows(o_base, (acc0 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     if HAS_D1:
         _store_rows(o_base, (acc1 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d1, sod, m_mask, HEAD_D)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + bh * NQ + offs_m, lse, mask=m_mask)
+    tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=m_mask)
 
 
 @triton.jit
@@ -133,24 +159,31 @@ def _attn_jvp_kernel(
     sob, soh, son, sod,
     H, NQ, NK, qk_scale,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
-    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_GUARD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    sqdn = _div8(sqdn, ALIGN8)
+    skdn = _div8(skdn, ALIGN8)
+    svdn = _div8(svdn, ALIGN8)
+    son = _div8(son, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     m_mask = offs_m < NQ
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    qd_base = QD + b * sqdb + h * sqdh
-    kd_base = KD + b * skdb + h * skdh
-    vd_base = VD + b * svdb + h * svdh
+    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
+    qd_base = QD + _bh_offset(b, h, sqdb, sqdh, ALIGN8)
+    kd_base = KD + _bh_offset(b, h, skdb, skdh, ALIGN8)
+    vd_base = VD + _bh_offset(b, h, svdb, svdh, ALIGN8)
     q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
     if HAS_QD:
         qd0 = _load_rows(qd_base, offs_m, sqdn, d0, sqdd, m_mask, HEAD_D)
@@ -216,8 +249,8 @@ def _attn_jvp_kernel(
         c_i = c_new
     # sum(p (S_dot - mu)) = 0 at the final centre, so O_dot = acc_t / l.
     inv_l = 1.0 / l_i
-    o_base = O + b * sob + h * soh  # O and OD share strides (both allocated contiguous)
-    od_base = OD + b * sob + h * soh
+    o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)  # O and OD share strides (both allocated contiguous)
+    od_base = OD + _bh_offset(b, h, sob, soh, ALIGN8)
     _store_rows(o_base, (acc_o0 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     _store_rows(od_base, (acc_t0 * inv_l[:, None]).to(OD.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     if HAS_D1:
@@ -225,23 +258,25 @@ def _attn_jvp_kernel(
         _store_rows(od_base, (acc_t1 * inv_l[:, None]).to(OD.dtype.element_ty), offs_m, son, d1, sod, m_mask,
                     HEAD_D)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + bh * NQ + offs_m, lse, mask=m_mask)
+    tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=m_mask)
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, NQ,
-                                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                                ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta = rowsum(O * dO), the softmax-backward correction.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
+    son = _div8(son, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < NQ
-    o = _load_rows(O + b * sob + h * soh, offs_m, son, d, sod, m_mask, HEAD_D).to(tl.float32)
-    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d, sdod, m_mask, HEAD_D).to(tl.float32)
-    tl.store(DELTA + bh * NQ + offs_m, tl.sum(o * do, 1), mask=m_mask)
+    o = _load_rows(O + _bh_offset(b, h, sob, soh, ALIGN8), offs_m, son, d, sod, m_mask, HEAD_D).to(tl.float32)
+    do = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d, sdod, m_mask, HEAD_D).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, 1), mask=m_mask)
 
 
 @triton.jit
@@ -250,29 +285,34 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
     sdkb, sdkh, sdkn, sdkd,
     H, NQ, NK, qk_scale,
-    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One key block per program; loops over all query blocks. Works on transposed scores
     # sT = K Q^T so dk and dv accumulate as [BLOCK_N, D] without transposes.
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = bh // H
     h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
+    sdkn = _div8(sdkn, ALIGN8)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     n_mask = offs_n < NK
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
-    k0 = _load_rows(K + b * skb + h * skh, offs_n, skn, d0, skd, n_mask, HEAD_D)
-    v0 = _load_rows(V + b * svb + h * svh, offs_n, svn, d0, svd, n_mask, HEAD_D)
+    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    do_base = DO + _bh_offset(b, h, sdob, sdoh, ALIGN8)
+    k0 = _load_rows(K + _bh_offset(b, h, skb, skh, ALIGN8), offs_n, skn, d0, skd, n_mask, HEAD_D)
+    v0 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d0, svd, n_mask, HEAD_D)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if HAS_D1:
-        k1 = _load_rows(K + b * skb + h * skh, offs_n, skn, d1, skd, n_mask, HEAD_D)
-        v1 = _load_rows(V + b * svb + h * svh, offs_n, svn, d1, svd, n_mask, HEAD_D)
+        k1 = _load_rows(K + _bh_offset(b, h, skb, skh, ALIGN8), offs_n, skn, d1, skd, n_mask, HEAD_D)
+        v1 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d1, svd, n_mask, HEAD_D)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     for start_m in range(0, NQ, BLOCK_M):
@@ -287,8 +327,8 @@ def _attn_bwd_dkdv_kernel(
             doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D)
             sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
             dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
-        lse = tl.load(LSE + bh * NQ + m, mask=m_mask, other=0.0)
-        delta = tl.load(DELTA + bh * NQ + m, mask=m_mask, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
         pT = tl.where(m_mask[None, :], tl.exp(sT * qk_scale - lse[None, :]), 0.0)
         dsT = pT * (dpT - delta[None, :])
         dv0 = tl.dot(pT.to(v0.dtype), tl.trans(doT0), dv0, input_precision=DOT_PRECISION)
@@ -296,8 +336,8 @@ def _attn_bwd_dkdv_kernel(
         if HAS_D1:
             dv1 = tl.dot(pT.to(v1.dtype), tl.trans(doT1), dv1, input_precision=DOT_PRECISION)
             dk1 = tl.dot(dsT.to(k1.dtype), tl.trans(qT1), dk1, input_precision=DOT_PRECISION)
-    dk_base = DK + b * sdkb + h * sdkh  # DK and DV share strides (both allocated contiguous)
-    dv_base = DV + b * sdkb + h * sdkh
+    dk_base = DK + _bh_offset(b, h, sdkb, sdkh, ALIGN8)  # DK and DV share strides (both allocated contiguous)
+    dv_base = DV + _bh_offset(b, h, sdkb, sdkh, ALIGN8)
     _store_rows(dk_base, (dk0 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
     _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
     if HAS_D1:
@@ -311,29 +351,34 @@ def _attn_bwd_dq_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
     sdqb, sdqh, sdqn, sdqd,
     H, NQ, NK, qk_scale,
-    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
+    sdqn = _div8(sdqn, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     m_mask = offs_m < NQ
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    q0 = _load_rows(Q + b * sqb + h * sqh, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
-    do0 = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d0, sdod, m_mask, HEAD_D)
+    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
+    q0 = _load_rows(Q + _bh_offset(b, h, sqb, sqh, ALIGN8), offs_m, sqn, d0, sqd, m_mask, HEAD_D)
+    do0 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d0, sdod, m_mask, HEAD_D)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
-        q1 = _load_rows(Q + b * sqb + h * sqh, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
-        do1 = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d1, sdod, m_mask, HEAD_D)
+        q1 = _load_rows(Q + _bh_offset(b, h, sqb, sqh, ALIGN8), offs_m, sqn, d1, sqd, m_mask, HEAD_D)
+        do1 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d1, sdod, m_mask, HEAD_D)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * NQ + offs_m, mask=m_mask, other=0.0)
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
@@ -349,7 +394,7 @@ def _attn_bwd_dq_kernel(
         dq0 = tl.dot(ds, tl.trans(kT0), dq0, input_precision=DOT_PRECISION)
         if HAS_D1:
             dq1 = tl.dot(ds, tl.trans(kT1), dq1, input_precision=DOT_PRECISION)
-    dq_base = DQ + b * sdqb + h * sdqh
+    dq_base = DQ + _bh_offset(b, h, sdqb, sdqh, ALIGN8)
     _store_rows(dq_base, (dq0 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d0, sdqd, m_mask, HEAD_D)
     if HAS_D1:
         _store_rows(dq_base, (dq1 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d1, sdqd, m_mask, HEAD_D)
@@ -375,8 +420,39 @@ def _interpreting():
 
 
 def _precision(dtype):
-    # fp32 inputs: exact fp32 products (TF32 would break the float32 precision contract).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot input precision. 16-bit inputs: native tensor-core products ("tf32" is then
+    ignored). fp32 inputs follow torch.get_float32_matmul_precision() like torch.matmul:
+    "highest" (PyTorch's default) -> "ieee", exact fp32 FMAs without tensor cores (and the
+    JVP kernel spills: ~3 KB at D=72 on sm_90a); "high" -> "tf32x3", three TF32 products
+    per product on tensor cores (wgmma), about fp32 accuracy; "medium" -> "tf32"."""
+    if dtype != torch.float32:
+        return "tf32"
+    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
+
+
+def _align8(*tensors):
+    """ALIGN8: every non-last stride of every tensor is a multiple of 8 elements, so the
+    kernels may round them (see _div8). A view with, e.g., row stride 75 gets False."""
+    return all(s % 8 == 0 for t in tensors for s in t.stride()[:-1])
+
+
+# CUDA grid limits: x up to 2^31 - 1, y and z up to 65535. B * H goes on x (a DiT at
+# B=8192, H=16 passes 65535), the sequence blocks on y.
+_MAX_GRID_Y = 65535
+
+
+def _grid(blocks, bh):
+    if blocks > _MAX_GRID_Y:
+        raise ValueError(f"attention: {blocks} sequence blocks exceed the grid limit {_MAX_GRID_Y}; "
+                         "use a larger block or a shorter sequence")
+    if bh > 2**31 - 1:
+        raise ValueError(f"attention: B * H = {bh} exceeds the grid limit 2^31 - 1")
+    return (bh, blocks)
+
+
+def _device(t):
+    # Launch on the inputs' device, not the current one (multi-GPU).
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _strides(t):
@@ -405,12 +481,14 @@ def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, nu
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    grid = (triton.cdiv(NQ, bm), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, NQ, NK, scale, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
+    grid = _grid(triton.cdiv(NQ, bm), B * H)
+    with _device(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            H, NQ, NK, scale, ALIGN8=_align8(q, k, v, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
+            BLOCK_M=bm, BLOCK_N=bn,
+            DOT_PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        )
     return o, lse
 
 
@@ -428,15 +506,17 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
     if o.numel() == 0:
         return o, o_dot, lse
     qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
-    grid = (triton.cdiv(NQ, bm), B * H)
-    _attn_jvp_kernel[grid](
-        q, k, v, qd, kd, vd, o, o_dot, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
-        H, NQ, NK, scale,
-        HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
-        HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype),
-        FP16_GUARD=q.dtype == torch.float16, num_warps=num_warps, num_stages=num_stages,
-    )
+    grid = _grid(triton.cdiv(NQ, bm), B * H)
+    with _device(q):
+        _attn_jvp_kernel[grid](
+            q, k, v, qd, kd, vd, o, o_dot, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
+            H, NQ, NK, scale,
+            HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
+            ALIGN8=_align8(q, k, v, qd, kd, vd, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm,
+            BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype), FP16_GUARD=q.dtype == torch.float16,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return o, o_dot, lse
 
 
@@ -454,15 +534,19 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     bd = triton.next_power_of_2(D)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(NQ, bm), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, NQ, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm)
-    common = dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype),
+    align8 = _align8(q, k, v, o, do, dq)
+    with _device(q):
+        _attn_bwd_preprocess_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
+            o, do, delta, *_strides(o), *_strides(do), H, NQ, ALIGN8=align8, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm)
+    common = dict(ALIGN8=align8, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
+                  DOT_PRECISION=_precision(q.dtype),
                   num_warps=num_warps, num_stages=num_stages)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(NK, bn), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        H, NQ, NK, scale, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * H)](
-        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, NQ, NK, scale, **common)
+    with _device(q):
+        _attn_bwd_dkdv_kernel[_grid(triton.cdiv(NK, bn), B * H)](
+            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+            H, NQ, NK, scale, **common)
+        _attn_bwd_dq_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
+            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            H, NQ, NK, scale, **common)
     return dq, dk, dv
 
