@@ -1,0 +1,415 @@
+"""Machine-code inspection of every kernel without a GPU (`make inspect`, run in CI).
+
+Triton compiles ahead of time for a target with no device attached, and ptxas reports
+registers and spills, so most of what decides GPU speed is visible on a CPU machine:
+
+* Triton attention kernels: the launchers in dmf_kernels/attention_triton.py are called
+  with meta tensors and their kernel launches are recorded (so the table shows exactly the
+  tiles, warps, stages and argument specialisation the launchers pick), then each launch is
+  compiled for sm_90a and sm_80 with the argument specialisation Triton's own binder
+  computes (an integer stride is "divisible by 16" only when it is a multiple of 16; that
+  is what decides vector loads and cp.async).
+* CUDA kernels (csrc/cuda/*.cu): nvcc -ptx, then ptxas -v per entry.
+
+Writes benchmarks/results/inspect_<target>.md, one row per kernel configuration:
+registers, spill bytes, shared memory, global load/store widths, cp.async, wgmma / mma
+counts, and the compulsory bytes one call moves at a reference shape (each tensor read or
+written once; re-reads of K/V by other query tiles hit L2 and are not counted), which
+benchmarks/gpu_check.sh divides by measured time to get achieved bandwidth.
+
+`--check` gates the hot configurations (see HOT / gate()) and exits 1 with the rows that
+broke. Needs triton 3.6 (the GPU machines' version), run from its own venv (Makefile).
+"""
+import argparse
+import concurrent.futures as cf
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TARGETS = {"sm_90a": 90, "sm_80": 80}
+HEAD_DIMS = (64, 72, 80, 96, 128)
+# Reference shape for bytes moved: DiT-XL/2 at 256 px (N = 256 tokens), 16 heads, B = 32.
+REF_B, REF_H, REF_N = 32, 16, 256
+# adaLN family reference: B * N = 16384 rows.
+REF_ROWS = 16384
+
+
+# ---------------------------------------------------------------- Triton
+
+
+def _load_attention_triton():
+    # Load the module file alone: importing the package would load the compiled extension,
+    # built against the main venv.
+    spec = importlib.util.spec_from_file_location("attention_triton", ROOT / "dmf_kernels" / "attention_triton.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel in the launcher module: records kernel[grid](...)."""
+
+    def __init__(self, name, fn, log):
+        self.name, self.fn, self.log = name, fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, self.fn, grid, args, kwargs))
+        return launch
+
+
+class _FakePtr:
+    # What Triton's binder needs of a tensor: data_ptr (torch allocations are 256-byte
+    # aligned; 0 stands for that) and dtype.
+    def __init__(self, t):
+        self.dtype = t.dtype
+
+    def data_ptr(self):
+        return 0
+
+
+def _layout_tensors(torch, layout, B, H, N, D, dtype, count):
+    if layout == "contig":
+        return [torch.empty(B, H, N, D, dtype=dtype, device="meta") for _ in range(count)]
+    # fused qkv projection (B, N, 3, H, D), viewed as (B, H, N, D): strides (3HDN, D, 3HD, 1)
+    out = []
+    for _ in range(0, count, 3):
+        proj = torch.empty(B, N, 3, H, D, dtype=dtype, device="meta")
+        out += [proj[:, :, i].permute(0, 2, 1, 3) for i in range(3)]
+    return out[:count]
+
+
+def triton_launches(B=REF_B, H=REF_H, N=REF_N):
+    """[(kernel, dtype, D, layout, name, fn, grid, args, kwargs, bytes)] for every launch."""
+    import torch
+
+    at = _load_attention_triton()
+    log = []
+    for name in ("_attn_fwd_kernel", "_attn_jvp_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                 "_attn_bwd_dq_kernel"):
+        setattr(at, name, _Recorder(name, getattr(at, name), log))
+    out = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        es = dtype.itemsize
+        for D in HEAD_DIMS:
+            row = B * H * N * D * es  # one (B, H, N, D) tensor
+            stat = B * H * N * 4  # lse / delta
+            for layout in ("contig", "fused"):
+                q, k, v = _layout_tensors(torch, layout, B, H, N, D, dtype, 3)
+                qd, kd, vd = _layout_tensors(torch, layout, B, H, N, D, dtype, 3)
+                scale = D ** -0.5
+                calls = [
+                    (lambda: at.attention_fwd(q, k, v, scale), {"_attn_fwd_kernel": 4 * row + stat}),
+                    (lambda: at.attention_jvp(q, k, v, qd, kd, vd, scale), {"_attn_jvp_kernel": 8 * row + stat}),
+                    (lambda: at.attention_bwd(torch.empty(B, H, N, D, dtype=dtype, device="meta"), q, k, v,
+                                              torch.empty(B, H, N, D, dtype=dtype, device="meta"),
+                                              torch.empty(B, H, N, dtype=torch.float32, device="meta"), scale),
+                     {"_attn_bwd_preprocess_kernel": 2 * row + stat,
+                      "_attn_bwd_dkdv_kernel": 6 * row + 2 * stat,  # q k v do read, dk dv written
+                      "_attn_bwd_dq_kernel": 5 * row + 2 * stat}),
+                ]
+                for call, nbytes in calls:
+                    log.clear()
+                    call()
+                    for name, fn, grid, args, kwargs in log:
+                        out.append(dict(kernel=name.strip("_").removesuffix("_kernel"),
+                                        dtype=str(dtype).replace("torch.", ""), D=D, layout=layout, fn=fn,
+                                        grid=grid, args=args, kwargs=kwargs, bytes=nbytes[name]))
+    return out
+
+
+def _ptx_stats(ptx):
+    def widths(op):
+        hist = {}
+        for m in re.finditer(r"\b" + op + r"((?:\.[a-z0-9_]+)*)\s", ptx):
+            mods = m.group(1)
+            vec = re.search(r"\.v(\d)", mods)
+            ty = re.search(r"\.[bufs](\d+)\b", mods)
+            if not ty:
+                continue
+            bits = (int(vec.group(1)) if vec else 1) * int(ty.group(1))
+            hist[bits] = hist.get(bits, 0) + 1
+        return hist
+
+    return dict(
+        ld=widths(r"ld\.global"),
+        st=widths(r"st\.global"),
+        cp_async=len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)) + len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        mma=len(re.findall(r"\bmma\.sync", ptx)),
+    )
+
+
+def _ptxas_path():
+    import triton
+
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(p) if p.exists() else shutil.which("ptxas")
+
+
+def _ptxas(ptx, arch, ptxas=None):
+    """{entry: dict(regs, spill_st, spill_ld, smem)} from ptxas -v."""
+    ptxas = ptxas or _ptxas_path()
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "k.ptx"
+        f.write_text(ptx)
+        r = subprocess.run([ptxas, "-v", "--gpu-name", arch, str(f), "-o", str(Path(d) / "k.o")],
+                           capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {r.stderr[-2000:]}")
+    return _parse_ptxas_log(r.stderr + r.stdout)
+
+
+def _parse_ptxas_log(log):
+    res, cur = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            cur = m.group(1)
+            res[cur] = dict(regs=0, spill_st=0, spill_ld=0, smem=0)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            res[cur]["spill_st"], res[cur]["spill_ld"] = int(m.group(1)), int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            res[cur]["regs"] = int(m.group(1))
+            m2 = re.search(r"(\d+) bytes smem", line)
+            if m2:
+                res[cur]["smem"] = int(m2.group(1))
+    return res
+
+
+_LAUNCHES = []  # set before the worker pool forks (JIT functions do not pickle)
+
+
+def compile_triton(i, cc):
+    """Compiles recorded launch i for compute capability cc; returns its row."""
+    launch = _LAUNCHES[i]
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch["fn"]
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    args = [_FakePtr(a) if hasattr(a, "data_ptr") else a for a in launch["args"]]
+    kwargs = dict(launch["kwargs"])
+    kwargs.setdefault("debug", False)
+    bound, spec, _ = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, None)
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    ptx = k.asm["ptx"]
+    arch = "sm_90a" if cc == 90 else f"sm_{cc}"
+    info = next(iter(_ptxas(ptx, arch).values()))
+    info["smem"] = max(info["smem"], k.metadata.shared)
+    kw = launch["kwargs"]
+    cfg = f"{kw.get('BLOCK_M', '')}x{kw.get('BLOCK_N', '')} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+    if "BLOCK_N" not in kw:
+        cfg = f"{kw.get('BLOCK_M')} w{kw.get('num_warps', 4)}"
+    return dict(kernel=launch["kernel"], dtype=launch["dtype"], D=launch["D"], layout=launch["layout"], cfg=cfg,
+                bytes=launch["bytes"], **info, **_ptx_stats(ptx))
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+def cuda_sources():
+    srcs = []
+    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "cuda" and parts[1].endswith(".cu"):
+            srcs.append(parts[1])
+    return srcs
+
+
+def _demangle(names):
+    r = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    return dict(zip(names, r.stdout.splitlines())) if r.returncode == 0 else {n: n for n in names}
+
+
+def compile_cuda(src, arch):
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    with tempfile.TemporaryDirectory() as d:
+        ptxf = Path(d) / "k.ptx"
+        comp = arch.removeprefix("sm_")
+        r = subprocess.run([nvcc, "-std=c++17", "-O3", "-ptx", f"-arch=compute_{comp}", str(ROOT / src), "-o",
+                            str(ptxf)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc {src} {arch}: {r.stderr[-2000:]}")
+        ptx = ptxf.read_text()
+    ptxas = shutil.which("ptxas", path=str(Path(nvcc).resolve().parent)) or shutil.which("ptxas")
+    regs = _ptxas(ptx, arch, ptxas)
+    # split the PTX per entry for the instruction counts
+    bodies = {}
+    for m in re.finditer(r"\.entry\s+(\S+?)\(", ptx):
+        start = m.start()
+        end = ptx.find("\n}", start)
+        bodies[m.group(1)] = ptx[start:end]
+    names = _demangle(list(regs))
+    rows = []
+    for mangled, info in regs.items():
+        rows.append(dict(kernel=_short(names[mangled]), src=Path(src).name, **info,
+                         **_ptx_stats(bodies.get(mangled, ""))))
+    return rows
+
+
+def _short(demangled):
+    # "void dmf::cuda::(anonymous namespace)::norm_mod_bwd_kernel<__nv_bfloat16, 8, false, 16>(dmf::...)"
+    s = re.sub(r"\(.*\)$", "", demangled.removeprefix("void "))
+    s = s.replace("dmf::cuda::", "").replace("(anonymous namespace)::", "")
+    return s.replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace("float", "fp32") \
+        .replace("double", "fp64").replace("true", "warp").replace("false", "block")
+
+
+def cuda_hot_configs():
+    """The instantiations the launchers pick for the adaLN family's hot shapes (bf16, fp16 and
+    fp32 at D = 1152 and D = 72): mirrors row_launch() in cuda_common.cuh, parsed from its
+    constants so the two cannot drift silently (the check fails if an instantiation is absent)."""
+    src = (ROOT / "csrc" / "cuda" / "cuda_common.cuh").read_text()
+    m = re.search(r"inline RowLaunch row_launch\(int64_t dim, int vec\) \{(.*?)\n\}", src, re.S)
+    body = m.group(1) if m else ""
+    return body
+
+
+# ---------------------------------------------------------------- tables and gate
+
+
+def _fmt_w(hist):
+    if not hist:
+        return "-"
+    return " ".join(f"{b}b×{n}" for b, n in sorted(hist.items(), reverse=True))
+
+
+def _fmt_bytes(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+TRITON_COLS = ["kernel", "dtype", "D", "layout", "cfg", "regs", "spill", "smem", "ld.global", "st.global",
+               "cp.async", "wgmma", "mma", "bytes/call"]
+CUDA_COLS = ["kernel", "src", "regs", "spill", "smem", "ld.global", "st.global"]
+
+
+def _triton_cells(r):
+    return [r["kernel"], r["dtype"], str(r["D"]), r["layout"], r["cfg"], str(r["regs"]),
+            str(r["spill_st"] + r["spill_ld"]), str(r["smem"]), _fmt_w(r["ld"]), _fmt_w(r["st"]), str(r["cp_async"]),
+            str(r["wgmma"]), str(r["mma"]), _fmt_bytes(r["bytes"])]
+
+
+def _cuda_cells(r):
+    return [r["kernel"], r["src"], str(r["regs"]), str(r["spill_st"] + r["spill_ld"]), str(r["smem"]),
+            _fmt_w(r["ld"]), _fmt_w(r["st"])]
+
+
+def _md_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_table(arch, trows, crows, path):
+    lines = [f"# Kernel inspection, {arch}", "",
+             "Generated by `make inspect` (benchmarks/inspect_kernels.py, triton 3.6, nvcc -Xptxas -v); do not edit.",
+             f"bytes/call: compulsory HBM traffic at B={REF_B}, H={REF_H}, N={REF_N} (each tensor once).",
+             "ld/st.global: access width in bits × instruction count in the PTX (128b = one 16-byte vector).",
+             "spill: spill store + load bytes; smem: bytes of shared memory per program / block.", "",
+             "## Triton attention", "", _md_row(TRITON_COLS), _md_row(["---"] * len(TRITON_COLS))]
+    lines += [_md_row(_triton_cells(r)) for r in trows]
+    lines += ["", "## CUDA (adaLN family)", "", "Template arguments: <dtype, VEC, team (warp/block), EPT>.", "",
+              _md_row(CUDA_COLS), _md_row(["---"] * len(CUDA_COLS))]
+    lines += [_md_row(_cuda_cells(r)) for r in crows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _hot_triton(r):
+    return r["dtype"] in ("bfloat16", "float16")
+
+
+# CUDA instantiations launched at the hot shapes (16-bit dtypes, VEC = 8):
+#   D = 1152: 144 vectors > 128 -> one block per row, EPT 8 (see row_launch);
+#   D = 72:   9 vectors -> warp team.
+def _hot_cuda(r):
+    return re.search(r"<(bf16|fp16), 8, ", r["kernel"]) is not None
+
+
+def gate(trows, crows):
+    """Failures: (reason, table row) for the hot configurations."""
+    bad = []
+    for r in trows:
+        if not _hot_triton(r):
+            continue
+        cells = _md_row(_triton_cells(r))
+        if r["spill_st"] + r["spill_ld"]:
+            bad.append(("spills", cells))
+        if r["ld"] and max(r["ld"]) < 64 and r["kernel"] != "attn_bwd_preprocess":
+            bad.append(("no vectorised global loads", cells))
+        if r["kernel"] != "attn_bwd_preprocess":
+            if r["wgmma"] + r["mma"] == 0:
+                bad.append(("no tensor-core ops", cells))
+            if r["cp_async"] == 0:
+                bad.append(("no cp.async (loads not pipelined)", cells))
+    for r in crows:
+        if not _hot_cuda(r):
+            continue
+        cells = _md_row(_cuda_cells(r))
+        if r["spill_st"] + r["spill_ld"]:
+            bad.append(("spills", cells))
+        if r["ld"] and max(r["ld"]) < 128:
+            bad.append(("no 16-byte global loads", cells))
+    return bad
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="fail when a hot configuration regresses")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--no-fp32", action="store_true", help="skip fp32 Triton rows (faster)")
+    args = ap.parse_args(argv)
+    import triton
+
+    if not triton.__version__.startswith("3.6"):
+        print(f"inspect_kernels: expected triton 3.6 (the GPU machines'), got {triton.__version__}", file=sys.stderr)
+    launches = triton_launches()
+    if args.no_fp32:
+        launches = [x for x in launches if x["dtype"] != "float32"]
+    _LAUNCHES[:] = launches
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for arch in args.targets.split(","):
+        cc = TARGETS[arch]
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as ex:
+            tfut = [ex.submit(compile_triton, i, cc) for i in range(len(launches))]
+            cfut = [ex.submit(compile_cuda, src, arch) for src in cuda_sources()]
+            trows = [f.result() for f in tfut]
+            crows = [r for f in cfut for r in f.result()]
+        crows.sort(key=lambda r: (r["src"], r["kernel"]))
+        write_table(arch, trows, crows, out / f"inspect_{arch}.md")
+        print(f"inspect_kernels: {arch}: {len(trows)} Triton, {len(crows)} CUDA rows -> {out}/inspect_{arch}.md")
+        failures += [(arch, *f) for f in gate(trows, crows)]
+    if failures:
+        hdr = _md_row(TRITON_COLS)
+        print(f"\ninspect_kernels: {len(failures)} hot configuration(s) regressed\n  Triton columns: {hdr}\n"
+              f"  CUDA columns: {_md_row(CUDA_COLS)}", file=sys.stderr)
+        for arch, why, row in failures:
+            print(f"  [{arch}] {why}: {row}", file=sys.stderr)
+        if args.check:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
