@@ -267,20 +267,55 @@ def compile_cuda(src, arch):
 
 def _short(demangled):
     # "void dmf::cuda::(anonymous namespace)::norm_mod_bwd_kernel<__nv_bfloat16, 8, false, 16>(dmf::...)"
-    s = re.sub(r"\(.*\)$", "", demangled.removeprefix("void "))
-    s = s.replace("dmf::cuda::", "").replace("(anonymous namespace)::", "")
+    s = demangled.removeprefix("void ").replace("(anonymous namespace)::", "").replace("dmf::cuda::", "")
+    s = re.sub(r"\([^()]*\)$", "", s)
     return s.replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace("float", "fp32") \
         .replace("double", "fp64").replace("true", "warp").replace("false", "block")
 
 
-def cuda_hot_configs():
-    """The instantiations the launchers pick for the adaLN family's hot shapes (bf16, fp16 and
-    fp32 at D = 1152 and D = 72): mirrors row_launch() in cuda_common.cuh, parsed from its
-    constants so the two cannot drift silently (the check fails if an instantiation is absent)."""
-    src = (ROOT / "csrc" / "cuda" / "cuda_common.cuh").read_text()
-    m = re.search(r"inline RowLaunch row_launch\(int64_t dim, int vec\) \{(.*?)\n\}", src, re.S)
-    body = m.group(1) if m else ""
-    return body
+def row_launch(dim, vec):
+    """(warp team, EPT, threads per team, teams per block): mirrors row_launch() in
+    csrc/cuda/cuda_common.cuh (a drift shows up as a missing hot instantiation in the gate)."""
+    ept = lambda per: 8 if per <= 8 else 16 if per <= 16 else 32  # noqa: E731
+    nvec = -(-dim // vec)
+    if nvec <= 32 * 4 and nvec * vec <= 32 * 16:
+        return True, ept(-(-nvec // 32) * vec), 32, 4
+    threads = min(-(-nvec // 32) * 32, 512)
+    return False, ept(-(-nvec // threads) * vec), threads, 1
+
+
+CHUNK_ROWS = 32  # rows per partial sum of a parameter gradient (kChunkRows, csrc/ops.cpp)
+SMS = {"sm_90a": 132, "sm_80": 108}  # H100 SXM, A100
+
+
+def cuda_hot(crows, arch):
+    """The instantiations the launchers pick for the adaLN family at D = 1152 and D = 72
+    (16-byte vectors, B*N = 16384 rows), with occupancy from the registers: blocks per SM
+    limited by 64K registers (allocated per warp in units of 256), 2048 threads, 32 blocks."""
+    by_name = {r["kernel"]: r for r in crows}
+    out = []
+    for dt, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+        vec = 16 // size
+        for D in (1152, 72):
+            warp, ept, threads, per_block = row_launch(D, vec)
+            team = "warp" if warp else "block"
+            names = [f"{k}_kernel<{dt}, {vec}, {team}, {ept}>" for k in
+                     ("norm_mod_fwd", "norm_mod_jvp", "norm_mod_bwd", "rms_norm_fwd", "rms_norm_jvp", "rms_norm_bwd")]
+            names += [f"gated_residual_{k}_kernel<{dt}, {vec}>" for k in ("fwd_jvp", "bwd")]
+            for name in names:
+                r = by_name.get(name)
+                row = dict(name=name, dtype=dt, D=D, found=r is not None, r=r)
+                if r is not None and "gated_residual" not in name:
+                    teams = REF_ROWS // CHUNK_ROWS if "_bwd" in name else REF_ROWS
+                    block_threads = threads * per_block
+                    warps = -(-block_threads // 32)
+                    regs_per_warp = -(-max(r["regs"], 1) * 32 // 256) * 256
+                    per_sm = min(65536 // (regs_per_warp * warps), 2048 // block_threads, 32)
+                    blocks = -(-teams // per_block)
+                    row.update(threads=block_threads, blocks=blocks, per_sm=per_sm,
+                               waves=-(-blocks // (per_sm * SMS[arch])) if per_sm else 0)
+                out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------- tables and gate
@@ -312,6 +347,17 @@ def _cuda_cells(r):
             _fmt_w(r["ld"]), _fmt_w(r["st"])]
 
 
+HOT_COLS = ["kernel", "D", "regs", "spill", "ld.global", "threads/block", "blocks", "blocks/SM", "waves"]
+
+
+def _hot_cells(h):
+    r = h["r"]
+    if r is None:
+        return [h["name"], str(h["D"]), "missing", "", "", "", "", "", ""]
+    return [h["name"], str(h["D"]), str(r["regs"]), str(r["spill_st"] + r["spill_ld"]), _fmt_w(r["ld"]),
+            str(h.get("threads", "")), str(h.get("blocks", "")), str(h.get("per_sm", "")), str(h.get("waves", ""))]
+
+
 def _md_row(cells):
     return "| " + " | ".join(cells) + " |"
 
@@ -327,6 +373,11 @@ def write_table(arch, trows, crows, path):
     lines += ["", "## CUDA (adaLN family)", "", "Template arguments: <dtype, VEC, team (warp/block), EPT>.", "",
               _md_row(CUDA_COLS), _md_row(["---"] * len(CUDA_COLS))]
     lines += [_md_row(_cuda_cells(r)) for r in crows]
+    lines += ["", f"## CUDA hot launches (B*N = {REF_ROWS} rows; {SMS[arch]} SMs)", "",
+              "The instantiation each launcher picks at D = 1152 and D = 72 (16-byte vectors); "
+              f"backward kernels run one team per {CHUNK_ROWS}-row chunk.", "",
+              _md_row(HOT_COLS), _md_row(["---"] * len(HOT_COLS))]
+    lines += [_md_row(_hot_cells(h)) for h in cuda_hot(crows, arch)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -334,14 +385,7 @@ def _hot_triton(r):
     return r["dtype"] in ("bfloat16", "float16")
 
 
-# CUDA instantiations launched at the hot shapes (16-bit dtypes, VEC = 8):
-#   D = 1152: 144 vectors > 128 -> one block per row, EPT 8 (see row_launch);
-#   D = 72:   9 vectors -> warp team.
-def _hot_cuda(r):
-    return re.search(r"<(bf16|fp16), 8, ", r["kernel"]) is not None
-
-
-def gate(trows, crows):
+def gate(trows, crows, arch):
     """Failures: (reason, table row) for the hot configurations."""
     bad = []
     for r in trows:
@@ -357,14 +401,20 @@ def gate(trows, crows):
                 bad.append(("no tensor-core ops", cells))
             if r["cp_async"] == 0:
                 bad.append(("no cp.async (loads not pipelined)", cells))
-    for r in crows:
-        if not _hot_cuda(r):
+    for h in cuda_hot(crows, arch):
+        if h["dtype"] == "fp32":
             continue
-        cells = _md_row(_cuda_cells(r))
+        cells = _md_row(_hot_cells(h))
+        r = h["r"]
+        if r is None:
+            bad.append(("hot CUDA instantiation not compiled (row_launch drifted?)", cells))
+            continue
         if r["spill_st"] + r["spill_ld"]:
             bad.append(("spills", cells))
-        if r["ld"] and max(r["ld"]) < 128:
+        if not r["ld"] or max(r["ld"]) < 128:
             bad.append(("no 16-byte global loads", cells))
+        if h["D"] == 1152 and "_bwd" in h["name"] and h.get("waves", 0) > 1:
+            bad.append(("backward needs more than one wave at B*N=16384", cells))
     return bad
 
 
@@ -375,12 +425,13 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--no-fp32", action="store_true", help="skip fp32 Triton rows (faster)")
+    ap.add_argument("--only", choices=("triton", "cuda"), help="inspect one family only")
     args = ap.parse_args(argv)
     import triton
 
     if not triton.__version__.startswith("3.6"):
         print(f"inspect_kernels: expected triton 3.6 (the GPU machines'), got {triton.__version__}", file=sys.stderr)
-    launches = triton_launches()
+    launches = triton_launches() if args.only != "cuda" else []
     if args.no_fp32:
         launches = [x for x in launches if x["dtype"] != "float32"]
     _LAUNCHES[:] = launches
@@ -393,13 +444,13 @@ def main(argv=None):
 
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as ex:
             tfut = [ex.submit(compile_triton, i, cc) for i in range(len(launches))]
-            cfut = [ex.submit(compile_cuda, src, arch) for src in cuda_sources()]
+            cfut = [ex.submit(compile_cuda, src, arch) for src in cuda_sources()] if args.only != "triton" else []
             trows = [f.result() for f in tfut]
             crows = [r for f in cfut for r in f.result()]
         crows.sort(key=lambda r: (r["src"], r["kernel"]))
         write_table(arch, trows, crows, out / f"inspect_{arch}.md")
         print(f"inspect_kernels: {arch}: {len(trows)} Triton, {len(crows)} CUDA rows -> {out}/inspect_{arch}.md")
-        failures += [(arch, *f) for f in gate(trows, crows)]
+        failures += [(arch, *f) for f in gate(trows, crows, arch)]
     if failures:
         hdr = _md_row(TRITON_COLS)
         print(f"\ninspect_kernels: {len(failures)} hot configuration(s) regressed\n  Triton columns: {hdr}\n"
