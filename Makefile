@@ -9,7 +9,7 @@ PY      := $(VENV)/bin/python
 DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchmark matplotlib setuptools wheel
 SOURCES := $(shell awk '$$1 !~ /^\#/ && NF == 2 {print $$2}' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh) setup.py
 
-.PHONY: all setup build test bench ci-extra cmake-build cuda-sources gpu-check clean
+.PHONY: all setup build test bench ci-extra cmake-build cuda-sources inspect gpu-check clean
 
 all: bench
 
@@ -37,8 +37,9 @@ test: build
 bench: build
 	$(PY) -m benchmarks.run --quick
 
-# Second build path (CMake) and the nvcc compile of every .cu (sm_80, sm_90a).
-ci-extra: cmake-build cuda-sources
+# Second build path (CMake), the nvcc compile of every .cu (sm_80, sm_90a), and the
+# machine-code gate (make inspect).
+ci-extra: cmake-build cuda-sources inspect
 
 cmake-build: build
 	rm -rf build-cmake
@@ -48,6 +49,22 @@ cmake-build: build
 
 cuda-sources: setup
 	PYTHON=$(PY) .ci/check_cuda_sources.sh
+
+# Machine code of every kernel without a GPU: Triton 3.6 (the GPU machines' version; needs
+# numpy < 2.3) in its own venv compiles the attention kernels for sm_90a and sm_80, nvcc
+# -Xptxas -v the .cu files; writes benchmarks/results/inspect_<target>.md and fails when a
+# hot configuration spills, loses vector loads, cp.async or tensor-core ops (CI gate).
+INSPECT_VENV ?= .venv-inspect
+INSPECT_DEPS := torch==2.13.0 triton==3.6.0 'numpy<2.3'
+
+$(INSPECT_VENV)/.deps-installed:
+	$(PYTHON) -m venv $(INSPECT_VENV)
+	$(INSPECT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(INSPECT_VENV)/bin/python -m pip install -q $(INSPECT_DEPS)
+	touch $@
+
+inspect: $(INSPECT_VENV)/.deps-installed
+	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check
 
 # On a CUDA machine: build with CUDA, run CUDA tests and benchmarks (benchmarks/gpu_check.sh).
 gpu-check:

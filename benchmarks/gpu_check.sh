@@ -72,6 +72,16 @@ fi
 save bench.log benchmarks/results/"$stem"*
 log "benchmarks took $((SECONDS - start)) s"
 
+# Achieved bandwidth of each attention kernel against inspect_kernels.py's bytes-moved
+# estimate (compulsory traffic at B=32, H=16, N=256): how far each kernel is from the
+# memory roofline, next to the machine-code tables in benchmarks/results/inspect_*.md.
+log "attention bandwidth vs. bytes estimate"
+start=$SECONDS
+$PY benchmarks/inspect_kernels.py --bandwidth 2>&1 | tee bandwidth.log | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+save bandwidth.log benchmarks/results/bandwidth_*.md
+log "bandwidth took $((SECONDS - start)) s"
+
 # Optional (about 3 more minutes): sweep the attention kernels' launch configs.
 if [ "${GPU_CHECK_TUNE:-0}" = "1" ]; then
   log "tuning attention launch configs"

@@ -418,6 +418,53 @@ def gate(trows, crows, arch):
     return bad
 
 
+def bandwidth(out_dir, reps=20):
+    """On a CUDA GPU (benchmarks/gpu_check.sh): each Triton attention kernel's device time
+    at the reference shape (torch.profiler, per kernel name) against the bytes/call
+    estimate above; writes bandwidth_<gpu>.md. Contiguous inputs, bf16 and fp16."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dmf_kernels import attention_triton as at
+
+    est = {}
+    for r in triton_launches():
+        if r["layout"] == "contig":
+            est[(r["kernel"], r["dtype"], r["D"])] = r["bytes"]
+    B, H, N = REF_B, REF_H, REF_N
+    lines = [f"# Achieved bandwidth, {torch.cuda.get_device_name()}", "",
+             f"B={B}, H={H}, N={N}, contiguous; bytes from inspect_kernels.py (compulsory traffic).", "",
+             "| kernel | dtype | D | us/call | est. bytes | GB/s |", "| --- | --- | --- | --- | --- | --- |"]
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in HEAD_DIMS:
+            q, k, v, qd, kd, vd, g = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(7))
+            o, lse = at.attention_fwd(q, k, v, D ** -0.5)
+            calls = [lambda: at.attention_fwd(q, k, v, D ** -0.5),
+                     lambda: at.attention_jvp(q, k, v, qd, kd, vd, D ** -0.5),
+                     lambda: at.attention_bwd(g, q, k, v, o, lse, D ** -0.5)]
+            for c in calls:
+                c()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    for c in calls:
+                        c()
+                torch.cuda.synchronize()
+            for ev in prof.key_averages():
+                name = ev.key.strip("_").removesuffix("_kernel")
+                nbytes = est.get((name, str(dtype).replace("torch.", ""), D))
+                if nbytes is None:
+                    continue
+                us = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)  # average, us
+                lines.append(f"| {name} | {str(dtype)[6:]} | {D} | {us:.1f} | {_fmt_bytes(nbytes)} | "
+                             f"{nbytes / (us * 1e-6) / 1e9 if us else 0:.0f} |")
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+    path = Path(out_dir) / f"bandwidth_{gpu}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="fail when a hot configuration regresses")
@@ -426,7 +473,13 @@ def main(argv=None):
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--no-fp32", action="store_true", help="skip fp32 Triton rows (faster)")
     ap.add_argument("--only", choices=("triton", "cuda"), help="inspect one family only")
+    ap.add_argument("--bandwidth", action="store_true",
+                    help="on a CUDA GPU: measure each attention kernel against its bytes estimate")
     args = ap.parse_args(argv)
+    if args.bandwidth:
+        sys.path.insert(0, str(ROOT))
+        bandwidth(args.out)
+        return 0
     import triton
 
     if not triton.__version__.startswith("3.6"):
