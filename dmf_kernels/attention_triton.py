@@ -263,7 +263,8 @@ def _attn_jvp_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, NQ,
-                                ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                                ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_M: tl.constexpr):
     # delta = rowsum(O * dO), the softmax-backward correction.
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
