@@ -96,7 +96,13 @@ def triton_launches(B=REF_B, H=REF_H, N=REF_N):
                  "_attn_bwd_dq_kernel"):
         setattr(at, name, _Recorder(name, getattr(at, name), log))
     out = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    # fp32 follows torch.get_float32_matmul_precision(): "highest" -> ieee, "high" -> tf32x3
+    old_prec = torch.get_float32_matmul_precision()
+    for dtype, prec in ((torch.bfloat16, None), (torch.float16, None), (torch.float32, "highest"),
+                        (torch.float32, "high")):
+        if prec:
+            torch.set_float32_matmul_precision(prec)
+        label = str(dtype).replace("torch.", "") + {"highest": "/ieee", "high": "/tf32x3", None: ""}[prec]
         es = dtype.itemsize
         for D in HEAD_DIMS:
             row = B * H * N * D * es  # one (B, H, N, D) tensor
@@ -120,8 +126,9 @@ def triton_launches(B=REF_B, H=REF_H, N=REF_N):
                     call()
                     for name, fn, grid, args, kwargs in log:
                         out.append(dict(kernel=name.strip("_").removesuffix("_kernel"),
-                                        dtype=str(dtype).replace("torch.", ""), D=D, layout=layout, fn=fn,
+                                        dtype=label, D=D, layout=layout, fn=fn,
                                         grid=grid, args=args, kwargs=kwargs, bytes=nbytes[name]))
+    torch.set_float32_matmul_precision(old_prec)
     return out
 
 
@@ -486,7 +493,7 @@ def main(argv=None):
         print(f"inspect_kernels: expected triton 3.6 (the GPU machines'), got {triton.__version__}", file=sys.stderr)
     launches = triton_launches() if args.only != "cuda" else []
     if args.no_fp32:
-        launches = [x for x in launches if x["dtype"] != "float32"]
+        launches = [x for x in launches if not x["dtype"].startswith("float32")]
     _LAUNCHES[:] = launches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
