@@ -86,11 +86,13 @@ def _layout_tensors(torch, layout, B, H, N, D, dtype, count):
     return out[:count]
 
 
-def triton_launches(B=REF_B, H=REF_H, N=REF_N):
-    """[(kernel, dtype, D, layout, name, fn, grid, args, kwargs, bytes)] for every launch."""
+def triton_launches(cc=90, B=REF_B, H=REF_H, N=REF_N):
+    """[(kernel, dtype, D, layout, name, fn, grid, args, kwargs, bytes)] for every launch the
+    launchers make for compute capability cc (their tile choice may depend on it)."""
     import torch
 
     at = _load_attention_triton()
+    at._capability = lambda t: (cc // 10, cc % 10)
     log = []
     for name in ("_attn_fwd_kernel", "_attn_jvp_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
                  "_attn_bwd_dq_kernel"):
@@ -491,15 +493,15 @@ def main(argv=None):
 
     if not triton.__version__.startswith("3.6"):
         print(f"inspect_kernels: expected triton 3.6 (the GPU machines'), got {triton.__version__}", file=sys.stderr)
-    launches = triton_launches() if args.only != "cuda" else []
-    if args.no_fp32:
-        launches = [x for x in launches if not x["dtype"].startswith("float32")]
-    _LAUNCHES[:] = launches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = []
     for arch in args.targets.split(","):
         cc = TARGETS[arch]
+        launches = triton_launches(cc) if args.only != "cuda" else []
+        if args.no_fp32:
+            launches = [x for x in launches if not x["dtype"].startswith("float32")]
+        _LAUNCHES[:] = launches
         import multiprocessing as mp
 
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as ex:

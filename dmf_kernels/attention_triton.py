@@ -404,14 +404,25 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def _default_blocks(kind, head_dim, interpret):
+def _default_blocks(kind, head_dim, interpret, capability=(9, 0)):
+    """(BLOCK_M, BLOCK_N, num_warps) per kernel, head dim and architecture: the largest tiles
+    that compile without spills for 16-bit inputs (benchmarks/results/inspect_sm_*.md,
+    triton 3.6; `make inspect` fails CI if one starts to spill)."""
     if interpret:  # the CPU interpreter's cost grows with tile size: small tiles, few programs
-        return 16, 16
+        return 16, 16, 4
     if kind == "jvp":
-        return 64, 32  # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers
+        return 64, 32, 4  # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: 221 regs at D=72
     if kind == "bwd":
-        return 64, 64
-    return 128 if head_dim <= 64 else 64, 64
+        # dK, dV, K, V of a 64-key block held per program: with 4 warps D=96 spills 8 bytes and
+        # D=128 40 bytes on sm_90a; 8 warps halve the per-thread share (200 / 211 registers).
+        return (64, 64, 8) if head_dim > 80 else (64, 64, 4)
+    return (128, 64, 8) if head_dim <= 64 else (64, 64, 4)  # a 128-row tile wants 8 warps
+
+
+def _capability(t):
+    # The architecture the kernels will be compiled for (inspect_kernels.py overrides this
+    # for meta tensors to compile each target's own launch configuration).
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (9, 0)
 
 
 def _interpreting():
@@ -475,9 +486,8 @@ def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, nu
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn = _default_blocks("fwd", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
-    num_warps = num_warps or (8 if bm >= 128 else 4)  # a 128-row tile wants 8 warps
+    bm, bn, nw = _default_blocks("fwd", D, _interpreting(), _capability(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     if o.numel() == 0:
@@ -493,14 +503,14 @@ def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, nu
     return o, lse
 
 
-def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=None, num_warps=4, num_stages=2):
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
     """One pass: o, o_dot (B, H, NQ, D) contiguous, lse (B, H, NQ) float32. A None tangent is
     zero and its products are skipped."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn = _default_blocks("jvp", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn, nw = _default_blocks("jvp", D, _interpreting(), _capability(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     o_dot = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
@@ -521,13 +531,13 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
     return o, o_dot, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=4, num_stages=2):
+def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
     """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn = _default_blocks("bwd", D, _interpreting())
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn, nw = _default_blocks("bwd", D, _interpreting(), _capability(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
     dq = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     dk = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
     dv = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
