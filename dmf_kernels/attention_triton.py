@@ -410,11 +410,18 @@ def _default_blocks(kind, head_dim, interpret, capability=(9, 0)):
     triton 3.6; `make inspect` fails CI if one starts to spill)."""
     if interpret:  # the CPU interpreter's cost grows with tile size: small tiles, few programs
         return 16, 16, 4
+    sm80 = capability[0] < 9  # mma.sync instead of wgmma: accumulators stay in registers
     if kind == "jvp":
-        return 64, 32, 4  # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: 221 regs at D=72
+        # Two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: 221 registers at D=72 on
+        # sm_90a. On sm_80, 4 warps spill 16-44 bytes at D=72/128 and 8 warps do not (D=96
+        # spills either way: 24 vs 36 bytes).
+        return 64, 32, 8 if sm80 and head_dim in (72, 80, 128) else 4
     if kind == "bwd":
         # dK, dV, K, V of a 64-key block held per program: with 4 warps D=96 spills 8 bytes and
         # D=128 40 bytes on sm_90a; 8 warps halve the per-thread share (200 / 211 registers).
+        # sm_80: only D=128 is clean with 8 warps; D=64..96 spill with 4 or 8 (see the table).
+        if sm80:
+            return (64, 64, 8) if head_dim == 128 else (64, 64, 4)
         return (64, 64, 8) if head_dim > 80 else (64, 64, 4)
     return (128, 64, 8) if head_dim <= 64 else (64, 64, 4)  # a 128-row tile wants 8 warps
 
