@@ -413,9 +413,9 @@ def _default_blocks(kind, head_dim, interpret, capability=(9, 0)):
     sm80 = capability[0] < 9  # mma.sync instead of wgmma: accumulators stay in registers
     if kind == "jvp":
         # Two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: 221 registers at D=72 on
-        # sm_90a. On sm_80, 4 warps spill 16-44 bytes at D=72/128 and 8 warps do not (D=96
-        # spills either way: 24 vs 36 bytes).
-        return 64, 32, 8 if sm80 and head_dim in (72, 80, 128) else 4
+        # sm_90a; at D=128 fp16 4 warps spill 24 bytes, 8 do not. On sm_80, 4 warps spill
+        # 16-44 bytes at D=72/128 and 8 warps do not (D=96 spills either way: 24 vs 36 bytes).
+        return 64, 32, 8 if head_dim == 128 or (sm80 and head_dim in (72, 80)) else 4
     if kind == "bwd":
         # dK, dV, K, V of a 64-key block held per program: with 4 warps D=96 spills 8 bytes and
         # D=128 40 bytes on sm_90a; 8 warps halve the per-thread share (200 / 211 registers).
