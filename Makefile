@@ -43,22 +43,9 @@ bench: build
 demo: build
 	$(PY) -m dmf demo --out runs/demo
 
-# Second build path (CMake), the nvcc compile of every .cu (sm_80, sm_90a), and the machine-code
-# gate: every kernel compiled for sm_90a / sm_80, tables in benchmarks/results/inspect_*.md.
+# Second build path (CMake), the nvcc compile of every .cu (sm_80, sm_90a), and the
+# machine-code gate (make inspect).
 ci-extra: cmake-build cuda-sources inspect
-
-# Triton 3.6 is the GPU machines' version (it needs numpy < 2.3); its own environment keeps
-# the main one on triton 3.9. No GPU needed: kernels are compiled ahead of time.
-INSPECT_VENV ?= .venv-inspect
-
-$(INSPECT_VENV)/.deps-installed:
-	$(PYTHON) -m venv $(INSPECT_VENV)
-	$(INSPECT_VENV)/bin/python -m pip install -q --upgrade pip
-	$(INSPECT_VENV)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.3"
-	touch $@
-
-inspect: $(INSPECT_VENV)/.deps-installed
-	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check
 
 cmake-build: build
 	rm -rf build-cmake
@@ -68,6 +55,22 @@ cmake-build: build
 
 cuda-sources: setup
 	PYTHON=$(PY) .ci/check_cuda_sources.sh
+
+# Machine code of every kernel without a GPU: Triton 3.6 (the GPU machines' version; needs
+# numpy < 2.3) in its own venv compiles the attention kernels for sm_90a and sm_80, nvcc
+# -Xptxas -v the .cu files; writes benchmarks/results/inspect_<target>.md and fails when a
+# hot configuration spills, loses vector loads, cp.async or tensor-core ops (CI gate).
+INSPECT_VENV ?= .venv-inspect
+INSPECT_DEPS := torch==2.13.0 triton==3.6.0 'numpy<2.3'
+
+$(INSPECT_VENV)/.deps-installed:
+	$(PYTHON) -m venv $(INSPECT_VENV)
+	$(INSPECT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(INSPECT_VENV)/bin/python -m pip install -q $(INSPECT_DEPS)
+	touch $@
+
+inspect: $(INSPECT_VENV)/.deps-installed
+	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check
 
 # On a CUDA machine: build with CUDA, run CUDA tests and benchmarks (benchmarks/gpu_check.sh).
 gpu-check:

@@ -73,6 +73,16 @@ fi
 save bench.log benchmarks/results/"$stem"*
 log "benchmarks took $((SECONDS - start)) s"
 
+# Achieved bandwidth of each attention kernel against inspect_kernels.py's bytes-moved
+# estimate (compulsory traffic at B=32, H=16, N=256): how far each kernel is from the
+# memory roofline, next to the machine-code tables in benchmarks/results/inspect_*.md.
+log "attention bandwidth vs. bytes estimate"
+start=$SECONDS
+$PY benchmarks/inspect_kernels.py --bandwidth 2>&1 | tee bandwidth.log | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+save bandwidth.log benchmarks/results/bandwidth_*.md
+log "bandwidth took $((SECONDS - start)) s"
+
 # Optional, best as a second device call (torch.compile of whole-model baselines takes
 # minutes): DiT blocks and DMFTs (B/2, XL/2), fwd / fwd+bwd / fwd+jvp / jvp+bwd, with
 # model_jvp against eager torch.func.jvp and torch.compile (issue targets: XL/2 model_jvp at

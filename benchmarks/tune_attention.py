@@ -1,6 +1,6 @@
 """Sweeps the Triton attention kernels' launch configs (BLOCK_M, BLOCK_N, num_warps,
 num_stages) at DiT shapes on a GPU and prints the fastest per kernel and shape, so that
-the defaults in dmf_kernels/attention_triton.py (_default_config) can be set from
+the defaults in dmf_kernels/attention_triton.py (_default_blocks) can be set from
 measurements. Writes benchmarks/results/<gpu>_<date>_attention_tuning.json.
 
     python -m benchmarks.tune_attention            # bf16, DiT-B/2 and DiT-XL/2 shapes

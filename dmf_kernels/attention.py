@@ -30,13 +30,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _use_triton(q: Tensor) -> bool:
     # float64 always takes the blockwise PyTorch path (exact checks); CPU tensors too,
-    # except under TRITON_INTERPRET=1 where the Triton kernels run on the CPU (tests), for
-    # fp32/fp16 only: the interpreter computes garbage for tl.dot on bf16 operands.
+    # except under TRITON_INTERPRET=1 where the Triton kernels run on the CPU (tests) --
+    # but not bf16 ones: the interpreter computes garbage for tl.dot on bf16 operands.
     if q.dtype == torch.float64:
         return False
     if q.is_cuda:
         return True
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" and q.dtype != torch.bfloat16
+    return q.dtype != torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton():

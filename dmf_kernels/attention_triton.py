@@ -28,6 +28,8 @@ dtype for the product with V; with large tangents it can still exceed fp16's 655
 row is divided by max(1, rowmax|.| / 2^14) before rounding and the product multiplied back
 (row scaling commutes with the product), so nothing overflows.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -43,30 +45,23 @@ def head_split(head_dim):
 
 
 @triton.jit
-def _al(s0, s1, s2, DIV8: tl.constexpr):
-    # Triton marks an integer argument divisible only when it is a multiple of 16; a row
-    # stride of 72 (DiT-XL/2's head dim) or a fused-qkv head stride never is, and then every
-    # load is scalar and nothing is pipelined with cp.async. When the launcher has checked
-    # that these strides are multiples of 8 (DIV8), s // 8 * 8 is the same value with the
-    # divisibility visible to the compiler: 16-byte vector loads in bf16/fp16. Measured on
-    # the sm_90a JVP kernel at D=72: 160 scalar ld.global.b16 and 0 cp.async before.
-    if DIV8:
-        return s0 // 8 * 8, s1 // 8 * 8, s2 // 8 * 8
+def _div8(s, ALIGN8: tl.constexpr):
+    # Triton marks an integer argument divisible only when it is a multiple of 16, so a row
+    # stride of 72 (D = 72, or a fused-qkv head stride) reads as unaligned and every load
+    # becomes a scalar 2-byte load with no cp.async (triton 3.6, sm_90a, bf16 JVP: 160
+    # ld.global.b16, 0 cp.async, 255 registers). The launcher sets ALIGN8 when every
+    # non-last stride is a multiple of 8 elements; rounding under it is then a no-op that
+    # tells the compiler so (16-byte vectors for 16-bit dtypes, cp.async back).
+    if ALIGN8:
+        return s // 8 * 8
     else:
-        return s0, s1, s2
+        return s
 
 
 @triton.jit
-def _program(NQ, H, BLOCK_M: tl.constexpr):
-    # A 1-D grid (query blocks fastest, so consecutive programs share K/V in L2): the second
-    # grid axis of CUDA stops at 65535, i.e. B * H <= 65535 (B = 4096 at H = 16). Batch and
-    # head indices are int64 so that b * stride_b cannot overflow (fused qkv at B = 256,
-    # N = 4096, H = 16, D = 72 has (B - 1) * stride_b > 2^31).
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(NQ, BLOCK_M)
-    pid_m = pid % n_blocks
-    bh = (pid // n_blocks).to(tl.int64)
-    return pid_m, bh, bh // H, bh % H
+def _bh_offset(b, h, stride_b, stride_h, ALIGN8: tl.constexpr):
+    # int64: (B - 1) * stride_b passes 2^31 for a fused qkv view at B=256, N=4096, H=16, D=72.
+    return b.to(tl.int64) * _div8(stride_b, ALIGN8) + h.to(tl.int64) * _div8(stride_h, ALIGN8)
 
 
 @triton.jit
@@ -94,21 +89,24 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     H, NQ, NK, qk_scale,
-    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_DIV8: tl.constexpr,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, bh, b, h = _program(NQ, H, BLOCK_M)
-    sqb, sqh, sqn = _al(sqb, sqh, sqn, STRIDE_DIV8)
-    skb, skh, skn = _al(skb, skh, skn, STRIDE_DIV8)
-    svb, svh, svn = _al(svb, svh, svn, STRIDE_DIV8)
-    sob, soh, son = _al(sob, soh, son, STRIDE_DIV8)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    son = _div8(son, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     m_mask = offs_m < NQ
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
     q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
@@ -135,12 +133,12 @@ def _attn_fwd_kernel(
             v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
-    o_base = O + b * sob + h * soh
+    o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)
     _store_rows(o_base, (acc0 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     if HAS_D1:
         _store_rows(o_base, (acc1 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d1, sod, m_mask, HEAD_D)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + bh * NQ + offs_m, lse, mask=m_mask)
+    tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=m_mask)
 
 
 @triton.jit
@@ -161,29 +159,31 @@ def _attn_jvp_kernel(
     sob, soh, son, sod,
     H, NQ, NK, qk_scale,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
-    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_GUARD: tl.constexpr,
-    STRIDE_DIV8: tl.constexpr,
 ):
-    pid_m, bh, b, h = _program(NQ, H, BLOCK_M)
-    sqb, sqh, sqn = _al(sqb, sqh, sqn, STRIDE_DIV8)
-    skb, skh, skn = _al(skb, skh, skn, STRIDE_DIV8)
-    svb, svh, svn = _al(svb, svh, svn, STRIDE_DIV8)
-    sqdb, sqdh, sqdn = _al(sqdb, sqdh, sqdn, STRIDE_DIV8)
-    skdb, skdh, skdn = _al(skdb, skdh, skdn, STRIDE_DIV8)
-    svdb, svdh, svdn = _al(svdb, svdh, svdn, STRIDE_DIV8)
-    sob, soh, son = _al(sob, soh, son, STRIDE_DIV8)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    sqdn = _div8(sqdn, ALIGN8)
+    skdn = _div8(skdn, ALIGN8)
+    svdn = _div8(svdn, ALIGN8)
+    son = _div8(son, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     m_mask = offs_m < NQ
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    qd_base = QD + b * sqdb + h * sqdh
-    kd_base = KD + b * skdb + h * skdh
-    vd_base = VD + b * svdb + h * svdh
+    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
+    qd_base = QD + _bh_offset(b, h, sqdb, sqdh, ALIGN8)
+    kd_base = KD + _bh_offset(b, h, skdb, skdh, ALIGN8)
+    vd_base = VD + _bh_offset(b, h, svdb, svdh, ALIGN8)
     q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
     if HAS_QD:
         qd0 = _load_rows(qd_base, offs_m, sqdn, d0, sqdd, m_mask, HEAD_D)
@@ -249,8 +249,8 @@ def _attn_jvp_kernel(
         c_i = c_new
     # sum(p (S_dot - mu)) = 0 at the final centre, so O_dot = acc_t / l.
     inv_l = 1.0 / l_i
-    o_base = O + b * sob + h * soh  # O and OD share strides (both allocated contiguous)
-    od_base = OD + b * sob + h * soh
+    o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)  # O and OD share strides (both allocated contiguous)
+    od_base = OD + _bh_offset(b, h, sob, soh, ALIGN8)
     _store_rows(o_base, (acc_o0 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     _store_rows(od_base, (acc_t0 * inv_l[:, None]).to(OD.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     if HAS_D1:
@@ -258,23 +258,26 @@ def _attn_jvp_kernel(
         _store_rows(od_base, (acc_t1 * inv_l[:, None]).to(OD.dtype.element_ty), offs_m, son, d1, sod, m_mask,
                     HEAD_D)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + bh * NQ + offs_m, lse, mask=m_mask)
+    tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=m_mask)
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, NQ,
-                                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                                STRIDE_DIV8: tl.constexpr):
+                                ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_M: tl.constexpr):
     # delta = rowsum(O * dO), the softmax-backward correction.
-    pid_m, bh, b, h = _program(NQ, H, BLOCK_M)
-    sob, soh, son = _al(sob, soh, son, STRIDE_DIV8)
-    sdob, sdoh, sdon = _al(sdob, sdoh, sdon, STRIDE_DIV8)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    son = _div8(son, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < NQ
-    o = _load_rows(O + b * sob + h * soh, offs_m, son, d, sod, m_mask, HEAD_D).to(tl.float32)
-    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d, sdod, m_mask, HEAD_D).to(tl.float32)
-    tl.store(DELTA + bh * NQ + offs_m, tl.sum(o * do, 1), mask=m_mask)
+    o = _load_rows(O + _bh_offset(b, h, sob, soh, ALIGN8), offs_m, son, d, sod, m_mask, HEAD_D).to(tl.float32)
+    do = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d, sdod, m_mask, HEAD_D).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, 1), mask=m_mask)
 
 
 @triton.jit
@@ -283,31 +286,34 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
     sdkb, sdkh, sdkn, sdkd,
     H, NQ, NK, qk_scale,
-    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_DIV8: tl.constexpr,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One key block per program; loops over all query blocks. Works on transposed scores
     # sT = K Q^T so dk and dv accumulate as [BLOCK_N, D] without transposes.
-    pid_n, bh, b, h = _program(NK, H, BLOCK_N)
-    sqb, sqh, sqn = _al(sqb, sqh, sqn, STRIDE_DIV8)
-    skb, skh, skn = _al(skb, skh, skn, STRIDE_DIV8)
-    svb, svh, svn = _al(svb, svh, svn, STRIDE_DIV8)
-    sdob, sdoh, sdon = _al(sdob, sdoh, sdon, STRIDE_DIV8)
-    sdkb, sdkh, sdkn = _al(sdkb, sdkh, sdkn, STRIDE_DIV8)
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
+    sdkn = _div8(sdkn, ALIGN8)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     n_mask = offs_n < NK
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
-    k0 = _load_rows(K + b * skb + h * skh, offs_n, skn, d0, skd, n_mask, HEAD_D)
-    v0 = _load_rows(V + b * svb + h * svh, offs_n, svn, d0, svd, n_mask, HEAD_D)
+    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    do_base = DO + _bh_offset(b, h, sdob, sdoh, ALIGN8)
+    k0 = _load_rows(K + _bh_offset(b, h, skb, skh, ALIGN8), offs_n, skn, d0, skd, n_mask, HEAD_D)
+    v0 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d0, svd, n_mask, HEAD_D)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if HAS_D1:
-        k1 = _load_rows(K + b * skb + h * skh, offs_n, skn, d1, skd, n_mask, HEAD_D)
-        v1 = _load_rows(V + b * svb + h * svh, offs_n, svn, d1, svd, n_mask, HEAD_D)
+        k1 = _load_rows(K + _bh_offset(b, h, skb, skh, ALIGN8), offs_n, skn, d1, skd, n_mask, HEAD_D)
+        v1 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d1, svd, n_mask, HEAD_D)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     for start_m in range(0, NQ, BLOCK_M):
@@ -322,8 +328,8 @@ def _attn_bwd_dkdv_kernel(
             doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D)
             sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
             dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
-        lse = tl.load(LSE + bh * NQ + m, mask=m_mask, other=0.0)
-        delta = tl.load(DELTA + bh * NQ + m, mask=m_mask, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
         pT = tl.where(m_mask[None, :], tl.exp(sT * qk_scale - lse[None, :]), 0.0)
         dsT = pT * (dpT - delta[None, :])
         dv0 = tl.dot(pT.to(v0.dtype), tl.trans(doT0), dv0, input_precision=DOT_PRECISION)
@@ -331,8 +337,8 @@ def _attn_bwd_dkdv_kernel(
         if HAS_D1:
             dv1 = tl.dot(pT.to(v1.dtype), tl.trans(doT1), dv1, input_precision=DOT_PRECISION)
             dk1 = tl.dot(dsT.to(k1.dtype), tl.trans(qT1), dk1, input_precision=DOT_PRECISION)
-    dk_base = DK + b * sdkb + h * sdkh  # DK and DV share strides (both allocated contiguous)
-    dv_base = DV + b * sdkb + h * sdkh
+    dk_base = DK + _bh_offset(b, h, sdkb, sdkh, ALIGN8)  # DK and DV share strides (both allocated contiguous)
+    dv_base = DV + _bh_offset(b, h, sdkb, sdkh, ALIGN8)
     _store_rows(dk_base, (dk0 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
     _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
     if HAS_D1:
@@ -346,31 +352,34 @@ def _attn_bwd_dq_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
     sdqb, sdqh, sdqn, sdqd,
     H, NQ, NK, qk_scale,
-    HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STRIDE_DIV8: tl.constexpr,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, bh, b, h = _program(NQ, H, BLOCK_M)
-    sqb, sqh, sqn = _al(sqb, sqh, sqn, STRIDE_DIV8)
-    skb, skh, skn = _al(skb, skh, skn, STRIDE_DIV8)
-    svb, svh, svn = _al(svb, svh, svn, STRIDE_DIV8)
-    sdob, sdoh, sdon = _al(sdob, sdoh, sdon, STRIDE_DIV8)
-    sdqb, sdqh, sdqn = _al(sdqb, sdqh, sdqn, STRIDE_DIV8)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
+    sdqn = _div8(sdqn, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     m_mask = offs_m < NQ
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    q0 = _load_rows(Q + b * sqb + h * sqh, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
-    do0 = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d0, sdod, m_mask, HEAD_D)
+    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
+    q0 = _load_rows(Q + _bh_offset(b, h, sqb, sqh, ALIGN8), offs_m, sqn, d0, sqd, m_mask, HEAD_D)
+    do0 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d0, sdod, m_mask, HEAD_D)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
-        q1 = _load_rows(Q + b * sqb + h * sqh, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
-        do1 = _load_rows(DO + b * sdob + h * sdoh, offs_m, sdon, d1, sdod, m_mask, HEAD_D)
+        q1 = _load_rows(Q + _bh_offset(b, h, sqb, sqh, ALIGN8), offs_m, sqn, d1, sqd, m_mask, HEAD_D)
+        do1 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d1, sdod, m_mask, HEAD_D)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * NQ + offs_m, mask=m_mask, other=0.0)
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
@@ -386,50 +395,41 @@ def _attn_bwd_dq_kernel(
         dq0 = tl.dot(ds, tl.trans(kT0), dq0, input_precision=DOT_PRECISION)
         if HAS_D1:
             dq1 = tl.dot(ds, tl.trans(kT1), dq1, input_precision=DOT_PRECISION)
-    dq_base = DQ + b * sdqb + h * sdqh
+    dq_base = DQ + _bh_offset(b, h, sdqb, sdqh, ALIGN8)
     _store_rows(dq_base, (dq0 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d0, sdqd, m_mask, HEAD_D)
     if HAS_D1:
         _store_rows(dq_base, (dq1 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d1, sdqd, m_mask, HEAD_D)
 
 
 # ---------------------------------------------------------------- launchers
-#
-# Each launcher builds its launches as plans (kernel, grid, args, options) and runs them; the
-# kernel inspection tool (benchmarks/inspect_kernels.py) compiles exactly the same plans for
-# sm_90a / sm_80 from meta tensors, so what it reports is what a GPU would run.
 
 
-class Launch:
-    def __init__(self, kernel, grid, args, options):
-        self.kernel, self.grid, self.args, self.options = kernel, grid, args, options
-
-    def run(self):
-        self.kernel[self.grid](*self.args, **self.options)
-
-
-def _default_config(kind, head_dim, interpret, arch=90):
-    """(BLOCK_M, BLOCK_N, num_warps), chosen from the sm_90a/sm_80 machine code
-    (benchmarks/inspect_kernels.py: no spills, cp.async pipelining, tensor cores) until a GPU
-    sweep (benchmarks/tune_attention.py) says better. `arch`: 90 for Hopper and newer, 80 for
-    Ampere (mma.sync needs more registers than wgmma for the same tile)."""
+def _default_blocks(kind, head_dim, interpret, capability=(9, 0)):
+    """(BLOCK_M, BLOCK_N, num_warps) per kernel, head dim and architecture: the largest tiles
+    that compile without spills for 16-bit inputs (benchmarks/results/inspect_sm_*.md,
+    triton 3.6; `make inspect` fails CI if one starts to spill)."""
     if interpret:  # the CPU interpreter's cost grows with tile size: small tiles, few programs
         return 16, 16, 4
-    if arch < 90:
-        if kind == "jvp":  # 64x32x4: 16-64 bytes of spills at D = 80/96; 32x32x4 still 28 (bf16, 96)
-            return (32, 32, 8) if head_dim > 72 else (64, 32, 4)
-        if kind == "bwd":  # dq: 28 bytes spilled at 64x64 (fp16, D = 64), 60 at 32x64 (D = 96);
-            return (32, 32, 4) if head_dim > 80 else (32, 64, 4)  # dkdv spills in every tile tried
-        if head_dim > 80:  # 64x64x4 spilled 8 bytes at D = 96
-            return 64, 32, 4
+    sm80 = capability[0] < 9  # mma.sync instead of wgmma: accumulators stay in registers
     if kind == "jvp":
-        # two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: at D = 128 with 4 warps
-        # the fp16 kernel spilled 32 bytes (255 registers); 8 warps halve the per-thread tile.
-        return 64, 32, 8 if head_dim > 96 else 4
+        # Two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: 221 registers at D=72 on
+        # sm_90a; at D=128 fp16 4 warps spill 24 bytes, 8 do not. On sm_80, 4 warps spill
+        # 16-44 bytes at D=72/128 and 8 warps do not (D=96 spills either way: 24 vs 36 bytes).
+        return 64, 32, 8 if head_dim == 128 or (sm80 and head_dim in (72, 80)) else 4
     if kind == "bwd":
-        # dK and dV accumulators: 4 warps spilled 24 (D = 96) and 96 bytes (D = 128) in dkdv.
-        return 64, 64, 8 if head_dim > 80 else 4
-    bm = 128 if head_dim <= 64 else 64
-    return bm, 64, 8 if bm >= 128 else 4  # a 128-row tile wants 8 warps
+        # dK, dV, K, V of a 64-key block held per program: with 4 warps D=96 spills 8 bytes and
+        # D=128 40 bytes on sm_90a; 8 warps halve the per-thread share (200 / 211 registers).
+        # sm_80: only D=128 is clean with 8 warps; D=64..96 spill with 4 or 8 (see the table).
+        if sm80:
+            return (64, 64, 8) if head_dim == 128 else (64, 64, 4)
+        return (64, 64, 8) if head_dim > 80 else (64, 64, 4)
+    return (128, 64, 8) if head_dim <= 64 else (64, 64, 4)  # a 128-row tile wants 8 warps
+
+
+def _capability(t):
+    # The architecture the kernels will be compiled for (inspect_kernels.py overrides this
+    # for meta tensors to compile each target's own launch configuration).
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (9, 0)
 
 
 def _interpreting():
@@ -439,31 +439,43 @@ def _interpreting():
 
 
 def _precision(dtype):
-    """tl.dot input precision. fp16/bf16 products are exact in fp32 accumulation. fp32 follows
-    torch.get_float32_matmul_precision(): "highest" (PyTorch's default) -> "ieee" (exact fp32,
-    no tensor cores), "high" -> "tf32x3" (three TF32 products, about fp32 accuracy, on tensor
-    cores), "medium" -> "tf32"."""
+    """tl.dot input precision. 16-bit inputs: native tensor-core products ("tf32" is then
+    ignored). fp32 inputs follow torch.get_float32_matmul_precision() like torch.matmul:
+    "highest" (PyTorch's default) -> "ieee", exact fp32 FMAs without tensor cores (and the
+    JVP kernel spills: ~3 KB at D=72 on sm_90a); "high" -> "tf32x3", three TF32 products
+    per product on tensor cores (wgmma), about fp32 accuracy; "medium" -> "tf32"."""
     if dtype != torch.float32:
-        return "tf32"  # ignored for fp16/bf16 operands
-    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[torch.get_float32_matmul_precision()]
+        return "tf32"
+    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
+
+
+def _align8(*tensors):
+    """ALIGN8: every non-last stride of every tensor is a multiple of 8 elements, so the
+    kernels may round them (see _div8). A view with, e.g., row stride 75 gets False."""
+    return all(s % 8 == 0 for t in tensors for s in t.stride()[:-1])
+
+
+# CUDA grid limits: x up to 2^31 - 1, y and z up to 65535. B * H goes on x (a DiT at
+# B=8192, H=16 passes 65535), the sequence blocks on y.
+_MAX_GRID_Y = 65535
+
+
+def _grid(blocks, bh):
+    if blocks > _MAX_GRID_Y:
+        raise ValueError(f"attention: {blocks} sequence blocks exceed the grid limit {_MAX_GRID_Y}; "
+                         "use a larger block or a shorter sequence")
+    if bh > 2**31 - 1:
+        raise ValueError(f"attention: B * H = {bh} exceeds the grid limit 2^31 - 1")
+    return (bh, blocks)
+
+
+def _device(t):
+    # Launch on the inputs' device, not the current one (multi-GPU).
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _strides(t):
     return tuple(t.stride())
-
-
-def _div8(*tensors):
-    """Whether every non-last stride is a multiple of 8 and every last stride is 1: then the
-    kernels may round the strides to show their divisibility (see _al)."""
-    return all(t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
-
-
-def _grid(n, block, B, H):
-    programs = triton.cdiv(n, block) * B * H
-    if programs >= 2**31:
-        raise ValueError(f"attention: {programs} programs exceed the CUDA grid limit 2^31 - 1 "
-                         f"(B={B}, H={H}, N={n}, block={block})")
-    return (programs,)
 
 
 # Tests set this: outputs are filled with NaN before each launch, so elements a kernel
@@ -473,115 +485,86 @@ POISON_OUTPUTS = False
 
 def _empty(*shape, device, dtype):
     t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if POISON_OUTPUTS and t.device.type != "meta" else t
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def _device(t):
-    # Launch on the inputs' GPU, not the current one (multi-GPU processes).
-    import contextlib
-
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _arch(t):
-    if t.is_cuda:
-        major, minor = torch.cuda.get_device_capability(t.device)
-        return major * 10 + minor
-    return 90
-
-
-def plan_fwd(q, k, v, scale, o, lse, block_m=None, block_n=None, num_warps=None, num_stages=2, arch=None):
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    d0, d1 = head_split(D)
-    bm, bn, w = _default_config("fwd", D, _interpreting(), arch or _arch(q))
-    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
-    return [Launch(_attn_fwd_kernel, _grid(NQ, bm, B, H),
-                   (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, NQ, NK, scale),
-                   dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
-                        DOT_PRECISION=_precision(q.dtype), STRIDE_DIV8=_div8(q, k, v, o),
-                        num_warps=num_warps, num_stages=num_stages))]
-
-
-def plan_jvp(q, k, v, q_dot, k_dot, v_dot, scale, o, o_dot, lse, block_m=None, block_n=None, num_warps=None,
-             num_stages=2, arch=None):
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    d0, d1 = head_split(D)
-    bm, bn, w = _default_config("jvp", D, _interpreting(), arch or _arch(q))
-    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
-    qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
-    return [Launch(_attn_jvp_kernel, _grid(NQ, bm, B, H),
-                   (q, k, v, qd, kd, vd, o, o_dot, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(qd),
-                    *_strides(kd), *_strides(vd), *_strides(o), H, NQ, NK, scale),
-                   dict(HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
-                        HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
-                        DOT_PRECISION=_precision(q.dtype), FP16_GUARD=q.dtype == torch.float16,
-                        STRIDE_DIV8=_div8(q, k, v, qd, kd, vd, o), num_warps=num_warps, num_stages=num_stages))]
-
-
-def plan_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, delta, block_m=None, block_n=None, num_warps=None,
-             num_stages=2, arch=None):
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    d0, d1 = head_split(D)
-    bm, bn, w = _default_config("bwd", D, _interpreting(), arch or _arch(q))
-    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or w
-    div8 = _div8(q, k, v, do, o, dq, dk)
-    common = dict(HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
-                  DOT_PRECISION=_precision(q.dtype), STRIDE_DIV8=div8, num_warps=num_warps, num_stages=num_stages)
-    return [
-        Launch(_attn_bwd_preprocess_kernel, _grid(NQ, bm, B, H),
-               (o, do, delta, *_strides(o), *_strides(do), H, NQ),
-               dict(HEAD_D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=bm, STRIDE_DIV8=div8)),
-        Launch(_attn_bwd_dkdv_kernel, _grid(NK, bn, B, H),
-               (q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                *_strides(dk), H, NQ, NK, scale), common),
-        Launch(_attn_bwd_dq_kernel, _grid(NQ, bm, B, H),
-               (q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                *_strides(dq), H, NQ, NK, scale), common),
-    ]
-
-
-def attention_fwd(q, k, v, scale, **config):
+def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
     """o (B, H, NQ, D) like q, contiguous; lse (B, H, NQ) float32."""
     B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    d0, d1 = head_split(D)
+    bm, bn, nw = _default_blocks("fwd", D, _interpreting(), _capability(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
+    grid = _grid(triton.cdiv(NQ, bm), B * H)
     with _device(q):
-        for launch in plan_fwd(q, k, v, scale, o, lse, **config):
-            launch.run()
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            H, NQ, NK, scale, ALIGN8=_align8(q, k, v, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
+            BLOCK_M=bm, BLOCK_N=bn,
+            DOT_PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        )
     return o, lse
 
 
-def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, **config):
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
     """One pass: o, o_dot (B, H, NQ, D) contiguous, lse (B, H, NQ) float32. A None tangent is
     zero and its products are skipped."""
     B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    d0, d1 = head_split(D)
+    bm, bn, nw = _default_blocks("jvp", D, _interpreting(), _capability(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     o_dot = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, o_dot, lse
+    qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
+    grid = _grid(triton.cdiv(NQ, bm), B * H)
     with _device(q):
-        for launch in plan_jvp(q, k, v, q_dot, k_dot, v_dot, scale, o, o_dot, lse, **config):
-            launch.run()
+        _attn_jvp_kernel[grid](
+            q, k, v, qd, kd, vd, o, o_dot, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
+            H, NQ, NK, scale,
+            HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
+            ALIGN8=_align8(q, k, v, qd, kd, vd, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm,
+            BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype), FP16_GUARD=q.dtype == torch.float16,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return o, o_dot, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, **config):
+def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
     """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
+    d0, d1 = head_split(D)
+    bm, bn, nw = _default_blocks("bwd", D, _interpreting(), _capability(q))
+    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
     dq = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     dk = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
     dv = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
+    bd = triton.next_power_of_2(D)
+    align8 = _align8(q, k, v, o, do, dq)
     with _device(q):
-        for launch in plan_bwd(do, q, k, v, o, lse, scale, dq, dk, dv, delta, **config):
-            launch.run()
+        _attn_bwd_preprocess_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
+            o, do, delta, *_strides(o), *_strides(do), H, NQ, ALIGN8=align8, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm)
+    common = dict(ALIGN8=align8, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
+                  DOT_PRECISION=_precision(q.dtype),
+                  num_warps=num_warps, num_stages=num_stages)
+    with _device(q):
+        _attn_bwd_dkdv_kernel[_grid(triton.cdiv(NK, bn), B * H)](
+            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+            H, NQ, NK, scale, **common)
+        _attn_bwd_dq_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
+            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            H, NQ, NK, scale, **common)
     return dq, dk, dv
+

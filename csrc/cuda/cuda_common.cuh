@@ -89,27 +89,32 @@ __device__ __forceinline__ int64_t team_index() {
 // Launch shape for rows of `dim` elements read `vec` at a time. Short rows (at most 128
 // vectors) get one warp each, 4 rows per 128-thread block; longer rows one block of up to
 // 512 threads (launch bound: 128 registers per thread). Each thread keeps EPT elements of
-// the row in registers: 16, or 32 for rows beyond 512 * 16 = 8192 elements.
+// the row in registers, the smallest of 8, 16, 32 that holds its share: per-thread arrays
+// sized for 16 when 8 suffice cost registers and occupancy (norm_mod_bwd, bf16, D=1152:
+// 160 threads hold 8 elements each; EPT=16 compiled to 128 registers, 3 blocks/SM, so the
+// 512 teams of B*N=16384 rows took two waves on 132 SMs; EPT=8 fits one).
 constexpr int kRowThreads = 512;
+// CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535. Launchers check before
+// casting to unsigned (an unchecked cast would launch a wrapped, smaller grid).
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridY = 65535;
 
 struct RowLaunch {
   bool warp;
-  int ept;             // elements per thread the kernel is instantiated for: 8, 16 or 32
+  int ept;             // elements per thread: 8, 16 or 32
   int threads;         // threads per row team
   int rows_per_block;  // teams per block
 };
 
-// Per-thread arrays are sized by EPT, and the register count follows them even where
-// fewer elements are used: at D = 1152 bf16 (160 threads x 8 elements) the backward
-// compiled to 128 registers with EPT = 16 and 64 with EPT = 8 (sm_90a), which at B*N = 16384
-// rows is one wave instead of two. So block teams get the smallest EPT that holds the row.
+inline int ept_for(int64_t per_thread) { return per_thread <= 8 ? 8 : per_thread <= 16 ? 16 : 32; }
+
 inline RowLaunch row_launch(int64_t dim, int vec) {
   const int64_t nvec = ceil_div(dim, vec);
-  if (nvec <= 32 * 4 && nvec * vec <= 32 * 16) return RowLaunch{true, 16, 32, 4};
+  if (nvec <= 32 * 4 && nvec * vec <= 32 * 16)
+    return RowLaunch{true, ept_for(ceil_div(nvec, 32) * vec), 32, 4};
   int64_t threads = ceil_div(nvec, 32) * 32;
   if (threads > kRowThreads) threads = kRowThreads;
-  const int64_t need = ceil_div(nvec, threads) * vec;
-  return RowLaunch{false, need <= 8 ? 8 : need <= 16 ? 16 : 32, static_cast<int>(threads), 1};
+  return RowLaunch{false, ept_for(ceil_div(nvec, threads) * vec), static_cast<int>(threads), 1};
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -143,10 +148,12 @@ template <typename T, typename F>
 void dispatch_shape(bool vectorise, const RowLaunch& L, F&& f) {
   constexpr int kVec = sizeof(T) == 8 ? 1 : 16 / sizeof(T);
   auto by_vec = [&](auto v) {
-    if (L.warp) f(v, std::true_type{}, std::integral_constant<int, 16>{});
-    else if (L.ept == 32) f(v, std::false_type{}, std::integral_constant<int, 32>{});
+    if (L.warp) {
+      if (L.ept == 8) f(v, std::true_type{}, std::integral_constant<int, 8>{});
+      else f(v, std::true_type{}, std::integral_constant<int, 16>{});
+    } else if (L.ept == 8) f(v, std::false_type{}, std::integral_constant<int, 8>{});
     else if (L.ept == 16) f(v, std::false_type{}, std::integral_constant<int, 16>{});
-    else f(v, std::false_type{}, std::integral_constant<int, 8>{});
+    else f(v, std::false_type{}, std::integral_constant<int, 32>{});
   };
   if (vectorise && kVec > 1) by_vec(std::integral_constant<int, kVec>{});
   else by_vec(std::integral_constant<int, 1>{});
@@ -167,9 +174,14 @@ cudaError_t launch_row_kernel(DType dtype, int64_t dim, std::initializer_list<co
     using T = decltype(t);
     const bool vec = vec_ok(dim, sizeof(T), ptrs, strides);
     const RowLaunch L = row_launch(dim, row_vec(vec, sizeof(T)));
+    const int64_t blocks = ceil_div(teams, L.rows_per_block);
+    if (blocks > kMaxGridX) {
+      err = cudaErrorInvalidConfiguration;
+      return;
+    }
     dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
       const dim3 block(L.threads, L.rows_per_block);
-      const dim3 grid(static_cast<unsigned>(ceil_div(teams, L.rows_per_block)));
+      const dim3 grid(static_cast<unsigned>(blocks));
       void* args[] = {const_cast<Params*>(&params)};
       err = cudaLaunchKernel(make_kernel(t, v, w, e), grid, block, args, 0, stream);
     });

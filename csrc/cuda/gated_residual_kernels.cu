@@ -105,7 +105,12 @@ cudaError_t launch(const GatedResidualParams& p, std::initializer_list<const voi
     auto go = [&](auto v) {
       constexpr int VEC = decltype(v)::value;
       const int64_t items = (p.rows / p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
-      const dim3 grid(static_cast<unsigned>(items), static_cast<unsigned>(ceil_div(ceil_div(p.dim, VEC), kThreads)));
+      const int64_t col_tiles = ceil_div(ceil_div(p.dim, VEC), kThreads);
+      if (items > kMaxGridX || col_tiles > kMaxGridY) {  // checked before the unsigned casts
+        err = cudaErrorInvalidConfiguration;
+        return;
+      }
+      const dim3 grid(static_cast<unsigned>(items), static_cast<unsigned>(col_tiles));
       void* args[] = {const_cast<GatedResidualParams*>(&p)};
       err = cudaLaunchKernel(make_kernel(t, v), grid, dim3(kThreads), args, 0, stream);
     };

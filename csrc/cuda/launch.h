@@ -9,7 +9,8 @@
 namespace dmf {
 namespace cuda {
 
-// Rows are held in registers: at most 16 elements per thread and 1024 threads per row.
+// Rows are held in registers: at most 32 elements per thread and 512 threads per row
+// (kRowThreads, cuda_common.cuh).
 constexpr int64_t kMaxDim = 16384;
 
 cudaError_t norm_mod_fwd(const NormModFwdParams& p, cudaStream_t stream);

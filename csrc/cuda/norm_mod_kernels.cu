@@ -1,7 +1,7 @@
 // CUDA kernels of the LayerNorm-and-modulate family (adaln_modulate, gated_residual_adaln).
 //
-// One team (a warp for rows of at most 128 vectors, else one block of up to 1024 threads)
-// per row; the row lives in registers (at most 16 elements per thread), so x is read from
+// One team (a warp for rows of at most 128 vectors, else one block of up to 512 threads)
+// per row; the row lives in registers (8, 16 or 32 elements per thread, see row_launch), so x is read from
 // memory once per pass: fwd reads x (+ gate, y) and writes out (+ x_out); jvp additionally
 // reads the tangents and writes out_dot. Statistics by the exact two-pass formula over
 // the registers, in fp32 (fp64 for fp64). The backward gives each team a chunk of
