@@ -44,13 +44,17 @@ REF_ROWS = 16384
 # ---------------------------------------------------------------- Triton
 
 
-def _load_attention_triton():
+def _load_triton_module(name):
     # Load the module file alone: importing the package would load the compiled extension,
     # built against the main venv.
-    spec = importlib.util.spec_from_file_location("attention_triton", ROOT / "dmf_kernels" / "attention_triton.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "dmf_kernels" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_attention_triton():
+    return _load_triton_module("attention_triton")
 
 
 class _Recorder:
@@ -131,6 +135,18 @@ def triton_launches(cc=90, B=REF_B, H=REF_H, N=REF_N):
                                         dtype=label, D=D, layout=layout, fn=fn,
                                         grid=grid, args=args, kwargs=kwargs, bytes=nbytes[name]))
     torch.set_float32_matmul_precision(old_prec)
+    # gelu_tanh's one-pass dual (the MLP activation of DiT-XL/2: B * N * 4 * 1152 elements)
+    gt = _load_triton_module("gelu_triton")
+    gt._gelu_tanh_jvp_kernel = _Recorder("_gelu_tanh_jvp_kernel", gt._gelu_tanh_jvp_kernel, log)
+    n = B * N * 4 * 1152
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        log.clear()
+        a = torch.empty(n, dtype=dtype, device="meta")
+        gt.gelu_tanh_jvp(a, a)
+        for name, fn, grid, args, kwargs in log:
+            out.append(dict(kernel="gelu_tanh_jvp", dtype=str(dtype).replace("torch.", ""), D=4 * 1152,
+                            layout="contig", fn=fn, grid=grid, args=args, kwargs=kwargs,
+                            bytes=4 * n * dtype.itemsize))
     return out
 
 
@@ -414,6 +430,10 @@ def gate(trows, crows, arch):
             bad.append(("spills", cells))
         if r["ld"] and max(r["ld"]) < 64 and r["kernel"] != "attn_bwd_preprocess":
             bad.append(("no vectorised global loads", cells))
+        if r["kernel"] == "gelu_tanh_jvp":  # elementwise: 16-byte loads, nothing to pipeline or multiply
+            if not r["ld"] or max(r["ld"]) < 128:
+                bad.append(("no 16-byte global loads", cells))
+            continue
         if r["kernel"] != "attn_bwd_preprocess":
             if r["wgmma"] + r["mma"] == 0:
                 bad.append(("no tensor-core ops", cells))

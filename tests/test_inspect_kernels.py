@@ -56,6 +56,10 @@ def test_gate_reports_the_broken_row():
     scalar = dict(good, ld={16: 160}, cp_async=0, spill_st=8)
     reasons = {why for why, row in ik.gate([scalar], [], "sm_90a") if "attn_jvp" in row}
     assert reasons == {"spills", "no vectorised global loads", "no cp.async (loads not pipelined)"}
+    gelu = dict(good, kernel="gelu_tanh_jvp", cp_async=0, wgmma=0)  # elementwise: only loads and spills
+    assert [why for why, row in ik.gate([gelu], [], "sm_90a") if "gelu" in row] == []
+    assert [why for why, row in ik.gate([dict(gelu, ld={64: 8})], [], "sm_90a") if "gelu" in row] == \
+        ["no 16-byte global loads"]
 
 
 def test_row_launch_mirror_matches_the_issue_shapes():
