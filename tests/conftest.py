@@ -58,6 +58,17 @@ def mod_param(form, B, N, D, device, dtype, scale=0.5, seed=None):
     return rand(*shapes[form], device=device, dtype=dtype, scale=scale, seed=seed)
 
 
+def randomize_params(model, seed=0, scale=0.3):
+    """Random values (float64 draws, cast to each parameter) for every trainable parameter: the
+    adaLN-Zero init (zero modulation, zero final layer) would hide most errors in a comparison."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+    return model
+
+
 def build_has_cuda():
     return dmf_kernels.build_info()["cuda"]
 

@@ -4,6 +4,8 @@ unexpected keys are reported and dropped, shape mismatches refused."""
 import pytest
 import torch
 
+from conftest import randomize_params
+
 from dmf import DMFT
 from dmf.convert import convert, model_from_checkpoint, read, save_atomic
 from dmf.errors import DMFError
@@ -12,14 +14,6 @@ from replicas import official_dmf as rdmf
 
 GEOM = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=48, num_heads=3, num_classes=10)
 
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
 
 
 def inputs(B=3):
@@ -31,7 +25,7 @@ def inputs(B=3):
 def test_sit_repa_checkpoint(tmp_path):
     """A SiT/REPA-style flow model (the official DMFT at r = t, without logvar) with projector
     weights in a {"model", "ema", "opt", "args"} checkpoint."""
-    flow = randomize(rdmf.DMFT(**GEOM, depth=3, dmf_depth=3)).eval()
+    flow = randomize_params(rdmf.DMFT(**GEOM, depth=3, dmf_depth=3)).eval()
     sd = dict(flow.state_dict(), **{"projectors.0.0.weight": torch.zeros(4, 48), "projectors.0.0.bias": torch.zeros(4)})
     torch.save({"model": {f"module.{k}": torch.zeros_like(v) for k, v in sd.items()}, "ema": sd, "steps": 10},
                tmp_path / "sit.pt")
@@ -53,7 +47,7 @@ def test_sit_repa_checkpoint(tmp_path):
 
 def test_dit_learn_sigma(tmp_path):
     """A bare facebookresearch/DiT state dict: 2C output channels, keep the first C."""
-    dit = randomize(rdit.DiT(**{k: v for k, v in GEOM.items()}, depth=2, learn_sigma=True)).eval().double()
+    dit = randomize_params(rdit.DiT(**{k: v for k, v in GEOM.items()}, depth=2, learn_sigma=True)).eval().double()
     torch.save(dit.state_dict(), tmp_path / "dit.pt")
     logs = []
     convert(tmp_path / "dit.pt", tmp_path / "dmf.pt", num_heads=3, log=logs.append)
@@ -65,8 +59,8 @@ def test_dit_learn_sigma(tmp_path):
 
 
 def test_our_stage1_round_trip(tmp_path):
-    flow = randomize(DMFT(**GEOM, depth=2, dmf_depth=1))
-    ema = randomize(DMFT(**GEOM, depth=2, dmf_depth=1), seed=5)
+    flow = randomize_params(DMFT(**GEOM, depth=2, dmf_depth=1))
+    ema = randomize_params(DMFT(**GEOM, depth=2, dmf_depth=1), seed=5)
     args = dict(GEOM, depth=2, dmf_depth=1, mlp_ratio=4.0, use_logvar=False, qk_norm=False)
     save_atomic({"format": "dmf-1", "model": flow.state_dict(), "ema": ema.state_dict(), "model_args": args,
                  "stage": "flow", "data_kind": "unit", "config": {"stage": "flow"}, "step": 3}, tmp_path / "f.pt")

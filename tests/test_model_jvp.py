@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dmf_kernels as dk
-from conftest import assert_f64, rand
+from conftest import assert_f64, rand, randomize_params
 from dmf import DMFT
 from replicas import official_dmf as rdmf
 
@@ -18,11 +18,7 @@ KW = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=48, num_heads=3
 
 def models(device, depth=3, dmf_depth=2, qk_norm=False, seed=0):
     ref = rdmf.DMFT(**KW, depth=depth, dmf_depth=dmf_depth, qk_norm=qk_norm).double().to(device)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # adaLN-Zero and the zero final layer would hide most errors
-        for p in ref.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(device) * 0.3)
+    randomize_params(ref, seed)
     ours = DMFT(**KW, depth=depth, dmf_depth=dmf_depth, qk_norm=qk_norm).double().to(device)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref

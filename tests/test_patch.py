@@ -10,7 +10,7 @@ import torch.nn as tnn
 import torch.autograd.forward_ad as fwAD
 
 import dmf_kernels as dk
-from conftest import assert_f64
+from conftest import assert_f64, randomize_params
 from replicas import dit as rdit
 from replicas import official_dmf as rdmf
 from replicas import timm_layers
@@ -19,21 +19,13 @@ pytestmark = pytest.mark.usefixtures("rms_statistic_in_input_dtype")
 SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=48, num_heads=3, num_classes=10)
 
 
-def randomised(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
-    return model
-
 
 def build(kind, depth=3, qk_norm=False):
     if kind == "dit":
         model = rdit.DiT(**SMALL, depth=depth)
     else:
         model = rdmf.DMFT(**SMALL, depth=depth, dmf_depth=2, qk_norm=qk_norm)
-    return randomised(model.double())
+    return randomize_params(model.double())
 
 
 def call(kind, model, y):
