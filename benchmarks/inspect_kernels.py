@@ -410,13 +410,11 @@ def _hot_triton(r):
     return r["dtype"] in ("bfloat16", "float16")
 
 
-# Targets where a spill in a hot Triton kernel, or a CUDA backward needing a second wave,
-# fails the gate. sm_80 (A100) is inspected and gated on vector loads, cp.async and
-# tensor-core ops, but its attention backward (dK/dV) at D=64..96 and the JVP at D=96 still
-# spill with every tile tried (64x64, 32x32, 32x64, 64x32; 4 and 8 warps) and norm_mod_bwd
-# needs 87 registers there (two waves on 108 SMs): known, listed in the table, not gated
-# until fixed. Our GPU machines are H100/H200 (sm_90a), which is gated strictly.
-STRICT_SPILLS = ("sm_90a",)
+# A spill in a hot kernel fails the gate on every target. A CUDA backward needing a second
+# wave at B*N=16384, D=1152 fails it on the targets listed here: sm_90a (H100/H200, our GPU
+# machines); on sm_80 norm_mod_bwd needs 87 registers (4 blocks of 160 threads per SM, 512
+# teams on 108 SMs: two waves), known and listed in the table.
+ONE_WAVE_TARGETS = ("sm_90a",)
 
 
 def gate(trows, crows, arch):
@@ -426,7 +424,7 @@ def gate(trows, crows, arch):
         if not _hot_triton(r):
             continue
         cells = _md_row(_triton_cells(r))
-        if r["spill_st"] + r["spill_ld"] and arch in STRICT_SPILLS:
+        if r["spill_st"] + r["spill_ld"]:
             bad.append(("spills", cells))
         if r["ld"] and max(r["ld"]) < 64 and r["kernel"] != "attn_bwd_preprocess":
             bad.append(("no vectorised global loads", cells))
@@ -439,7 +437,7 @@ def gate(trows, crows, arch):
                 bad.append(("no tensor-core ops", cells))
             if r["cp_async"] == 0:
                 bad.append(("no cp.async (loads not pipelined)", cells))
-    for h in cuda_hot(crows, arch):
+    for h in cuda_hot(crows, arch) if crows else ():  # crows empty: --only triton
         if h["dtype"] == "fp32":
             continue
         cells = _md_row(_hot_cells(h))
@@ -451,7 +449,7 @@ def gate(trows, crows, arch):
             bad.append(("spills", cells))
         if not r["ld"] or max(r["ld"]) < 128:
             bad.append(("no 16-byte global loads", cells))
-        if h["D"] == 1152 and "_bwd" in h["name"] and h.get("waves", 0) > 1 and arch in STRICT_SPILLS:
+        if h["D"] == 1152 and "_bwd" in h["name"] and h.get("waves", 0) > 1 and arch in ONE_WAVE_TARGETS:
             bad.append(("backward needs more than one wave at B*N=16384", cells))
     return bad
 

@@ -414,14 +414,26 @@ def _default_blocks(kind, head_dim, interpret, capability=(9, 0)):
     if kind == "jvp":
         # Two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: 221 registers at D=72 on
         # sm_90a; at D=128 fp16 4 warps spill 24 bytes, 8 do not. On sm_80, 4 warps spill
-        # 16-44 bytes at D=72/128 and 8 warps do not (D=96 spills either way: 24 vs 36 bytes).
+        # 12-44 bytes at D=72..128 and 8 warps do not, except fp16 at D=96 (36 bytes: the fp16
+        # overflow guard); a 128-query tile with 8 warps is clean there (244 / 255 registers).
+        if sm80 and head_dim == 96:
+            return 128, 32, 8
         return 64, 32, 8 if head_dim == 128 or (sm80 and head_dim in (72, 80)) else 4
-    if kind == "bwd":
-        # dK, dV, K, V of a 64-key block held per program: with 4 warps D=96 spills 8 bytes and
-        # D=128 40 bytes on sm_90a; 8 warps halve the per-thread share (200 / 211 registers).
-        # sm_80: only D=128 is clean with 8 warps; D=64..96 spill with 4 or 8 (see the table).
+    if kind == "bwd_dkdv":
+        # One key block per program (BLOCK_N keys; K, V, dK, dV held for it), query chunks of
+        # BLOCK_M. sm_90a: with 4 warps D=96 spills 8 bytes and D=128 40 bytes; 8 warps halve
+        # the per-thread share (200 / 211 registers). sm_80 (mma.sync, warps split the rows, so
+        # 8 warps do not halve the operands): 64-query chunks spill at D=64..96 (220-760 bytes,
+        # and at D=96 ptxas gives up: 32 registers, 15 KB of spills); 16-query chunks are clean
+        # at every D (255 registers at D=72..96, 164 at 64); D=128 is clean at 64x64 w8.
         if sm80:
-            return (64, 64, 8) if head_dim == 128 else (64, 64, 4)
+            return (64, 64, 8) if head_dim == 128 else (16, 64, 4)
+        return (64, 64, 8) if head_dim > 80 else (64, 64, 4)
+    if kind == "bwd_dq":
+        # One query block per program, key chunks of BLOCK_N. sm_80: 64x64 w4 spills 36 bytes at
+        # D=96; 64x32 w4 is clean at D<=96 (160-255 registers), 64x64 w8 at 128 (170).
+        if sm80:
+            return (64, 64, 8) if head_dim == 128 else (64, 32, 4)
         return (64, 64, 8) if head_dim > 80 else (64, 64, 4)
     return (128, 64, 8) if head_dim <= 64 else (64, 64, 4)  # a 128-row tile wants 8 warps
 
@@ -539,12 +551,15 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
 
 
 def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
-    """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage)."""
+    """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage). The dK/dV and dQ
+    kernels have their own default tiles (_default_blocks "bwd_dkdv", "bwd_dq"); block_m,
+    block_n, num_warps given here override both."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn, nw = _default_blocks("bwd", D, _interpreting(), _capability(q))
-    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
+    cap, interp = _capability(q), _interpreting()
+    kv_cfg, q_cfg = (tuple(x or d for x, d in zip((block_m, block_n, num_warps), _default_blocks(kind, D, interp, cap)))
+                     for kind in ("bwd_dkdv", "bwd_dq"))
     dq = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     dk = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
     dv = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
@@ -554,17 +569,18 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
     bd = triton.next_power_of_2(D)
     align8 = _align8(q, k, v, o, do, dq)
     with _device(q):
-        _attn_bwd_preprocess_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, NQ, ALIGN8=align8, HEAD_D=D, BLOCK_D=bd, BLOCK_M=bm)
-    common = dict(ALIGN8=align8, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm, BLOCK_N=bn,
-                  DOT_PRECISION=_precision(q.dtype),
-                  num_warps=num_warps, num_stages=num_stages)
+        _attn_bwd_preprocess_kernel[_grid(triton.cdiv(NQ, q_cfg[0]), B * H)](
+            o, do, delta, *_strides(o), *_strides(do), H, NQ, ALIGN8=align8, HEAD_D=D, BLOCK_D=bd, BLOCK_M=q_cfg[0])
+    common = dict(ALIGN8=align8, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, DOT_PRECISION=_precision(q.dtype),
+                  num_stages=num_stages)
     with _device(q):
+        bm, bn, nw = kv_cfg
         _attn_bwd_dkdv_kernel[_grid(triton.cdiv(NK, bn), B * H)](
             q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-            H, NQ, NK, scale, **common)
+            H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **common)
+        bm, bn, nw = q_cfg
         _attn_bwd_dq_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
             q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, NQ, NK, scale, **common)
+            H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **common)
     return dq, dk, dv
 

@@ -106,6 +106,48 @@ def test_triton_attention_block_size_independent(tdev):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _gpu_default_tiles():
+    """Each distinct (kind, BLOCK_M, BLOCK_N) the launchers pick on sm_80 / sm_90a, with a head
+    dim that picks it: the interpreter checks the tile shapes a GPU will run."""
+    from dmf_kernels import attention_triton as at
+
+    seen = {}
+    for cap in ((8, 0), (9, 0)):
+        for D in (64, 72, 80, 96, 128):
+            for kind in ("fwd", "jvp", "bwd_dkdv", "bwd_dq"):
+                bm, bn, _ = at._default_blocks(kind, D, False, cap)
+                seen.setdefault((kind, bm, bn), D)
+    return [(kind, bm, bn, D) for (kind, bm, bn), D in sorted(seen.items())]
+
+
+@pytest.mark.parametrize("kind,bm,bn,D", _gpu_default_tiles(), ids=str)
+def test_triton_attention_gpu_default_tiles(tdev, kind, bm, bn, D):
+    from dmf_kernels import attention_triton as at
+    from dmf_kernels import reference as ref
+
+    B, H, NQ, NK = 1, 1, 37, 45  # partial last tiles in both directions for every tile size
+    scale = D ** -0.5
+    q, k, v = (t.float() for t in qkv(B, H, NQ, NK, D, tdev))
+    qd, kd, vd = (t.float() for t in qkv(B, H, NQ, NK, D, tdev, seed=7))
+    ro, rt = math_jvp(*(t.double() for t in (q, k, v, qd, kd, vd)), scale)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    if kind == "fwd":
+        o, _ = at.attention_fwd(q, k, v, scale, block_m=bm, block_n=bn)
+        torch.testing.assert_close(o.double(), ro, **tol)
+    elif kind == "jvp":
+        o, od, _ = at.attention_jvp(q, k, v, qd, kd, vd, scale, block_m=bm, block_n=bn)
+        torch.testing.assert_close(o.double(), ro, **tol)
+        torch.testing.assert_close(od.double(), rt, **tol)
+    else:
+        o, lse = at.attention_fwd(q, k, v, scale)
+        g = rand(*o.shape, device=tdev, seed=3).float()
+        grads = at.attention_bwd(g, q, k, v, o, lse, scale, block_m=bm, block_n=bn)
+        xs = [t.double().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(ref.attention(*xs, scale), xs, g.double())
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a.double(), b, **tol)
+
+
 def test_triton_attention_strided_inputs(tdev):
     from dmf_kernels import attention_triton as at
 
