@@ -153,7 +153,10 @@ def pin_cpu_allocator():
         return False
 
 
-def run_cases(cases, device, quick, log=print):
+def run_cases(cases, device, quick, log=print, stream=None):
+    """Times every case; a failing case is a row with its error. stream: a path to which each
+    row is appended as a JSON line the moment it is measured (a run killed by a time limit
+    keeps what it measured)."""
     rows = []
     min_time = 0.3 if quick else 1.0
     max_reps = 50 if quick else 200
@@ -169,6 +172,9 @@ def run_cases(cases, device, quick, log=print):
             row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         rows.append(row)
         log(format_row(row))
+        if stream:
+            with open(stream, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
         fn = None
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -20,6 +20,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     ap.add_argument("--only", nargs="*", default=None, help="suites to run, e.g. bench_adaln")
     ap.add_argument("--stem", default=None, help="results file name stem (default <device>_<date>)")
+    ap.add_argument("--providers", nargs="*", default=None,
+                    help="only these providers, e.g. dmf eager (skips the torch.compile baselines' compile time)")
+    ap.add_argument("--stream", default=None, help="append each row to this JSON-lines file as it is measured")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     torch.manual_seed(0)
@@ -31,7 +34,9 @@ def main(argv=None):
     rows = []
     for name in args.only or SUITES:
         suite = importlib.import_module(f"benchmarks.{name}")
-        rows += run_cases(list(suite.cases(args.device, dtype, args.quick)), args.device, args.quick)
+        cases = [c for c in suite.cases(args.device, dtype, args.quick)
+                 if args.providers is None or c.provider in args.providers]
+        rows += run_cases(cases, args.device, args.quick, stream=args.stream)
     paths = write_results(rows, args.device, dict(copy_gbps=copy_gbps, quick=args.quick, pinned_malloc=pinned),
                           stem=args.stem)
     print("\n" + paths[1].read_text())

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from conftest import HAS_CUDA, rand
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+# the cuda mark: gpu_check.sh selects the GPU tests with -m cuda
+pytestmark = [pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="needs TRITON_INTERPRET=1 or a CUDA GPU")] + \
+    ([pytest.mark.cuda] if DEVICE == "cuda" else [])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []),

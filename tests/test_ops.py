@@ -56,6 +56,7 @@ def test_opcheck_bf16_noncontiguous_x(device, name):
     torch.library.opcheck(getattr(ops, name).default, tuple(args))
 
 
+@pytest.mark.cuda  # also selected by gpu_check.sh's -m cuda: it checks the build has CUDA kernels
 def test_build_info():
     info = dk.build_info()
     assert info["cpu"] is True
