@@ -291,22 +291,25 @@ def compile_cuda(src, arch):
 
 
 def _short(demangled):
-    # "void dmf::cuda::(anonymous namespace)::norm_mod_bwd_kernel<__nv_bfloat16, 8, false, 16>(dmf::...)"
+    # "void dmf::cuda::(anonymous namespace)::norm_mod_bwd_kernel<__nv_bfloat16, 8, 0, 16>(dmf::...)":
+    # <storage type, VEC, TEAM lanes (0: one block per row), EPT>
     s = demangled.removeprefix("void ").replace("(anonymous namespace)::", "").replace("dmf::cuda::", "")
     s = re.sub(r"\([^()]*\)$", "", s)
     return s.replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace("float", "fp32") \
-        .replace("double", "fp64").replace("true", "warp").replace("false", "block")
+        .replace("double", "fp64")
 
 
 def row_launch(dim, vec):
-    """(warp team, EPT, threads per team, teams per block): mirrors row_launch() in
-    csrc/cuda/cuda_common.cuh (a drift shows up as a missing hot instantiation in the gate)."""
+    """(team lanes: 8/16/32, or 0 for one block per row; EPT; threads per team; teams per
+    block): mirrors row_launch() in csrc/cuda/cuda_common.cuh (a drift shows up as a missing
+    hot instantiation in the gate)."""
     ept = lambda per: 8 if per <= 8 else 16 if per <= 16 else 32  # noqa: E731
     nvec = -(-dim // vec)
     if nvec <= 32 * 4 and nvec * vec <= 32 * 16:
-        return True, ept(-(-nvec // 32) * vec), 32, 4
+        team = 8 if nvec <= 8 else 16 if nvec <= 16 else 32
+        return team, ept(-(-nvec // team) * vec), team, 128 // team
     threads = min(-(-nvec // 32) * 32, 512)
-    return False, ept(-(-nvec // threads) * vec), threads, 1
+    return 0, ept(-(-nvec // threads) * vec), threads, 1
 
 
 CHUNK_ROWS = 32  # rows per partial sum of a parameter gradient (kChunkRows, csrc/ops.cpp)
@@ -322,15 +325,26 @@ def cuda_hot(crows, arch):
     for dt, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
         vec = 16 // size
         for D in (1152, 72):
-            warp, ept, threads, per_block = row_launch(D, vec)
-            team = "warp" if warp else "block"
+            team, ept, threads, per_block = row_launch(D, vec)
             names = [f"{k}_kernel<{dt}, {vec}, {team}, {ept}>" for k in
                      ("norm_mod_fwd", "norm_mod_jvp", "norm_mod_bwd", "rms_norm_fwd", "rms_norm_jvp", "rms_norm_bwd")]
             names += [f"gated_residual_{k}_kernel<{dt}, {vec}>" for k in ("fwd_jvp", "bwd")]
             for name in names:
                 r = by_name.get(name)
                 row = dict(name=name, dtype=dt, D=D, found=r is not None, r=r)
-                if r is not None and "gated_residual" not in name:
+                if r is not None and "gated_residual" in name:
+                    # one block per (32-row chunk, column tile); a tile is the row's vectors
+                    # rounded up to a warp, at most 512 threads (gated_residual_kernels.cu)
+                    nv = -(-D // vec)
+                    block_threads = min(-(-nv // 32) * 32, 512)
+                    regs_per_warp = -(-max(r["regs"], 1) * 32 // 256) * 256
+                    warps = block_threads // 32
+                    per_sm = min(65536 // (regs_per_warp * warps), 2048 // block_threads, 32)
+                    chunk = CHUNK_ROWS if "_bwd" in name else 4  # kFwdChunkRows: the fwd writes no partials
+                    blocks = (REF_ROWS // chunk) * -(-nv // block_threads)
+                    row.update(threads=block_threads, blocks=blocks, per_sm=per_sm,
+                               waves=-(-blocks // (per_sm * SMS[arch])) if per_sm else 0)
+                elif r is not None:
                     teams = REF_ROWS // CHUNK_ROWS if "_bwd" in name else REF_ROWS
                     block_threads = threads * per_block
                     warps = -(-block_threads // 32)

@@ -86,3 +86,16 @@ def test_batch_not_divisible_by_world(tmp_path, monkeypatch):
     with pytest.raises(DMFError, match="not divisible by the world size 3"):
         train(TrainConfig(stage="flow", steps=1, out=str(tmp_path / "w"), **TINY))
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_lr_decay_schedule(tmp_path):
+    from dmf.train import lr_at
+
+    cfg = TrainConfig(steps=10, lr=1e-3, lr_decay=0.5)
+    assert [round(lr_at(cfg, k) / 1e-3, 6) for k in range(10)] == [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
+    assert lr_at(TrainConfig(steps=10, lr=1e-3), 9) == 1e-3  # default: constant
+    ck = read(train(TrainConfig(stage="flow", steps=4, out=str(tmp_path / "run"), lr_decay=0.5, **TINY)))
+    assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_at(ck_cfg := TrainConfig(steps=4, lr_decay=0.5), 3))
+    assert ck_cfg.lr * 0.49 < ck["opt"]["param_groups"][0]["lr"] < ck_cfg.lr * 0.51
+    with pytest.raises(DMFError, match="lr_decay"):
+        train(TrainConfig(stage="flow", steps=4, out=str(tmp_path / "bad"), lr_decay=1.5, **TINY))

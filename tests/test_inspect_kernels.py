@@ -64,6 +64,48 @@ def test_gate_reports_the_broken_row():
 
 def test_row_launch_mirror_matches_the_issue_shapes():
     ik = _tool()
-    assert ik.row_launch(1152, 8) == (False, 8, 160, 1)  # bf16 D=1152: 144 vectors, one per thread
-    assert ik.row_launch(72, 8) == (True, 8, 32, 4)
-    assert ik.row_launch(16384, 8) == (False, 32, 512, 1)
+    assert ik.row_launch(1152, 8) == (0, 8, 160, 1)  # bf16 D=1152: 144 vectors, one per thread of a block
+    assert ik.row_launch(72, 8) == (16, 8, 16, 8)  # bf16 D=72: 9 vectors, 16-lane teams, 2 rows per warp
+    assert ik.row_launch(64, 8) == (8, 8, 8, 16)
+    assert ik.row_launch(72, 4) == (32, 8, 32, 4)  # fp32 D=72: 18 vectors, a warp
+    assert ik.row_launch(16384, 8) == (0, 32, 512, 1)
+
+
+ROW_LAUNCH_PROBE = r"""
+#include <cstdio>
+#include "cuda_common.cuh"
+int main() {
+  const long dims[] = {1, 7, 8, 9, 16, 17, 64, 72, 80, 128, 129, 256, 384, 512, 513, 1024, 1152, 4099, 8192, 16384};
+  const int vecs[] = {1, 2, 4, 8};
+  for (long d : dims)
+    for (int v : vecs) {
+      const dmf::cuda::RowLaunch L = dmf::cuda::row_launch(d, v);
+      std::printf("%ld %d %d %d %d %d\n", d, v, L.team, L.ept, L.threads, L.rows_per_block);
+    }
+}
+"""
+
+
+def test_row_launch_mirror_equals_the_cuda_host_code(tmp_path):
+    """The Python mirror against row_launch() itself, compiled by nvcc as host code (no GPU
+    needed): the gate's hot rows are only right while the two agree."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).exists():
+        pytest.skip("nvcc not installed (CI has it: make ci-extra compiles every .cu)")
+    src = tmp_path / "probe.cu"
+    src.write_text(ROW_LAUNCH_PROBE)
+    exe = tmp_path / "probe"
+    r = subprocess.run([nvcc, "-std=c++17", "-I", str(ROOT / "csrc" / "cuda"), str(src), "-o", str(exe)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ik = _tool()
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
+    rows = [tuple(int(x) for x in line.split()) for line in lines if line.strip()]
+    assert len(rows) == 80
+    for d, v, *cpp in rows:
+        assert tuple(cpp) == ik.row_launch(d, v), (d, v)

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../kernels/params.h"
 
@@ -46,21 +47,32 @@ __device__ __forceinline__ void store_vec(T* p, const A (&in)[VEC]) {
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
+// Sum over the TEAM lanes of a team inside one warp (TEAM = 8, 16 or 32, teams aligned to
+// TEAM lanes). The mask names only the team's own lanes: a neighbouring team of the same
+// warp may have returned early (past the last row) and must not be waited for.
+template <int TEAM, typename A>
+__device__ __forceinline__ A team_shfl_sum(A v) {
+  static_assert(TEAM == 8 || TEAM == 16 || TEAM == 32, "sub-warp teams of 8, 16 or 32 lanes");
+  const unsigned lane = (threadIdx.x + threadIdx.y * blockDim.x) & 31u;
+  const unsigned mask = TEAM == 32 ? 0xffffffffu : ((1u << TEAM) - 1u) << (lane & ~unsigned(TEAM - 1));
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = TEAM / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o, TEAM);
   return v;
 }
 
-// A row is processed by a team: one warp (WARP, for short rows; blockDim = (32, rows per
-// block)) or one whole block (blockDim.x threads). Both sums are reduced in a fixed order,
-// so results are bitwise reproducible run to run.
-template <bool WARP, typename A>
+// A row is processed by a team: TEAM > 0 lanes of one warp (short rows; blockDim = (TEAM,
+// 128 / TEAM), so a warp holds 32 / TEAM rows: D=72 in bf16 is 9 vectors, 16 lanes, where a
+// whole warp left 23 of 32 lanes idle), or TEAM = 0, one whole block (blockDim.x threads).
+// Both sums are reduced in a fixed order, so results are bitwise reproducible run to run.
+template <int TEAM, typename A>
 __device__ __forceinline__ void team_sum2(A& a, A& b, A* smem /* 2 * 32 */) {
-  a = warp_sum(a);
-  b = warp_sum(b);
-  if (WARP) return;
+  if (TEAM > 0) {
+    a = team_shfl_sum<TEAM ? TEAM : 32>(a);
+    b = team_shfl_sum<TEAM ? TEAM : 32>(b);
+    return;
+  }
+  a = team_shfl_sum<32>(a);
+  b = team_shfl_sum<32>(b);
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
   __syncthreads();  // smem may still be read from the previous reduction
   if (lane == 0) {
@@ -76,31 +88,33 @@ __device__ __forceinline__ void team_sum2(A& a, A& b, A* smem /* 2 * 32 */) {
   }
 }
 
-template <bool WARP>
+template <int TEAM>
 __device__ __forceinline__ int team_lane() { return threadIdx.x; }
-template <bool WARP>
-__device__ __forceinline__ int team_size() { return WARP ? 32 : blockDim.x; }
+template <int TEAM>
+__device__ __forceinline__ int team_size() { return TEAM > 0 ? TEAM : blockDim.x; }
 // Index of this team among all teams of the launch.
-template <bool WARP>
+template <int TEAM>
 __device__ __forceinline__ int64_t team_index() {
-  return WARP ? int64_t(blockIdx.x) * blockDim.y + threadIdx.y : int64_t(blockIdx.x);
+  return TEAM > 0 ? int64_t(blockIdx.x) * blockDim.y + threadIdx.y : int64_t(blockIdx.x);
 }
 
 // Launch shape for rows of `dim` elements read `vec` at a time. Short rows (at most 128
-// vectors) get one warp each, 4 rows per 128-thread block; longer rows one block of up to
-// 512 threads (launch bound: 128 registers per thread). Each thread keeps EPT elements of
-// the row in registers, the smallest of 8, 16, 32 that holds its share: per-thread arrays
-// sized for 16 when 8 suffice cost registers and occupancy (norm_mod_bwd, bf16, D=1152:
-// 160 threads hold 8 elements each; EPT=16 compiled to 128 registers, 3 blocks/SM, so the
-// 512 teams of B*N=16384 rows took two waves on 132 SMs; EPT=8 fits one).
+// vectors and 512 elements) get a sub-warp or warp team of 8, 16 or 32 lanes, the smallest
+// that gives every lane a vector (128-thread blocks, 128 / team rows each); longer rows one
+// block of up to 512 threads (launch bound: 128 registers per thread). Each thread keeps EPT
+// elements of the row in registers, the smallest of 8, 16, 32 that holds its share:
+// per-thread arrays sized for 16 when 8 suffice cost registers and occupancy (norm_mod_bwd,
+// bf16, D=1152: 160 threads hold 8 elements each; EPT=16 compiled to 128 registers, 3
+// blocks/SM, so the 512 teams of B*N=16384 rows took two waves on 132 SMs; EPT=8 fits one).
 constexpr int kRowThreads = 512;
+constexpr int kTeamBlockThreads = 128;  // threads of a block of sub-warp / warp teams
 // CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535. Launchers check before
 // casting to unsigned (an unchecked cast would launch a wrapped, smaller grid).
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
 
 struct RowLaunch {
-  bool warp;
+  int team;            // lanes per row team: 8, 16, 32, or 0 (one block per row)
   int ept;             // elements per thread: 8, 16 or 32
   int threads;         // threads per row team
   int rows_per_block;  // teams per block
@@ -110,11 +124,14 @@ inline int ept_for(int64_t per_thread) { return per_thread <= 8 ? 8 : per_thread
 
 inline RowLaunch row_launch(int64_t dim, int vec) {
   const int64_t nvec = ceil_div(dim, vec);
-  if (nvec <= 32 * 4 && nvec * vec <= 32 * 16)
-    return RowLaunch{true, ept_for(ceil_div(nvec, 32) * vec), 32, 4};
+  if (nvec <= 32 * 4 && nvec * vec <= 32 * 16) {
+    // a sub-warp team (8 or 16 lanes) holds one vector per lane, so its EPT is always 8
+    const int team = nvec <= 8 ? 8 : nvec <= 16 ? 16 : 32;
+    return RowLaunch{team, ept_for(ceil_div(nvec, team) * vec), team, kTeamBlockThreads / team};
+  }
   int64_t threads = ceil_div(nvec, 32) * 32;
   if (threads > kRowThreads) threads = kRowThreads;
-  return RowLaunch{false, ept_for(ceil_div(nvec, threads) * vec), static_cast<int>(threads), 1};
+  return RowLaunch{0, ept_for(ceil_div(nvec, threads) * vec), static_cast<int>(threads), 1};
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -142,18 +159,31 @@ void dispatch_dtype(DType dtype, F&& f) {
   }
 }
 
-// Calls f(integral_constant<int, VEC>, integral_constant<bool, WARP>, integral_constant<int, EPT>).
+// Calls f(integral_constant<int, VEC>, integral_constant<int, TEAM>, integral_constant<int, EPT>).
 // fp64 is never vectorised (exact checks only: fewer instantiations).
 template <typename T, typename F>
 void dispatch_shape(bool vectorise, const RowLaunch& L, F&& f) {
   constexpr int kVec = sizeof(T) == 8 ? 1 : 16 / sizeof(T);
+  // sub-warp teams hold one vector per lane in EPT = 8: a 1-byte dtype (16-element vectors)
+  // would need its own instantiations
+  static_assert(kVec <= 8, "dispatch_shape: vectors of more than 8 elements need EPT > 8 for sub-warp teams");
+  using I8 = std::integral_constant<int, 8>;
+  using I16 = std::integral_constant<int, 16>;
+  using I32 = std::integral_constant<int, 32>;
+  using I0 = std::integral_constant<int, 0>;
   auto by_vec = [&](auto v) {
-    if (L.warp) {
-      if (L.ept == 8) f(v, std::true_type{}, std::integral_constant<int, 8>{});
-      else f(v, std::true_type{}, std::integral_constant<int, 16>{});
-    } else if (L.ept == 8) f(v, std::false_type{}, std::integral_constant<int, 8>{});
-    else if (L.ept == 16) f(v, std::false_type{}, std::integral_constant<int, 16>{});
-    else f(v, std::false_type{}, std::integral_constant<int, 32>{});
+    switch (L.team) {
+      case 8: f(v, I8{}, I8{}); break;     // row_launch: sub-warp teams always have EPT = 8
+      case 16: f(v, I16{}, I8{}); break;
+      case 32:
+        if (L.ept == 8) f(v, I32{}, I8{});
+        else f(v, I32{}, I16{});
+        break;
+      default:
+        if (L.ept == 8) f(v, I0{}, I8{});
+        else if (L.ept == 16) f(v, I0{}, I16{});
+        else f(v, I0{}, I32{});
+    }
   };
   if (vectorise && kVec > 1) by_vec(std::integral_constant<int, kVec>{});
   else by_vec(std::integral_constant<int, 1>{});
@@ -162,7 +192,7 @@ void dispatch_shape(bool vectorise, const RowLaunch& L, F&& f) {
 inline int row_vec(bool vectorise, int elem_size) { return vectorise && elem_size < 8 ? 16 / elem_size : 1; }
 
 // Launches a row-team kernel: picks 16-byte vectors when every pointer and stride allows,
-// the team shape for `dim`, and the instantiation make_kernel(T{}, VEC, WARP, EPT) returns;
+// the team shape for `dim`, and the instantiation make_kernel(T{}, VEC, TEAM, EPT) returns;
 // `params` is the kernel's only argument, `teams` the number of row teams.
 template <typename Params, typename MakeKernel>
 cudaError_t launch_row_kernel(DType dtype, int64_t dim, std::initializer_list<const void*> ptrs,
@@ -180,7 +210,7 @@ cudaError_t launch_row_kernel(DType dtype, int64_t dim, std::initializer_list<co
       return;
     }
     dispatch_shape<T>(vec, L, [&](auto v, auto w, auto e) {
-      const dim3 block(L.threads, L.rows_per_block);
+      const dim3 block(L.threads, L.rows_per_block);  // (team lanes, teams) or (block threads, 1)
       const dim3 grid(static_cast<unsigned>(blocks));
       void* args[] = {const_cast<Params*>(&params)};
       err = cudaLaunchKernel(make_kernel(t, v, w, e), grid, block, args, 0, stream);

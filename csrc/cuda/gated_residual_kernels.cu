@@ -1,9 +1,13 @@
 // CUDA kernels of gated_residual: out = x + gate * y, its tangent and its backward.
 //
-// Elementwise, so tiled by columns: block (128 threads) x = VEC columns per thread, one
-// block per (chunk of `chunk_rows` rows of one gate group, column tile). The gate row is
+// Elementwise, so tiled by columns: VEC columns per thread, one block per (chunk of
+// `chunk_rows` rows of one gate group, column tile). A tile is the whole row's vectors
+// rounded up to a warp, at most kMaxThreads: D=1152 bf16 is 144 vectors, one 160-thread tile
+// (fixed 128-thread tiles took two, the second 16/128 busy: 56% of lanes). The gate row is
 // loaded once per chunk; the backward keeps the gate-gradient sum of its columns over the
 // chunk in registers and writes one partial row: deterministic, no atomics.
+#include <algorithm>
+
 #include "cuda_common.cuh"
 #include "launch.h"
 
@@ -11,7 +15,7 @@ namespace dmf {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kMaxThreads = 512;
 
 struct Chunk {
   int64_t g, r0, r1, c;
@@ -25,14 +29,14 @@ __device__ __forceinline__ Chunk chunk_of(const GatedResidualParams& p, int vec)
   ch.g = item / chunks;
   ch.r0 = ch.g * p.rows_per_group + (item % chunks) * p.chunk_rows;
   ch.r1 = min(ch.r0 + p.chunk_rows, (ch.g + 1) * p.rows_per_group);
-  ch.c = (int64_t(blockIdx.y) * kThreads + threadIdx.x) * vec;
+  ch.c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * vec;
   ch.valid = ch.c < p.dim;
   return ch;
 }
 
 // out (when p.out) and out_dot (when p.out_dot) = x_dot + gate_dot * y + gate * y_dot.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) gated_residual_fwd_jvp_kernel(const GatedResidualParams p) {
+__global__ void __launch_bounds__(kMaxThreads) gated_residual_fwd_jvp_kernel(const GatedResidualParams p) {
   using A = typename Acc<T>::type;
   const Chunk ch = chunk_of(p, VEC);
   if (!ch.valid) return;
@@ -70,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) gated_residual_fwd_jvp_kernel(const 
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) gated_residual_bwd_kernel(const GatedResidualParams p) {
+__global__ void __launch_bounds__(kMaxThreads) gated_residual_bwd_kernel(const GatedResidualParams p) {
   using A = typename Acc<T>::type;
   const Chunk ch = chunk_of(p, VEC);
   if (!ch.valid) return;
@@ -105,14 +109,16 @@ cudaError_t launch(const GatedResidualParams& p, std::initializer_list<const voi
     auto go = [&](auto v) {
       constexpr int VEC = decltype(v)::value;
       const int64_t items = (p.rows / p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
-      const int64_t col_tiles = ceil_div(ceil_div(p.dim, VEC), kThreads);
+      const int64_t nvec = ceil_div(p.dim, VEC);
+      const int64_t threads = std::min<int64_t>(ceil_div(nvec, 32) * 32, kMaxThreads);
+      const int64_t col_tiles = ceil_div(nvec, threads);
       if (items > kMaxGridX || col_tiles > kMaxGridY) {  // checked before the unsigned casts
         err = cudaErrorInvalidConfiguration;
         return;
       }
       const dim3 grid(static_cast<unsigned>(items), static_cast<unsigned>(col_tiles));
       void* args[] = {const_cast<GatedResidualParams*>(&p)};
-      err = cudaLaunchKernel(make_kernel(t, v), grid, dim3(kThreads), args, 0, stream);
+      err = cudaLaunchKernel(make_kernel(t, v), grid, dim3(static_cast<unsigned>(threads)), args, 0, stream);
     };
     if (vec && sizeof(T) < 8) go(std::integral_constant<int, 16 / sizeof(T)>{});
     else go(std::integral_constant<int, 1>{});
@@ -128,7 +134,15 @@ cudaError_t gated_residual_fwd(const GatedResidualParams& p, cudaStream_t stream
   return gated_residual_jvp(q, stream);
 }
 
-cudaError_t gated_residual_jvp(const GatedResidualParams& p, cudaStream_t stream) {
+// The forward / JVP writes no partials, so its chunks need not match the backward's: 4-row
+// chunks (the gate row, an L2 hit, is read once per chunk) give 8x the blocks of 32-row ones
+// (B*N=16384, D=1152 bf16: 4096 blocks of 160 threads, ~4 waves at 7 blocks/SM on 132 SMs,
+// where 512 blocks left each SM a quarter full and each thread a serial 32-row loop).
+constexpr int64_t kFwdChunkRows = 4;
+
+cudaError_t gated_residual_jvp(const GatedResidualParams& p_in, cudaStream_t stream) {
+  GatedResidualParams p = p_in;
+  p.chunk_rows = std::min(p.chunk_rows, kFwdChunkRows);
   return launch(p, {p.x, p.y, p.out, p.x_dot, p.y_dot, p.out_dot, p.gate.ptr, p.gate_dot.ptr}, stream,
                 [](auto t, auto v) {
                   return reinterpret_cast<const void*>(

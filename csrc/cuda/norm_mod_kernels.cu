@@ -1,7 +1,7 @@
 // CUDA kernels of the LayerNorm-and-modulate family (adaln_modulate, gated_residual_adaln).
 //
-// One team (a warp for rows of at most 128 vectors, else one block of up to 512 threads)
-// per row; the row lives in registers (8, 16 or 32 elements per thread, see row_launch), so x is read from
+// One team (8, 16 or 32 lanes of a warp for rows of at most 128 vectors, else one block of
+// up to 512 threads) per row; the row lives in registers (8, 16 or 32 elements per thread, see row_launch), so x is read from
 // memory once per pass: fwd reads x (+ gate, y) and writes out (+ x_out); jvp additionally
 // reads the tangents and writes out_dot. Statistics by the exact two-pass formula over
 // the registers, in fp32 (fp64 for fp64). The backward gives each team a chunk of
@@ -14,10 +14,10 @@ namespace dmf {
 namespace cuda {
 namespace {
 
-template <typename T, int VEC, bool WARP, typename A, int IT>
+template <typename T, int VEC, int TEAM, typename A, int IT>
 __device__ __forceinline__ void load_input(const NormModFwdParams& p, int64_t r, A (&xv)[IT][VEC], bool residual) {
   const int64_t D = p.dim;
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   const T* xr = static_cast<const T*>(p.x) + r * D;
 #pragma unroll
   for (int it = 0; it < IT; ++it) {
@@ -39,16 +39,16 @@ __device__ __forceinline__ void load_input(const NormModFwdParams& p, int64_t r,
   }
 }
 
-template <typename T, int VEC, bool WARP, typename A, int IT>
+template <typename T, int VEC, int TEAM, typename A, int IT>
 __device__ __forceinline__ void row_stats(const A (&xv)[IT][VEC], int64_t D, double eps, A* smem, A& mean,
                                           A& rstd) {
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   A s = 0, unused = 0;
 #pragma unroll
   for (int it = 0; it < IT; ++it)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s += xv[it][k];  // masked entries are 0
-  team_sum2<WARP>(s, unused, smem);
+  team_sum2<TEAM>(s, unused, smem);
   mean = s / A(D);
   A ss = 0;
 #pragma unroll
@@ -59,23 +59,23 @@ __device__ __forceinline__ void row_stats(const A (&xv)[IT][VEC], int64_t D, dou
     }
   }
   unused = 0;
-  team_sum2<WARP>(ss, unused, smem);
+  team_sum2<TEAM>(ss, unused, smem);
   rstd = A(1) / sqrt(ss / A(D) + A(eps));
 }
 
-template <typename T, int VEC, bool WARP, int EPT>
-__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_fwd_kernel(const NormModFwdParams p) {
+template <typename T, int VEC, int TEAM, int EPT>
+__global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_mod_fwd_kernel(const NormModFwdParams p) {
   using A = typename Acc<T>::type;
   constexpr int IT = EPT / VEC;
   __shared__ A smem[64];
-  const int64_t r = team_index<WARP>();
+  const int64_t r = team_index<TEAM>();
   if (r >= p.rows) return;  // uniform per team
   const int64_t D = p.dim, g = r / p.rows_per_group;
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   A xv[IT][VEC];
-  load_input<T, VEC, WARP>(p, r, xv, p.gate.ptr != nullptr);
+  load_input<T, VEC, TEAM>(p, r, xv, p.gate.ptr != nullptr);
   A mean, rstd;
-  row_stats<T, VEC, WARP>(xv, D, p.eps, smem, mean, rstd);
+  row_stats<T, VEC, TEAM>(xv, D, p.eps, smem, mean, rstd);
   if (lane == 0) {
     static_cast<A*>(p.mean)[r] = mean;
     static_cast<A*>(p.rstd)[r] = rstd;
@@ -97,16 +97,16 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_fwd_kernel(
   }
 }
 
-template <typename T, int VEC, bool WARP, int EPT>
-__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_jvp_kernel(const NormModJvpParams q) {
+template <typename T, int VEC, int TEAM, int EPT>
+__global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_mod_jvp_kernel(const NormModJvpParams q) {
   using A = typename Acc<T>::type;
   constexpr int IT = EPT / VEC;
   __shared__ A smem[64];
   const NormModFwdParams& p = q.p;
-  const int64_t r = team_index<WARP>();
+  const int64_t r = team_index<TEAM>();
   if (r >= p.rows) return;
   const int64_t D = p.dim, g = r / p.rows_per_group;
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   const bool residual = p.gate.ptr != nullptr;
   const bool res_tangent = residual && (q.gate_dot.ptr != nullptr || q.res_dot != nullptr);
   const bool x_tangent = q.x_dot != nullptr || res_tangent;
@@ -114,12 +114,12 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_jvp_kernel(
   A xv[IT][VEC];
   A mean, rstd;
   if (q.stats_given) {
-    load_input<T, VEC, WARP>(p, r, xv, false);
+    load_input<T, VEC, TEAM>(p, r, xv, false);
     mean = static_cast<const A*>(p.mean)[r];
     rstd = static_cast<const A*>(p.rstd)[r];
   } else {
-    load_input<T, VEC, WARP>(p, r, xv, residual);
-    row_stats<T, VEC, WARP>(xv, D, p.eps, smem, mean, rstd);
+    load_input<T, VEC, TEAM>(p, r, xv, residual);
+    row_stats<T, VEC, TEAM>(xv, D, p.eps, smem, mean, rstd);
     if (lane == 0) {
       static_cast<A*>(p.mean)[r] = mean;
       static_cast<A*>(p.rstd)[r] = rstd;
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_jvp_kernel(
     }
   }
   if (x_tangent) {
-    team_sum2<WARP>(m1, m2, smem);
+    team_sum2<TEAM>(m1, m2, smem);
     m1 /= A(D);
     m2 /= A(D);
   }
@@ -199,18 +199,18 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_jvp_kernel(
   }
 }
 
-template <typename T, int VEC, bool WARP, int EPT>
-__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_bwd_kernel(const NormModBwdParams p) {
+template <typename T, int VEC, int TEAM, int EPT>
+__global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_mod_bwd_kernel(const NormModBwdParams p) {
   using A = typename Acc<T>::type;
   constexpr int IT = EPT / VEC;
   __shared__ A smem[64];
   const int64_t chunks = ceil_div(p.rows_per_group, p.chunk_rows);
-  const int64_t item = team_index<WARP>();
+  const int64_t item = team_index<TEAM>();
   if (item >= (p.rows / p.rows_per_group) * chunks) return;
   const int64_t D = p.dim, g = item / chunks;
   const int64_t r0 = g * p.rows_per_group + (item % chunks) * p.chunk_rows;
   const int64_t r1 = min(r0 + p.chunk_rows, (g + 1) * p.rows_per_group);
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   const bool residual = p.gate.ptr != nullptr;
   const T* sc = static_cast<const T*>(p.scale.ptr) + g * p.scale.row_stride;
   const T* gate = residual ? static_cast<const T*>(p.gate.ptr) + g * p.gate.row_stride : nullptr;
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) norm_mod_bwd_kernel(
         c2 += gh[it][k] * xh[it][k];
       }
     }
-    team_sum2<WARP>(c1, c2, smem);
+    team_sum2<TEAM>(c1, c2, smem);
     c1 /= A(D);
     c2 /= A(D);
 #pragma unroll

@@ -1,5 +1,6 @@
-// CUDA kernels of rms_norm (qk-norm). Same row-team scheme as norm_mod_kernels.cu: one
-// warp per row for head dims (D = 64 or 72 is one warp), the row in registers, and a
+// CUDA kernels of rms_norm (qk-norm). Same row-team scheme as norm_mod_kernels.cu: 8 or 16
+// lanes per row for head dims (D = 64 / 72 in bf16: 8 / 9 vectors, so 4 / 2 rows per warp),
+// the row in registers, and a
 // backward that keeps the weight-gradient sums of a chunk of rows in registers and writes
 // them as deterministic partials.
 #include "cuda_common.cuh"
@@ -9,9 +10,9 @@ namespace dmf {
 namespace cuda {
 namespace {
 
-template <typename T, int VEC, bool WARP, typename A, int IT>
+template <typename T, int VEC, int TEAM, typename A, int IT>
 __device__ __forceinline__ void load_row(const T* base, int64_t D, A (&v)[IT][VEC]) {
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
 #pragma unroll
   for (int it = 0; it < IT; ++it) {
     const int64_t c = (int64_t(it) * ts + lane) * VEC;
@@ -24,23 +25,23 @@ __device__ __forceinline__ void load_row(const T* base, int64_t D, A (&v)[IT][VE
   }
 }
 
-template <typename T, int VEC, bool WARP, int EPT>
-__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) rms_norm_fwd_kernel(const RmsNormParams p) {
+template <typename T, int VEC, int TEAM, int EPT>
+__global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) rms_norm_fwd_kernel(const RmsNormParams p) {
   using A = typename Acc<T>::type;
   constexpr int IT = EPT / VEC;
   __shared__ A smem[64];
-  const int64_t r = team_index<WARP>();
+  const int64_t r = team_index<TEAM>();
   if (r >= p.rows) return;
   const int64_t D = p.dim;
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   A xv[IT][VEC];
-  load_row<T, VEC, WARP>(static_cast<const T*>(p.x) + r * D, D, xv);
+  load_row<T, VEC, TEAM>(static_cast<const T*>(p.x) + r * D, D, xv);
   A ss = 0, unused = 0;
 #pragma unroll
   for (int it = 0; it < IT; ++it)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) ss += xv[it][k] * xv[it][k];
-  team_sum2<WARP>(ss, unused, smem);
+  team_sum2<TEAM>(ss, unused, smem);
   const A rstd = A(1) / sqrt(ss / A(D) + A(p.eps));
   if (lane == 0) static_cast<A*>(p.rstd)[r] = rstd;
   const T* w = static_cast<const T*>(p.weight);
@@ -57,20 +58,20 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) rms_norm_fwd_kernel(
 }
 
 // out_dot = w * (x_dot - x * rstd^2 * mean(x * x_dot)) * rstd + x * rstd * w_dot
-template <typename T, int VEC, bool WARP, int EPT>
-__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) rms_norm_jvp_kernel(const RmsNormParams p) {
+template <typename T, int VEC, int TEAM, int EPT>
+__global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) rms_norm_jvp_kernel(const RmsNormParams p) {
   using A = typename Acc<T>::type;
   constexpr int IT = EPT / VEC;
   __shared__ A smem[64];
-  const int64_t r = team_index<WARP>();
+  const int64_t r = team_index<TEAM>();
   if (r >= p.rows) return;
   const int64_t D = p.dim;
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   const T* w = static_cast<const T*>(p.weight);
   const T* wd = static_cast<const T*>(p.weight_dot);
   A xv[IT][VEC], xd[IT][VEC];
-  load_row<T, VEC, WARP>(static_cast<const T*>(p.x) + r * D, D, xv);
-  if (p.x_dot != nullptr) load_row<T, VEC, WARP>(static_cast<const T*>(p.x_dot) + r * D, D, xd);
+  load_row<T, VEC, TEAM>(static_cast<const T*>(p.x) + r * D, D, xv);
+  if (p.x_dot != nullptr) load_row<T, VEC, TEAM>(static_cast<const T*>(p.x_dot) + r * D, D, xd);
   A ss = 0, m = 0;
 #pragma unroll
   for (int it = 0; it < IT; ++it)
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) rms_norm_jvp_kernel(
       ss += xv[it][k] * xv[it][k];
       if (p.x_dot != nullptr) m += xv[it][k] * xd[it][k];
     }
-  team_sum2<WARP>(ss, m, smem);
+  team_sum2<TEAM>(ss, m, smem);
   A rstd;
   if (p.stats_given) {
     rstd = static_cast<const A*>(p.rstd)[r];
@@ -113,15 +114,15 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) rms_norm_jvp_kernel(
 }
 
 // dx = rstd * (g * w - x * rstd^2 * mean(g * w * x)); weight partials sum g * x * rstd.
-template <typename T, int VEC, bool WARP, int EPT>
-__global__ void __launch_bounds__(WARP ? 128 : kRowThreads) rms_norm_bwd_kernel(const RmsNormParams p) {
+template <typename T, int VEC, int TEAM, int EPT>
+__global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) rms_norm_bwd_kernel(const RmsNormParams p) {
   using A = typename Acc<T>::type;
   constexpr int IT = EPT / VEC;
   __shared__ A smem[64];
-  const int64_t item = team_index<WARP>();
+  const int64_t item = team_index<TEAM>();
   if (item >= ceil_div(p.rows, p.chunk_rows)) return;
   const int64_t D = p.dim;
-  const int lane = team_lane<WARP>(), ts = team_size<WARP>();
+  const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   const T* w = static_cast<const T*>(p.weight);
   A pw[IT][VEC];
 #pragma unroll
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(WARP ? 128 : kRowThreads) rms_norm_bwd_kernel(
         m += gw[it][k] * xv[it][k];
       }
     }
-    team_sum2<WARP>(m, unused, smem);
+    team_sum2<TEAM>(m, unused, smem);
     m /= A(D);
 #pragma unroll
     for (int it = 0; it < IT; ++it) {

@@ -37,6 +37,8 @@ def _train_args(p):
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false")
+    p.add_argument("--lr-decay", type=float, default=d.lr_decay,
+                   help="decay lr linearly to 0 over this last fraction of the steps (default 0: constant)")
     for name in ("P_mean", "P_std", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name))
     p.add_argument("--cfg-prob", type=float, default=d.cfg_prob, help="label dropout")

@@ -49,6 +49,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True       # decay min(ema_decay, (1 + k) / (10 + k)) at step k
+    lr_decay: float = 0.0         # linear decay of lr to 0 over this last fraction of the run; 0: constant
     # time proposals (official: FM P_mean 0, MF P_mean_t 0.4, P_mean_r -1.2, all std 1)
     P_mean: float = 0.0
     P_std: float = 1.0
@@ -72,6 +73,13 @@ def step_generator(seed: int, step: int, stream: int = 2) -> torch.Generator:
 
 def ema_decay(cfg: TrainConfig, k: int) -> float:
     return min(cfg.ema_decay, (1 + k) / (10 + k)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def lr_at(cfg: TrainConfig, k: int) -> float:
+    """lr of step k: constant, then (with lr_decay = f) linearly to 0 over the last f * steps."""
+    if cfg.lr_decay <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (cfg.steps - k) / (cfg.lr_decay * cfg.steps))
 
 
 def model_args_for(cfg: TrainConfig, data) -> dict:
@@ -140,8 +148,9 @@ def validate(cfg: TrainConfig):
     for name in ("steps", "batch_size", "ckpt_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise DMFError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and cfg.grad_clip > 0 and 0 <= cfg.cfg_prob <= 1):
-        raise DMFError("need lr > 0, ema_decay in [0, 1), grad_clip > 0 and cfg_prob in [0, 1]")
+    if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and cfg.grad_clip > 0 and 0 <= cfg.cfg_prob <= 1
+            and 0 <= cfg.lr_decay <= 1):
+        raise DMFError("need lr > 0, ema_decay in [0, 1), grad_clip > 0, cfg_prob in [0, 1] and lr_decay in [0, 1]")
 
 
 class Metrics:
@@ -282,6 +291,8 @@ def _train(cfg, data, model_args, init_sd, ck, rank, world, device):
         if not torch.isfinite(stats).all():
             raise DMFError(f"non-finite loss at step {step}: stopping; {last} keeps the last good checkpoint")
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
         opt.step()
         with torch.no_grad():
             a = 1 - ema_decay(cfg, step)
