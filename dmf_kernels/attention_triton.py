@@ -65,17 +65,41 @@ def _bh_offset(b, h, stride_b, stride_h, ALIGN8: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr):
+def _load_rows(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr = True, COLS_FULL: tl.constexpr = False):
     # A [rows, cols] tile of a (N, D) matrix; masked rows and columns >= HEAD_D read 0.
-    mask = row_mask[:, None] & (cols[None, :] < HEAD_D)
-    return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+    # MASK_ROWS=False: every row is in range (a full tile of an evenly divided loop);
+    # COLS_FULL: every column is < HEAD_D. Masks known to be all-true are left out.
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if MASK_ROWS:
+        if COLS_FULL:
+            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask[:, None] & (cols[None, :] < HEAD_D), other=0.0)
+    else:
+        if COLS_FULL:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[None, :] < HEAD_D, other=0.0)
+    return x
 
 
 @triton.jit
-def _load_cols(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr):
+def _load_cols(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr = True, COLS_FULL: tl.constexpr = False):
     # The transposed tile [cols, rows] of a (N, D) matrix, for K^T and V^T.
-    mask = row_mask[None, :] & (cols[:, None] < HEAD_D)
-    return tl.load(base + rows[None, :] * stride_row + cols[:, None] * stride_col, mask=mask, other=0.0)
+    ptrs = base + rows[None, :] * stride_row + cols[:, None] * stride_col
+    if MASK_ROWS:
+        if COLS_FULL:
+            x = tl.load(ptrs, mask=row_mask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask[None, :] & (cols[:, None] < HEAD_D), other=0.0)
+    else:
+        if COLS_FULL:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[:, None] < HEAD_D, other=0.0)
+    return x
 
 
 @triton.jit
@@ -90,7 +114,7 @@ def _attn_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     H, NQ, NK, qk_scale,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -119,18 +143,23 @@ def _attn_fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
-        s = tl.dot(q0, _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+        s = tl.dot(q0, _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True),
+                   input_precision=DOT_PRECISION)
         if HAS_D1:
-            s += tl.dot(q1, _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
-        s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
+            s += tl.dot(q1, _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL),
+                        input_precision=DOT_PRECISION)
+        if MASK_N:
+            s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
+        else:
+            s = s * scale2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D)
+        v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D, MASK_N, True)
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
         if HAS_D1:
-            v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D)
+            v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D, MASK_N, D1_FULL)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)
@@ -160,7 +189,7 @@ def _attn_jvp_kernel(
     H, NQ, NK, qk_scale,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_GUARD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr, FP16_GUARD: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -202,23 +231,28 @@ def _attn_jvp_kernel(
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
-        k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D)
+        k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
         s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         sd = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_QD:
             sd += tl.dot(qd0, k0, input_precision=DOT_PRECISION)
         if HAS_KD:
-            sd += tl.dot(q0, _load_cols(kd_base, n, skdn, d0, skdd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+            sd += tl.dot(q0, _load_cols(kd_base, n, skdn, d0, skdd, n_mask, HEAD_D, MASK_N, True),
+                         input_precision=DOT_PRECISION)
         if HAS_D1:
-            k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D)
+            k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
             s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
             if HAS_QD:
                 sd += tl.dot(qd1, k1, input_precision=DOT_PRECISION)
             if HAS_KD:
-                sd += tl.dot(q1, _load_cols(kd_base, n, skdn, d1, skdd, n_mask, HEAD_D),
+                sd += tl.dot(q1, _load_cols(kd_base, n, skdn, d1, skdd, n_mask, HEAD_D, MASK_N, D1_FULL),
                              input_precision=DOT_PRECISION)
-        s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
-        sd = tl.where(n_mask[None, :], sd * qk_scale, 0.0)  # S_dot
+        if MASK_N:
+            s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
+            sd = tl.where(n_mask[None, :], sd * qk_scale, 0.0)  # S_dot
+        else:
+            s = s * scale2
+            sd = sd * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -226,23 +260,23 @@ def _attn_jvp_kernel(
         c_new = (alpha * l_i * c_i + tl.sum(p * sd, 1)) / l_new
         dc = (c_new - c_i)[:, None]
         t = p * (sd - c_new[:, None])  # centred p * (S_dot - mu): small even for one-hot p
-        v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D)
+        v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D, MASK_N, True)
         pv = p.to(v0.dtype)
         acc_o0 = acc_o0 * alpha[:, None]
         acc_t0 = acc_t0 * alpha[:, None] - dc * acc_o0  # re-centre the past keys on c_new
         acc_o0 = tl.dot(pv, v0, acc_o0, input_precision=DOT_PRECISION)
         acc_t0 += _guarded_dot(t, v0, FP16_GUARD, DOT_PRECISION)
         if HAS_VD:
-            acc_t0 = tl.dot(pv, _load_rows(vd_base, n, svdn, d0, svdd, n_mask, HEAD_D), acc_t0,
+            acc_t0 = tl.dot(pv, _load_rows(vd_base, n, svdn, d0, svdd, n_mask, HEAD_D, MASK_N, True), acc_t0,
                             input_precision=DOT_PRECISION)
         if HAS_D1:
-            v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D)
+            v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D, MASK_N, D1_FULL)
             acc_o1 = acc_o1 * alpha[:, None]
             acc_t1 = acc_t1 * alpha[:, None] - dc * acc_o1
             acc_o1 = tl.dot(pv, v1, acc_o1, input_precision=DOT_PRECISION)
             acc_t1 += _guarded_dot(t, v1, FP16_GUARD, DOT_PRECISION)
             if HAS_VD:
-                acc_t1 = tl.dot(pv, _load_rows(vd_base, n, svdn, d1, svdd, n_mask, HEAD_D), acc_t1,
+                acc_t1 = tl.dot(pv, _load_rows(vd_base, n, svdn, d1, svdd, n_mask, HEAD_D, MASK_N, D1_FULL), acc_t1,
                                 input_precision=DOT_PRECISION)
         m_i = m_new
         l_i = l_new
@@ -287,7 +321,7 @@ def _attn_bwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdkd,
     H, NQ, NK, qk_scale,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_M: tl.constexpr, D1_FULL: tl.constexpr,
 ):
     # One key block per program; loops over all query blocks. Works on transposed scores
     # sT = K Q^T so dk and dv accumulate as [BLOCK_N, D] without transposes.
@@ -319,18 +353,21 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(0, NQ, BLOCK_M):
         m = start_m + offs_m
         m_mask = m < NQ
-        qT0 = _load_cols(q_base, m, sqn, d0, sqd, m_mask, HEAD_D)
-        doT0 = _load_cols(do_base, m, sdon, d0, sdod, m_mask, HEAD_D)
+        qT0 = _load_cols(q_base, m, sqn, d0, sqd, m_mask, HEAD_D, MASK_M, True)
+        doT0 = _load_cols(do_base, m, sdon, d0, sdod, m_mask, HEAD_D, MASK_M, True)
         sT = tl.dot(k0, qT0, input_precision=DOT_PRECISION)
         dpT = tl.dot(v0, doT0, input_precision=DOT_PRECISION)
         if HAS_D1:
-            qT1 = _load_cols(q_base, m, sqn, d1, sqd, m_mask, HEAD_D)
-            doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D)
+            qT1 = _load_cols(q_base, m, sqn, d1, sqd, m_mask, HEAD_D, MASK_M, D1_FULL)
+            doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D, MASK_M, D1_FULL)
             sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
             dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
         lse = tl.load(LSE + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
-        pT = tl.where(m_mask[None, :], tl.exp(sT * qk_scale - lse[None, :]), 0.0)
+        if MASK_M:
+            pT = tl.where(m_mask[None, :], tl.exp(sT * qk_scale - lse[None, :]), 0.0)
+        else:
+            pT = tl.exp(sT * qk_scale - lse[None, :])
         dsT = pT * (dpT - delta[None, :])
         dv0 = tl.dot(pT.to(v0.dtype), tl.trans(doT0), dv0, input_precision=DOT_PRECISION)
         dk0 = tl.dot(dsT.to(k0.dtype), tl.trans(qT0), dk0, input_precision=DOT_PRECISION)
@@ -353,7 +390,7 @@ def _attn_bwd_dq_kernel(
     sdqb, sdqh, sdqn, sdqd,
     H, NQ, NK, qk_scale,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -383,14 +420,19 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
-        kT0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D)
+        kT0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
         s = tl.dot(q0, kT0, input_precision=DOT_PRECISION)
-        dp = tl.dot(do0, _load_cols(v_base, n, svn, d0, svd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
+        dp = tl.dot(do0, _load_cols(v_base, n, svn, d0, svd, n_mask, HEAD_D, MASK_N, True),
+                    input_precision=DOT_PRECISION)
         if HAS_D1:
-            kT1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D)
+            kT1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
             s += tl.dot(q1, kT1, input_precision=DOT_PRECISION)
-            dp += tl.dot(do1, _load_cols(v_base, n, svn, d1, svd, n_mask, HEAD_D), input_precision=DOT_PRECISION)
-        p = tl.where(n_mask[None, :], tl.exp(s * qk_scale - lse[:, None]), 0.0)
+            dp += tl.dot(do1, _load_cols(v_base, n, svn, d1, svd, n_mask, HEAD_D, MASK_N, D1_FULL),
+                         input_precision=DOT_PRECISION)
+        if MASK_N:
+            p = tl.where(n_mask[None, :], tl.exp(s * qk_scale - lse[:, None]), 0.0)
+        else:
+            p = tl.exp(s * qk_scale - lse[:, None])
         ds = (p * (dp - delta[:, None])).to(q0.dtype)
         dq0 = tl.dot(ds, tl.trans(kT0), dq0, input_precision=DOT_PRECISION)
         if HAS_D1:
@@ -461,6 +503,13 @@ def _precision(dtype):
     return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
 
 
+def _d1_full(head_dim):
+    """The remainder block of the head dim has no padding (96 = 64 + 32, 80 = 64 + 16; not
+    72 = 64 + 16 with 8 masked): its loads need no column mask."""
+    d0, d1 = head_split(head_dim)
+    return d1 > 0 and d0 + d1 == head_dim
+
+
 def _align8(*tensors):
     """ALIGN8: every non-last stride of every tensor is a multiple of 8 elements, so the
     kernels may round them (see _div8). A view with, e.g., row stride 75 gets False."""
@@ -516,7 +565,7 @@ def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, nu
         _attn_fwd_kernel[grid](
             q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, NQ, NK, scale, ALIGN8=_align8(q, k, v, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
-            BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_M=bm, BLOCK_N=bn, MASK_N=NK % bn != 0, D1_FULL=_d1_full(D),
             DOT_PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
         )
     return o, lse
@@ -544,7 +593,8 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
             H, NQ, NK, scale,
             HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
             ALIGN8=_align8(q, k, v, qd, kd, vd, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm,
-            BLOCK_N=bn, DOT_PRECISION=_precision(q.dtype), FP16_GUARD=q.dtype == torch.float16,
+            BLOCK_N=bn, MASK_N=NK % bn != 0, D1_FULL=_d1_full(D), DOT_PRECISION=_precision(q.dtype),
+            FP16_GUARD=q.dtype == torch.float16,
             num_warps=num_warps, num_stages=num_stages,
         )
     return o, o_dot, lse
@@ -572,15 +622,15 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
         _attn_bwd_preprocess_kernel[_grid(triton.cdiv(NQ, q_cfg[0]), B * H)](
             o, do, delta, *_strides(o), *_strides(do), H, NQ, ALIGN8=align8, HEAD_D=D, BLOCK_D=bd, BLOCK_M=q_cfg[0])
     common = dict(ALIGN8=align8, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, DOT_PRECISION=_precision(q.dtype),
-                  num_stages=num_stages)
+                  D1_FULL=_d1_full(D), num_stages=num_stages)
     with _device(q):
         bm, bn, nw = kv_cfg
         _attn_bwd_dkdv_kernel[_grid(triton.cdiv(NK, bn), B * H)](
             q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-            H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **common)
+            H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, MASK_M=NQ % bm != 0, num_warps=nw, **common)
         bm, bn, nw = q_cfg
         _attn_bwd_dq_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
             q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, **common)
+            H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, MASK_N=NK % bn != 0, num_warps=nw, **common)
     return dq, dk, dv
 

@@ -14,8 +14,11 @@ from conftest import assert_three_way, rand
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (B, H, NQ, NK, D); small for the interpreter: its cost grows with every program instance.
+# The last two divide evenly into the interpreter's 16x16 tiles (no tail masks in the loops:
+# MASK_N / MASK_M False), one with an unpadded remainder of the head dim (80 = 64 + 16).
 SHAPES = [(1, 1, 1, 1, 16), (1, 2, 17, 17, 72), (2, 1, 40, 23, 64), (1, 1, 33, 50, 80), (1, 1, 20, 20, 96),
-          (1, 1, 18, 9, 128), (1, 1, 12, 40, 48), (1, 1, 257, 257, 72), (1, 1, 5, 1000, 72)]
+          (1, 1, 18, 9, 128), (1, 1, 12, 40, 48), (1, 1, 257, 257, 72), (1, 1, 5, 1000, 72),
+          (2, 1, 32, 48, 80), (1, 2, 16, 32, 72)]
 
 
 @pytest.fixture
