@@ -99,3 +99,15 @@ def test_lr_decay_schedule(tmp_path):
     assert ck_cfg.lr * 0.49 < ck["opt"]["param_groups"][0]["lr"] < ck_cfg.lr * 0.51
     with pytest.raises(DMFError, match="lr_decay"):
         train(TrainConfig(stage="flow", steps=4, out=str(tmp_path / "bad"), lr_decay=1.5, **TINY))
+
+
+def test_no_logvar_from_a_converted_checkpoint(tmp_path):
+    """A converted checkpoint carries a (zero) logvar head; --no-logvar training from it drops
+    the head instead of refusing the weights."""
+    from dmf.convert import convert
+
+    train(TrainConfig(stage="flow", steps=2, out=str(tmp_path / "flow"), **TINY))
+    convert(tmp_path / "flow" / "checkpoints" / "last.pt", tmp_path / "init.pt")
+    ck = read(train(TrainConfig(stage="dmf", steps=2, out=str(tmp_path / "dmf"), init=str(tmp_path / "init.pt"),
+                                use_logvar=False, **TINY)))
+    assert ck["step"] == 2 and not any(k.startswith("logvar_linear.") for k in ck["model"])

@@ -226,6 +226,8 @@ def _train(cfg, data, model_args, init_sd, ck, rank, world, device):
     torch.manual_seed(cfg.seed)  # weight init: the same on every rank (DDP also broadcasts rank 0's)
     model = ckpt.build_model(model_args)
     if init_sd is not None:
+        if not model_args.get("use_logvar"):  # --no-logvar from a checkpoint that has the head: drop it
+            init_sd = {k: v for k, v in init_sd.items() if not k.startswith("logvar_linear.")}
         missing, unexpected = model.load_state_dict(init_sd, strict=False)
         bad = [k for k in missing if not k.startswith("logvar_linear.")] + list(unexpected)
         if bad:
