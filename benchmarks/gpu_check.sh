@@ -11,8 +11,8 @@
 # GPU_CHECK_BUDGET_S (default 540) is the whole run's deadline: call it with the device
 # tool's timeout at 600 s, so the script ends by itself and a timeout never loses results.
 # GPU_CHECK_COMPILE=1 adds the torch.compile baselines to stages 5-6 (minutes of compile);
-# GPU_CHECK_TUNE=1 a sweep of the attention launch configs (hundreds of cold compiles: a
-# call of its own). With $OUT set (the device tool returns it), the console streams to
+# GPU_CHECK_TUNE=1 runs only the build and a sweep of the attention launch configs (cold
+# compiles; it stops at the deadline and keeps what it measured): a call of its own. With $OUT set (the device tool returns it), the console streams to
 # $OUT/console.log and logs + results are packed into $OUT/gpu_check.tar.gz after every stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +82,15 @@ $PY -c "import dmf_kernels as d; print(d.build_info())" || { log "dmf_kernels do
 gpu=$($PY -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
 stem="${gpu}_$(date +%F)"
 
+# GPU_CHECK_TUNE=1: a call of its own, the launch-config sweep only (after the build).
+if [ "${GPU_CHECK_TUNE:-0}" = "1" ]; then
+  run_stage "tuning attention launch configs" tune.log $PY -m benchmarks.tune_attention \
+    --budget-s $((DEADLINE - SECONDS - 60))
+  pack
+  log "exit $status (tuning only; budget ${BUDGET}s, used $SECONDS s)"
+  exit $status
+fi
+
 # Correctness first: nothing measured means much if the kernels are wrong on this GPU.
 # Tests get at most 240 s of the budget; xdist spreads the Triton/Inductor compiles.
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadfile")
@@ -106,9 +115,6 @@ run_stage "bench whole models" models.log $PY -m benchmarks.run --device cuda --
 run_stage "bench rms_norm + gated_residual" bench_more.log $PY -m benchmarks.run --device cuda --quick \
   --only bench_rms_norm bench_gated_residual --stem "${stem}_more" --stream "benchmarks/results/${stem}_more.rows.jsonl"
 
-if [ "${GPU_CHECK_TUNE:-0}" = "1" ]; then
-  run_stage "tuning attention launch configs" tune.log $PY -m benchmarks.tune_attention
-fi
 pack
 log "exit $status (budget ${BUDGET}s, used $SECONDS s)"
 exit $status

@@ -8,6 +8,7 @@ measurements. Writes benchmarks/results/<gpu>_<date>_attention_tuning.json.
 import datetime
 import itertools
 import json
+import time
 
 import torch
 
@@ -15,17 +16,33 @@ from dmf_kernels import attention_triton as at
 
 from .harness import RESULTS, slug, time_fn
 
-SHAPES = [(64, 12, 1024, 64), (64, 16, 1024, 72), (256, 16, 256, 72)]
+SHAPES = [(64, 16, 256, 72), (64, 16, 1024, 72), (64, 12, 1024, 64)]  # DiT-XL/2 first (the issues' shape)
 CONFIGS = {
     "fwd": list(itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3])),
-    "jvp": list(itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2, 3])),
-    "bwd": list(itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2])),
+    "jvp": list(itertools.product([32, 64, 128], [32, 64], [4, 8], [2, 3])),
+    # the dK/dV kernel (block_m: query chunk, block_n: keys per program) with dQ at its default,
+    # then the dQ kernel with dK/dV at its default
+    "bwd_dkdv": list(itertools.product([16, 32, 64], [64, 128], [4, 8], [2])),
+    "bwd_dq": list(itertools.product([64, 128], [16, 32, 64], [4, 8], [2])),
 }
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-s", type=float, default=400, help="stop sweeping after this many seconds")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     dtype = torch.bfloat16
     results = []
+    name = slug(torch.cuda.get_device_name())
+    path = RESULTS / f"{name}_{datetime.date.today().isoformat()}_attention_tuning.json"
+
+    def write():  # after every shape and kind: a run cut short keeps what it measured
+        path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), dtype=str(dtype), rows=results),
+                                   indent=1))
+
     for B, H, N, D in SHAPES:
         q, k, v, qd, kd, vd, do = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(7))
         scale = D ** -0.5
@@ -35,12 +52,20 @@ def main():
                                                          num_stages=s),
             "jvp": lambda bm, bn, w, s: at.attention_jvp(q, k, v, qd, kd, vd, scale, block_m=bm, block_n=bn,
                                                          num_warps=w, num_stages=s),
-            "bwd": lambda bm, bn, w, s: at.attention_bwd(do, q, k, v, o, lse, scale, block_m=bm, block_n=bn,
-                                                         num_warps=w, num_stages=s),
+            "bwd_dkdv": lambda bm, bn, w, s: at.attention_bwd(
+                do, q, k, v, o, lse, scale, block_m=bm, block_n=bn, num_warps=w, num_stages=s,
+                dq_blocks=at._default_blocks("bwd_dq", D, False, torch.cuda.get_device_capability())),
+            "bwd_dq": lambda bm, bn, w, s: at.attention_bwd(do, q, k, v, o, lse, scale, num_stages=s,
+                                                            dq_blocks=(bm, bn, w)),
         }
         for kind, configs in CONFIGS.items():
             best = None
             for bm, bn, w, s in configs:
+                if time.perf_counter() - t_start > args.budget_s:
+                    print(f"tune_attention: budget of {args.budget_s:.0f} s spent; stopping")
+                    write()
+                    print("wrote", path)
+                    return
                 try:
                     ms = time_fn(lambda: runs[kind](bm, bn, w, s), "cuda", 0.2, 50, 3)[0]
                 except Exception as e:  # out of shared memory / registers: not a candidate
@@ -50,10 +75,8 @@ def main():
                 results.append(row)
                 if best is None or ms < best["ms"]:
                     best = row
-            print(f"best {kind:3s} B{B} H{H} N{N} D{D}: {best}")
-    name = slug(torch.cuda.get_device_name())
-    path = RESULTS / f"{name}_{datetime.date.today().isoformat()}_attention_tuning.json"
-    path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), dtype=str(dtype), rows=results), indent=1))
+            print(f"best {kind:8s} B{B} H{H} N{N} D{D}: {best}")
+            write()
     print("wrote", path)
 
 

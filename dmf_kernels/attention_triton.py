@@ -600,16 +600,20 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
     return o, o_dot, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
+def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=None, num_stages=2,
+                  dq_blocks=None):
     """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage). The dK/dV and dQ
     kernels have their own default tiles (_default_blocks "bwd_dkdv", "bwd_dq"); block_m,
-    block_n, num_warps given here override both."""
+    block_n, num_warps given here override both, dq_blocks = (BLOCK_M, BLOCK_N, num_warps)
+    the dQ kernel's alone (benchmarks/tune_attention.py tunes the two separately)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
     cap, interp = _capability(q), _interpreting()
     kv_cfg, q_cfg = (tuple(x or d for x, d in zip((block_m, block_n, num_warps), _default_blocks(kind, D, interp, cap)))
                      for kind in ("bwd_dkdv", "bwd_dq"))
+    if dq_blocks is not None:
+        q_cfg = tuple(dq_blocks)
     dq = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     dk = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
     dv = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)

@@ -105,8 +105,10 @@ def test_triton_attention_block_size_independent(tdev):
         g = torch.randn_like(o)
         g1 = at.attention_bwd(g, q, k, v, o, lse, 0.1, block_m=16, block_n=16)
         g2 = at.attention_bwd(g, q, k, v, o, lse, 0.1, block_m=bm, block_n=bn)
-        for a, b in zip(g1, g2):
+        g3 = at.attention_bwd(g, q, k, v, o, lse, 0.1, block_m=16, block_n=16, dq_blocks=(bm, bn, 4))
+        for a, b, c in zip(g1, g2, g3):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
 def _gpu_default_tiles():
