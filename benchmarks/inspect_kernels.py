@@ -316,10 +316,18 @@ CHUNK_ROWS = 32  # rows per partial sum of a parameter gradient (kChunkRows, csr
 SMS = {"sm_90a": 132, "sm_80": 108}  # H100 SXM, A100
 
 
+def _occupancy(regs, block_threads, blocks, arch):
+    """Blocks per SM limited by 64K registers (allocated per warp in units of 256), 2048
+    threads and 32 blocks; waves of `blocks` over the target's SMs."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    per_sm = min(65536 // (regs_per_warp * -(-block_threads // 32)), 2048 // block_threads, 32)
+    return dict(threads=block_threads, blocks=blocks, per_sm=per_sm,
+                waves=-(-blocks // (per_sm * SMS[arch])) if per_sm else 0)
+
+
 def cuda_hot(crows, arch):
     """The instantiations the launchers pick for the adaLN family at D = 1152 and D = 72
-    (16-byte vectors, B*N = 16384 rows), with occupancy from the registers: blocks per SM
-    limited by 64K registers (allocated per warp in units of 256), 2048 threads, 32 blocks."""
+    (16-byte vectors, B*N = 16384 rows), with occupancy from the registers (_occupancy)."""
     by_name = {r["kernel"]: r for r in crows}
     out = []
     for dt, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
@@ -333,26 +341,17 @@ def cuda_hot(crows, arch):
                 r = by_name.get(name)
                 row = dict(name=name, dtype=dt, D=D, found=r is not None, r=r)
                 if r is not None and "gated_residual" in name:
-                    # one block per (32-row chunk, column tile); a tile is the row's vectors
+                    # one block per (chunk of rows, column tile): 32-row chunks in the backward,
+                    # 4 in the forward (kFwdChunkRows: no partials); a tile is the row's vectors
                     # rounded up to a warp, at most 512 threads (gated_residual_kernels.cu)
                     nv = -(-D // vec)
                     block_threads = min(-(-nv // 32) * 32, 512)
-                    regs_per_warp = -(-max(r["regs"], 1) * 32 // 256) * 256
-                    warps = block_threads // 32
-                    per_sm = min(65536 // (regs_per_warp * warps), 2048 // block_threads, 32)
-                    chunk = CHUNK_ROWS if "_bwd" in name else 4  # kFwdChunkRows: the fwd writes no partials
-                    blocks = (REF_ROWS // chunk) * -(-nv // block_threads)
-                    row.update(threads=block_threads, blocks=blocks, per_sm=per_sm,
-                               waves=-(-blocks // (per_sm * SMS[arch])) if per_sm else 0)
+                    chunk = CHUNK_ROWS if "_bwd" in name else 4
+                    row.update(_occupancy(r["regs"], block_threads, (REF_ROWS // chunk) * -(-nv // block_threads),
+                                          arch))
                 elif r is not None:
                     teams = REF_ROWS // CHUNK_ROWS if "_bwd" in name else REF_ROWS
-                    block_threads = threads * per_block
-                    warps = -(-block_threads // 32)
-                    regs_per_warp = -(-max(r["regs"], 1) * 32 // 256) * 256
-                    per_sm = min(65536 // (regs_per_warp * warps), 2048 // block_threads, 32)
-                    blocks = -(-teams // per_block)
-                    row.update(threads=block_threads, blocks=blocks, per_sm=per_sm,
-                               waves=-(-blocks // (per_sm * SMS[arch])) if per_sm else 0)
+                    row.update(_occupancy(r["regs"], threads * per_block, -(-teams // per_block), arch))
                 out.append(row)
     return out
 

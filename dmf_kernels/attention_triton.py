@@ -65,41 +65,36 @@ def _bh_offset(b, h, stride_b, stride_h, ALIGN8: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr,
-               MASK_ROWS: tl.constexpr = True, COLS_FULL: tl.constexpr = False):
-    # A [rows, cols] tile of a (N, D) matrix; masked rows and columns >= HEAD_D read 0.
-    # MASK_ROWS=False: every row is in range (a full tile of an evenly divided loop);
-    # COLS_FULL: every column is < HEAD_D. Masks known to be all-true are left out.
-    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+def _masked_load(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, COLS_FULL: tl.constexpr):
+    # Loads with only the masks that can be false: MASK_ROWS=False when every row is in range
+    # (a full tile of an evenly divided loop), COLS_FULL when every column is < HEAD_D.
     if MASK_ROWS:
         if COLS_FULL:
-            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+            x = tl.load(ptrs, mask=row_ok, other=0.0)
         else:
-            x = tl.load(ptrs, mask=row_mask[:, None] & (cols[None, :] < HEAD_D), other=0.0)
+            x = tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
     else:
         if COLS_FULL:
             x = tl.load(ptrs)
         else:
-            x = tl.load(ptrs, mask=cols[None, :] < HEAD_D, other=0.0)
+            x = tl.load(ptrs, mask=col_ok, other=0.0)
     return x
+
+
+@triton.jit
+def _load_rows(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr = True, COLS_FULL: tl.constexpr = False):
+    # A [rows, cols] tile of a (N, D) matrix; masked rows and columns >= HEAD_D read 0.
+    return _masked_load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, row_mask[:, None],
+                        cols[None, :] < HEAD_D, MASK_ROWS, COLS_FULL)
 
 
 @triton.jit
 def _load_cols(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr,
                MASK_ROWS: tl.constexpr = True, COLS_FULL: tl.constexpr = False):
     # The transposed tile [cols, rows] of a (N, D) matrix, for K^T and V^T.
-    ptrs = base + rows[None, :] * stride_row + cols[:, None] * stride_col
-    if MASK_ROWS:
-        if COLS_FULL:
-            x = tl.load(ptrs, mask=row_mask[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_mask[None, :] & (cols[:, None] < HEAD_D), other=0.0)
-    else:
-        if COLS_FULL:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=cols[:, None] < HEAD_D, other=0.0)
-    return x
+    return _masked_load(base + rows[None, :] * stride_row + cols[:, None] * stride_col, row_mask[None, :],
+                        cols[:, None] < HEAD_D, MASK_ROWS, COLS_FULL)
 
 
 @triton.jit

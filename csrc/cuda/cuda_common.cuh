@@ -66,13 +66,9 @@ __device__ __forceinline__ A team_shfl_sum(A v) {
 // Both sums are reduced in a fixed order, so results are bitwise reproducible run to run.
 template <int TEAM, typename A>
 __device__ __forceinline__ void team_sum2(A& a, A& b, A* smem /* 2 * 32 */) {
-  if (TEAM > 0) {
-    a = team_shfl_sum<TEAM ? TEAM : 32>(a);
-    b = team_shfl_sum<TEAM ? TEAM : 32>(b);
-    return;
-  }
-  a = team_shfl_sum<32>(a);
-  b = team_shfl_sum<32>(b);
+  a = team_shfl_sum<(TEAM > 0 ? TEAM : 32)>(a);  // a block team: each warp first
+  b = team_shfl_sum<(TEAM > 0 ? TEAM : 32)>(b);
+  if (TEAM > 0) return;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
   __syncthreads();  // smem may still be read from the previous reduction
   if (lane == 0) {
