@@ -3,7 +3,11 @@ O(N^2) of the math path.
 
 - Forward and backward of the primal: aten's CPU flash-attention kernels, which return and
   accept the same natural-log logsumexp as ours (measured at B=8, H=6, N=256, D=64, fp32 on
-  2 cores: 4.7/11.3 ms fwd/bwd against 9.4/24.5 ms for our blockwise matmuls).
+  2 cores: 4.7/11.3 ms fwd/bwd against 9.4/24.5 ms for our blockwise matmuls). Their fp16
+  forward and their fp16/bf16 backward are slow, so those run in fp32 on upcast copies
+  (2 cores, torch 2.13, bf16 backward at B=128, H=3, N=16, D=64 (the digits model under
+  autocast): 12.2 -> 4.1 ms; fp16 backward at B=8, H=6, N=256: 91 -> 14 ms; fp16 forward
+  10.3 -> 6.3 ms), which also halves the gradients' error against float64.
 - The one-pass JVP (no aten counterpart): one block of queries at a time in plain PyTorch,
   with the same formulas as the Triton kernel (each block sees all keys, so its softmax is
   exact; no online rescaling is needed). Its lse feeds the flash backward.
@@ -34,9 +38,16 @@ def _flash_ok(q):
     return q.device.type == "cpu" and q.numel() > 0
 
 
+def _upcast(*ts):
+    return [None if t is None else t.float() for t in ts]
+
+
 def attention_fwd(q, k, v, scale, block=None):
     """o (B, H, NQ, D) contiguous, lse (B, H, NQ) in fp32 (fp64 for fp64)."""
     if block is None and _flash_ok(q):
+        if q.dtype == torch.float16:  # aten's fp16 kernel is slower than fp32 (module docstring)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_upcast(q, k, v), scale=scale)
+            return o.to(q.dtype), lse.contiguous()
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
         return o.contiguous(), lse.to(_stat_dtype(q.dtype)).contiguous()
     return attention_fwd_blockwise(q, k, v, scale, block)
@@ -108,9 +119,11 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None):
 def attention_bwd(do, q, k, v, o, lse, scale, block=None):
     """dq, dk, dv (contiguous) from the saved o and lse."""
     if block is None and _flash_ok(q):
+        low = q.dtype in (torch.float16, torch.bfloat16)   # fp32 is faster and more exact (docstring)
+        args = _upcast(do, q, k, v, o) if low else (do, q, k, v, o)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, o, lse.to(_stat_dtype(q.dtype)), 0.0, False, scale=scale)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+            *args, lse.to(_stat_dtype(q.dtype)), 0.0, False, scale=scale)
+        return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
     return attention_bwd_blockwise(do, q, k, v, o, lse, scale, block)
 
 

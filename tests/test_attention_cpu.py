@@ -28,3 +28,23 @@ def test_flash_and_blockwise_match_math(nq, nk, d, block):
     # the JVP's lse drives the same backward
     _, _, lse_jvp = ac.attention_jvp(q, k, v, None, None, None, scale)
     assert_f64(lse_jvp, lse, "jvp lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d", [(16, 64), (33, 72)])
+def test_low_precision_flash_path_rounds_fp32_results(dtype, n, d):
+    """fp16/bf16 on the CPU: forward and backward are computed in fp32 and rounded once (aten's
+    own low-precision kernels are slower and about twice as far from float64), so each output is
+    within about one rounding of the float64 result: at most twice the error of rounding it."""
+    q, k, v, do = (rand(3, 2, n, d, seed=s).to(dtype) for s in range(4))
+    scale = d ** -0.5
+    o, lse = ac.attention_fwd(q, k, v, scale)
+    grads = ac.attention_bwd(do, q, k, v, o, lse, scale)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref = ref.attention(*xs)
+    refs = [o_ref, *torch.autograd.grad(o_ref, xs, do.double())]
+    for name, got, want in zip(["o", "dq", "dk", "dv"], [o, *grads], refs):
+        assert got.dtype == dtype and got.is_contiguous(), name
+        err = (got.double() - want).abs().max().item()
+        rounding = (want.to(dtype).double() - want).abs().max().item()
+        assert err <= 2 * rounding + 1e-3 * want.abs().max().item(), (name, err, rounding)

@@ -111,3 +111,25 @@ def test_no_logvar_from_a_converted_checkpoint(tmp_path):
     ck = read(train(TrainConfig(stage="dmf", steps=2, out=str(tmp_path / "dmf"), init=str(tmp_path / "init.pt"),
                                 use_logvar=False, **TINY)))
     assert ck["step"] == 2 and not any(k.startswith("logvar_linear.") for k in ck["model"])
+
+
+def test_amp_bf16_on_cpu(tmp_path):
+    """--amp bf16 runs the CPU steps under bf16 autocast (the DMF step's JVP included): the same
+    run as fp32 up to bf16 rounding, not bit-equal; "auto" keeps fp32 on the CPU; bad values refused."""
+    from dmf.train import amp_enabled
+
+    assert amp_enabled("auto", "cuda:0") and not amp_enabled("auto", "cpu") and amp_enabled("bf16", "cpu")
+    assert not amp_enabled("off", "cuda")
+    runs, last = {}, {}
+    for amp in ("off", "auto", "bf16"):
+        ck = read(train(TrainConfig(stage="dmf", steps=3, out=str(tmp_path / amp), amp=amp, **TINY)))
+        assert ck["config"]["amp"] == amp
+        runs[amp] = tensors(ck)
+        last[amp] = json.loads((tmp_path / amp / "metrics.jsonl").read_text().splitlines()[-1])
+    for k, v in runs["off"].items():
+        assert torch.equal(v, runs["auto"][k]), k
+    for key in ("fm_mse", "mf_mse"):  # step 3 (at step 1 the zero-initialised output layer hides precision)
+        a, b = last["off"][key], last["bf16"][key]
+        assert a != b and abs(a - b) < 0.05 * abs(a), (key, a, b)
+    with pytest.raises(DMFError, match="--amp"):
+        train(TrainConfig(stage="flow", steps=1, out=str(tmp_path / "bad"), amp="fp8", **TINY))

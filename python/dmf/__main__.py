@@ -48,6 +48,8 @@ def _train_args(p):
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default=d.amp,
+                   help="bf16 autocast: auto = on CUDA only; bf16 also on the CPU (fast on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 

@@ -64,11 +64,26 @@ class TrainConfig:
     ckpt_every: int = 500
     log_every: int = 10
     device: str = ""              # default cuda if available
+    amp: str = "auto"             # bf16 autocast: "auto" (on CUDA only), "bf16" (also on CPU), "off"
     progress: bool = True
 
 
 def step_generator(seed: int, step: int, stream: int = 2) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, step]).generate_state(1)[0]))
+
+
+def amp_enabled(amp: str, device: str) -> bool:
+    """bf16 autocast for this run. On CPUs with native bf16 (AVX512-BF16/AMX) "bf16" makes the
+    digits model's steps ~1.5-1.9x faster (2 cores: flow 231 -> 151 ms, DMF 558 -> ~300 ms); CPUs
+    without it emulate bf16, so "auto" keeps fp32 on the CPU."""
+    return amp == "bf16" or (amp == "auto" and device.startswith("cuda"))
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def ema_decay(cfg: TrainConfig, k: int) -> float:
@@ -151,6 +166,8 @@ def validate(cfg: TrainConfig):
     if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and cfg.grad_clip > 0 and 0 <= cfg.cfg_prob <= 1
             and 0 <= cfg.lr_decay <= 1):
         raise DMFError("need lr > 0, ema_decay in [0, 1), grad_clip > 0, cfg_prob in [0, 1] and lr_decay in [0, 1]")
+    if cfg.amp not in ("auto", "bf16", "off"):
+        raise DMFError(f"--amp must be auto, bf16 or off, got {cfg.amp!r}")
 
 
 class Metrics:
@@ -243,7 +260,7 @@ def _train(cfg, data, model_args, init_sd, ck, rank, world, device):
         opt.load_state_dict(ck["opt"])
         step = int(ck["step"])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    cuda = device.startswith("cuda")
+    amp = amp_enabled(cfg.amp, device)
     b_local = cfg.batch_size // world
     shape = (cfg.batch_size, *data.shape)
     times = dict(P_mean=cfg.P_mean, P_std=cfg.P_std, P_mean_t=cfg.P_mean_t, P_std_t=cfg.P_std_t,
@@ -278,7 +295,7 @@ def _train(cfg, data, model_args, init_sd, ck, rank, world, device):
         idx = batch_indices(len(data.y), cfg.batch_size, step, cfg.seed)[rank * b_local:(rank + 1) * b_local]
         d = draw(step_generator(cfg.seed, step), shape, **times).shard(rank, world).to(device)
         x, y = data.x[idx].to(device), data.y[idx].to(device)     # (b, C, H, W), (b,)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             if cfg.stage == "flow":
                 loss, logs = flow_loss(ddp, x, y, d, model_args["num_classes"]), {}
             else:
