@@ -114,3 +114,31 @@ def test_without_logvar_head_phi_is_zero():
     a, _ = dmf_loss(ours, ours, x, y.clamp(max=9), d, 10)
     b, _ = dmf_loss(plain, plain, x, y.clamp(max=9), d, 10)
     assert_f64(a, b, "loss")
+
+
+def test_teacher_velocity_in_the_mf_branch():
+    """teacher=<frozen flow model>: the MF branch's tangent and target use the teacher's
+    u_T(x_t, t, t | y) (labels after dropout), detached; the FM branch keeps its data target;
+    no gradient reaches the teacher; gradients equal torch.func.jvp's on the official model."""
+    ours, ref = models()
+    teacher, _ = models(seed=7)
+    teacher.requires_grad_(False)
+    x, _, _, y, _ = inputs(4)
+    d = draw(torch.Generator().manual_seed(5), x.shape, cfg_prob=0.5)
+    d = Draw(*(getattr(d, f).double() if getattr(d, f).is_floating_point() else getattr(d, f)
+               for f in d.__dataclass_fields__))
+    y = y.clamp(max=9)
+    loss, _ = dmf_loss(ours, ours, x, y, d, 10, jvp=dk.model_jvp, teacher=teacher)
+    # by hand: the MF branch with v = the teacher's velocity, plus the (data) FM branch
+    y_in = torch.where(d.drop, 10, y)
+    x_mf = (1 - d.t_mf) * x + d.t_mf * d.noise_mf
+    v_teacher = teacher(x_mf, d.t_mf, d.t_mf, y_in)
+    mf, _, _ = mf_branch(ours, x_mf, d.t_mf, d.r_mf, y_in, v_teacher, torch.func.jvp)
+    data, _ = dmf_loss(ours, ours, x, y, d, 10, jvp=dk.model_jvp)
+    mf_data, _, _ = mf_branch(ours, x_mf, d.t_mf, d.r_mf, y_in, d.noise_mf - x, dk.model_jvp)
+    assert_f64(loss, data - 0.5 * mf_data.mean() + 0.5 * mf.mean(), "loss")
+    assert not torch.allclose(mf, mf_data)
+    g_ours = torch.autograd.grad(loss, [p for p in ours.parameters() if p.requires_grad])
+    ref_loss, _ = dmf_loss(ref, ref, x, y, d, 10, jvp=torch.func.jvp, teacher=teacher)
+    for a, b in zip(g_ours, torch.autograd.grad(ref_loss, [p for p in ref.parameters() if p.requires_grad])):
+        assert_f64(a, b, "parameter gradient")

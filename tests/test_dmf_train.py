@@ -133,3 +133,26 @@ def test_amp_bf16_on_cpu(tmp_path):
         assert a != b and abs(a - b) < 0.05 * abs(a), (key, a, b)
     with pytest.raises(DMFError, match="--amp"):
         train(TrainConfig(stage="flow", steps=1, out=str(tmp_path / "bad"), amp="fp8", **TINY))
+
+
+def test_teacher_velocity_run_and_resume(tmp_path):
+    """--mf-velocity teacher: the frozen --init model is the teacher (a resumed run reads the file
+    again and replays the uninterrupted run); without --init, or with a bad value: refused."""
+    from dmf.convert import convert
+
+    train(TrainConfig(stage="flow", steps=2, out=str(tmp_path / "flow"), **TINY))
+    convert(tmp_path / "flow" / "checkpoints" / "last.pt", tmp_path / "init.pt")
+    kw = dict(stage="dmf", mf_velocity="teacher", init=str(tmp_path / "init.pt"), ckpt_every=2, **TINY)
+    full = read(train(TrainConfig(steps=4, out=str(tmp_path / "full"), **kw)))
+    train(TrainConfig(steps=2, out=str(tmp_path / "part"), **kw))
+    part = read(train(TrainConfig(steps=4, out=str(tmp_path / "part"), **kw), resume=True))
+    assert full["config"]["mf_velocity"] == "teacher"
+    ta, tb = tensors(full), tensors(part)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    data = tensors(read(train(TrainConfig(**dict(kw, mf_velocity="data", steps=4, out=str(tmp_path / "data"))))))
+    assert any(not torch.equal(ta[k], data[k]) for k in ta if k.startswith("model."))
+    with pytest.raises(DMFError, match="--mf-velocity teacher needs"):
+        train(TrainConfig(stage="dmf", steps=1, out=str(tmp_path / "noinit"), mf_velocity="teacher", **TINY))
+    with pytest.raises(DMFError, match="--mf-velocity must be"):
+        train(TrainConfig(stage="dmf", steps=1, out=str(tmp_path / "bad"), mf_velocity="model", **TINY))

@@ -45,6 +45,8 @@ def _train_args(p):
     p.add_argument("--omega", type=float, default=d.omega, help="model guidance strength (0: off)")
     p.add_argument("--g-min", type=float, default=d.g_min)
     p.add_argument("--g-max", type=float, default=d.g_max)
+    p.add_argument("--mf-velocity", choices=["data", "teacher"], default=d.mf_velocity,
+                   help="the MF branch's velocity: data (official: noise - x) or teacher (the frozen --init flow model's u(x_t, t, t))")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--device", default=d.device)

@@ -61,6 +61,7 @@ class TrainConfig:
     omega: float = 0.0            # model guidance strength (official 0.6 at 256px); 0: off
     g_min: float = 0.0
     g_max: float = 0.7
+    mf_velocity: str = "data"     # MF branch's v: "data" (official, noise - x) or "teacher" (the frozen --init model's u(x_t, t, t))
     ckpt_every: int = 500
     log_every: int = 10
     device: str = ""              # default cuda if available
@@ -166,6 +167,10 @@ def validate(cfg: TrainConfig):
     if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and cfg.grad_clip > 0 and 0 <= cfg.cfg_prob <= 1
             and 0 <= cfg.lr_decay <= 1):
         raise DMFError("need lr > 0, ema_decay in [0, 1), grad_clip > 0, cfg_prob in [0, 1] and lr_decay in [0, 1]")
+    if cfg.mf_velocity not in ("data", "teacher"):
+        raise DMFError(f"--mf-velocity must be data or teacher, got {cfg.mf_velocity!r}")
+    if cfg.mf_velocity == "teacher" and not (cfg.stage == "dmf" and cfg.init):
+        raise DMFError("--mf-velocity teacher needs --stage dmf and --init (the flow model is the teacher)")
     if cfg.amp not in ("auto", "bf16", "off"):
         raise DMFError(f"--amp must be auto, bf16 or off, got {cfg.amp!r}")
 
@@ -229,26 +234,38 @@ def train(cfg: TrainConfig, resume: bool = False):
     else:
         model_args, init_sd = (ck["model_args"], None) if ck else (model_args_for(cfg, data), None)
     check_fits(model_args, data)
+    teacher_sd = None
+    if cfg.mf_velocity == "teacher":  # a resumed run reads the --init file again
+        teacher_sd = init_sd if init_sd is not None else init_weights(cfg)[1]
     rank, world, device = setup_dist(cfg)
     try:
-        return _train(cfg, data, model_args, init_sd, ck, rank, world, device)
+        return _train(cfg, data, model_args, init_sd, ck, rank, world, device, teacher_sd)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg, data, model_args, init_sd, ck, rank, world, device):
+def _load_init(model, model_args, init_sd, what):
+    if not model_args.get("use_logvar"):  # --no-logvar from a checkpoint that has the head: drop it
+        init_sd = {k: v for k, v in init_sd.items() if not k.startswith("logvar_linear.")}
+    missing, unexpected = model.load_state_dict(init_sd, strict=False)
+    bad = [k for k in missing if not k.startswith("logvar_linear.")] + list(unexpected)
+    if bad:
+        raise DMFError(f"{what}: weights do not fit ({', '.join(bad[:3])})")
+
+
+def _train(cfg, data, model_args, init_sd, ck, rank, world, device, teacher_sd=None):
     out = Path(cfg.out)
     last = out / "checkpoints" / "last.pt"
     torch.manual_seed(cfg.seed)  # weight init: the same on every rank (DDP also broadcasts rank 0's)
     model = ckpt.build_model(model_args)
     if init_sd is not None:
-        if not model_args.get("use_logvar"):  # --no-logvar from a checkpoint that has the head: drop it
-            init_sd = {k: v for k, v in init_sd.items() if not k.startswith("logvar_linear.")}
-        missing, unexpected = model.load_state_dict(init_sd, strict=False)
-        bad = [k for k in missing if not k.startswith("logvar_linear.")] + list(unexpected)
-        if bad:
-            raise DMFError(f"--init {cfg.init}: weights do not fit ({', '.join(bad[:3])})")
+        _load_init(model, model_args, init_sd, f"--init {cfg.init}")
+    teacher = None
+    if teacher_sd is not None:  # --mf-velocity teacher: the frozen flow model
+        teacher = ckpt.build_model(model_args)
+        _load_init(teacher, model_args, teacher_sd, f"--init {cfg.init} (teacher)")
+        teacher.requires_grad_(False).eval().to(device)
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -300,7 +317,7 @@ def _train(cfg, data, model_args, init_sd, ck, rank, world, device):
                 loss, logs = flow_loss(ddp, x, y, d, model_args["num_classes"]), {}
             else:
                 loss, logs = dmf_loss(ddp, model, x, y, d, model_args["num_classes"], cfg.omega, cfg.g_min,
-                                      cfg.g_max)
+                                      cfg.g_max, teacher=teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         stats = torch.stack([loss.detach().float()] + [v.float() for v in logs.values()])
