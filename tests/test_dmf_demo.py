@@ -15,6 +15,8 @@ def test_quick_demo(tmp_path, capsys):
         assert math.isfinite(r["fd"]) and r["fd"] > 0 and 0 <= r["acc"] <= 1 and r["ms_per_sample"] > 0
         assert (tmp_path / r["grid"]).stat().st_size > 100
     assert res["rows"][-1]["fd_vs_flow50"] == 1.0
+    assert res["plan"]["mf_velocity"] == "teacher" and res["plan"]["amp"] == "off" and res["device"] == "cpu"
+    assert "MF velocity: teacher" in (tmp_path / "results.md").read_text()
     assert res["step_s"]["flow"] > 0 and res["step_s"]["dmf"] > 0  # measured, never compared: speed is benchmarked
     md = (tmp_path / "results.md").read_text()
     assert md.count("\n| DMF |") == 3 and md in out

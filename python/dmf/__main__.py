@@ -84,6 +84,8 @@ def parser():
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="a tiny run (< 2 min) that exercises every stage")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mf-velocity", choices=["teacher", "data"], default="teacher",
+                   help="the DMF stage's MF velocity: teacher (default here: the stage-1 model's) or data (official)")
     return ap
 
 

@@ -19,21 +19,29 @@ from . import convert as ckpt
 from . import evaluate
 from .data import to_images
 from .sample import generate, save_grid
-from .train import TrainConfig, train
+from .train import TrainConfig, cpu_has_native_bf16, train
 
-# Budgets on 2 CPU cores: flow step ~0.24 s, DMF step ~0.54 s at batch 128, so ~3 min of flow
-# matching and ~5.5 min of DMF. lr 1e-3 with the EMA warm-up (the TrainConfig defaults) is what
-# makes minutes enough. Measured on this budget (DMF stage variants from one flow model; FD ratio
-# to the flow model's 50-step FD at 1 / 2 / 4 steps): constant lr 1.81 / 1.37 / 1.20; lr decayed
-# linearly to 0 over the second half of the DMF stage 1.83 / 1.17 / 0.95 (the default here);
-# lr 2e-3 2.42 / 1.89 / 1.60; lr 5e-4 1.98 / 1.28 / 1.10; time proposals pushed apart
-# (P_mean_t 0.8, P_mean_r -1.6) 2.06 / 1.59 / 1.34; model guidance omega 0.6: 5.6x (class accuracy
-# 1.0, diversity lost); the same decay on the flow stage too: flow FD unchanged (2.89 vs 2.84),
-# DMF 1.90 / 1.24 / 0.98; a plain EMA of 0.99 1.83 / 1.25 / 1.03. Splitting the budget 500 flow +
-# 700 DMF steps gives 1.17 / 0.80 / 0.68, but only because the flow baseline is weaker (its FD
-# 4.17 vs 2.84); DMF's own 1-step FD improves less (4.86 vs 5.20): the split stays 700 + 600.
-FULL = dict(flow_steps=700, dmf_steps=600, batch=128, n_eval=1000, dmf_lr_decay=0.5)
-QUICK = dict(flow_steps=40, dmf_steps=15, batch=64, n_eval=200, dmf_lr_decay=0.5)
+# Budgets on 2 CPU cores with native bf16 (AVX512-BF16), under bf16 autocast: flow step ~0.125 s,
+# DMF step ~0.28 s at batch 128 (fp32: 0.225 / 0.55 s), so ~1.5 min of flow matching and ~6.5 min
+# of DMF. lr 1e-3 with the EMA warm-up (the TrainConfig defaults) is what makes minutes enough.
+# What was measured (DMF stage variants from one 700-step flow model; FD ratio to the flow model's
+# 50-step FD at 1 / 2 / 4 steps; 600 DMF steps in fp32 unless said):
+# - MF velocity = data (the official method): constant lr 1.81 / 1.37 / 1.20; lr decayed linearly to
+#   0 over the second half 1.83 / 1.17 / 0.95; the same in bf16 1.82 / 1.21 / 0.99; lr 2e-3 2.42 /
+#   1.89 / 1.60; lr 5e-4 1.98 / 1.28 / 1.10; time proposals pushed apart (P_mean_t 0.8, P_mean_r
+#   -1.6) 2.06 / 1.59 / 1.34; model guidance omega 0.6: 5.6x (class accuracy 1.0, diversity lost);
+#   a plain EMA of 0.99 1.83 / 1.25 / 1.03; batch 64 x 1200 steps 1.91 / 1.43 / 1.19. With the bf16
+#   budget: 1600 steps 1.71 / 1.29 / 1.00, batch 256 x 800 1.82 / 1.34 / 1.00, and 1400 flow + 1300
+#   DMF steps 1.90 / 1.55 / 1.22 (the flow model improves faster: FD 2.26 vs 2.94). The 1-step FD
+#   stays near 5 whatever the DMF stage gets: the conditional velocity's variance in the target
+#   v - (t - r) du/dt, which grows with t - r, is what the 1-step map learns slowly.
+# - MF velocity = teacher (the frozen flow model's u(x_t, t, t); the FM branch keeps the data
+#   target): 600 bf16 steps 1.33 / 1.09 / 0.95 (the MF error falls from ~0.5 to ~0.02). The
+#   model's own detached velocity instead of a frozen teacher diverged within 50 steps.
+FULL = dict(flow_steps=700, dmf_steps=1400, batch=128, n_eval=1000, dmf_lr_decay=0.5, amp="bf16")
+# CPUs without native bf16 (emulated bf16 is slow): fp32, the same flow model, fewer DMF steps
+FULL_FP32 = dict(FULL, dmf_steps=600, amp="off")
+QUICK = dict(flow_steps=40, dmf_steps=15, batch=64, n_eval=200, dmf_lr_decay=0.5, amp="off")
 FLOW_SAMPLING_STEPS = 50
 
 
@@ -46,10 +54,13 @@ def _run(cfg: TrainConfig):
 
 def main(args):
     out = Path(args.out)
-    plan = QUICK if args.quick else FULL
+    gpu = torch.cuda.is_available() and not args.quick
+    plan = QUICK if args.quick else FULL if gpu or cpu_has_native_bf16() else FULL_FP32
+    plan = dict(plan, mf_velocity=getattr(args, "mf_velocity", "teacher"))
     out.mkdir(parents=True, exist_ok=True)
     common = dict(batch_size=plan["batch"], seed=args.seed, progress=not args.quick, log_every=10,
-                  ckpt_every=max(plan["flow_steps"], plan["dmf_steps"]), device="cpu" if args.quick else "")
+                  ckpt_every=max(plan["flow_steps"], plan["dmf_steps"]), device="cpu" if args.quick else "",
+                  amp=plan["amp"])
 
     print("== stage 1: flow matching", flush=True)
     flow_s = _run(TrainConfig(stage="flow", steps=plan["flow_steps"], out=str(out / "flow"), **common))
@@ -58,7 +69,7 @@ def main(args):
     ckpt.convert(out / "flow" / "checkpoints" / "last.pt", conv)
     print("== stage 2: DMF", flush=True)
     dmf_s = _run(TrainConfig(stage="dmf", steps=plan["dmf_steps"], out=str(out / "dmf"), init=str(conv),
-                             lr_decay=plan["dmf_lr_decay"], **common))
+                             lr_decay=plan["dmf_lr_decay"], mf_velocity=plan["mf_velocity"], **common))
 
     print("== evaluation", flush=True)
     net = evaluate.classifier(out, seed=0)
@@ -90,7 +101,8 @@ def main(args):
         step_cost[stage] = 1.0 / speeds[len(speeds) // 2]
     results = dict(quick=args.quick, plan=plan, seed=args.seed, rows=rows, real_fd_floor=evaluate.real_floor(
         net, plan["n_eval"]), train_s=dict(flow=flow_s, dmf=dmf_s), step_s=step_cost,
-        dmf_over_flow_step=step_cost["dmf"] / step_cost["flow"], threads=torch.get_num_threads())
+        dmf_over_flow_step=step_cost["dmf"] / step_cost["flow"], threads=torch.get_num_threads(),
+        device="cuda" if gpu else "cpu")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     md = markdown(results)
     (out / "results.md").write_text(md)
@@ -100,11 +112,14 @@ def main(args):
 
 def markdown(res) -> str:
     p = res["plan"]
+    precision = "bf16 autocast" if p.get("amp") == "bf16" else "fp32"
+    where = "cuda" if res.get("device") == "cuda" else f"cpu, {res['threads']} threads"
     lines = [f"# DMF digits demo{' (quick)' if res['quick'] else ''}", "",
              f"Flow matching {p['flow_steps']} steps ({res['train_s']['flow']:.0f} s, {res['step_s']['flow']:.3f} s/step), "
              f"then DMF {p['dmf_steps']} steps ({res['train_s']['dmf']:.0f} s, {res['step_s']['dmf']:.3f} s/step, "
              f"{res['dmf_over_flow_step']:.2f}x a flow step; lr decayed to 0 over its last "
-             f"{p.get('dmf_lr_decay', 0):.0%}); batch {p['batch']}, {res['threads']} threads.", "",
+             f"{p.get('dmf_lr_decay', 0):.0%}; MF velocity: {p.get('mf_velocity', 'data')}); batch {p['batch']}, "
+             f"{precision} on {where}.", "",
              f"FD in digits-classifier features, {p['n_eval']} class-balanced samples vs the 1797 real digits "
              f"(real digits score {res['real_fd_floor']:.3f} at this n); acc: the classifier agrees with the "
              "conditioning class.", "",
