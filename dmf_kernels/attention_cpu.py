@@ -47,7 +47,7 @@ def attention_fwd(q, k, v, scale, block=None):
     if block is None and _flash_ok(q):
         if q.dtype == torch.float16:  # aten's fp16 kernel is slower than fp32 (module docstring)
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_upcast(q, k, v), scale=scale)
-            return o.to(q.dtype), lse.contiguous()
+            return o.to(q.dtype).contiguous(), lse.contiguous()
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
         return o.contiguous(), lse.to(_stat_dtype(q.dtype)).contiguous()
     return attention_fwd_blockwise(q, k, v, scale, block)

@@ -33,18 +33,27 @@ def test_flash_and_blockwise_match_math(nq, nk, d, block):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d", [(16, 64), (33, 72)])
 def test_low_precision_flash_path_rounds_fp32_results(dtype, n, d):
-    """fp16/bf16 on the CPU: forward and backward are computed in fp32 and rounded once (aten's
-    own low-precision kernels are slower and about twice as far from float64), so each output is
-    within about one rounding of the float64 result: at most twice the error of rounding it."""
+    """fp16/bf16 on the CPU: the backward (and the fp16 forward) is aten's fp32 kernel on upcast
+    copies, rounded once (aten's own low-precision kernels are slower and about twice as far
+    from float64): bit-equal to that, and so within about one rounding of the float64 result."""
     q, k, v, do = (rand(3, 2, n, d, seed=s).to(dtype) for s in range(4))
     scale = d ** -0.5
     o, lse = ac.attention_fwd(q, k, v, scale)
     grads = ac.attention_bwd(do, q, k, v, o, lse, scale)
+    f32 = [t.float() for t in (do, q, k, v, o)]
+    want_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*f32, lse, 0.0, False,
+                                                                                      scale=scale)
+    for name, got, want in zip(["dq", "dk", "dv"], grads, want_grads):
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, want.to(dtype)), name
+    if dtype == torch.float16:
+        o32, lse32 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.float(), k.float(), v.float(),
+                                                                                scale=scale)
+        assert torch.equal(o, o32.to(dtype)) and torch.equal(lse, lse32)
+    assert o.dtype == dtype and o.is_contiguous() and lse.dtype == torch.float32
     xs = [t.double().requires_grad_() for t in (q, k, v)]
     o_ref = ref.attention(*xs)
     refs = [o_ref, *torch.autograd.grad(o_ref, xs, do.double())]
     for name, got, want in zip(["o", "dq", "dk", "dv"], [o, *grads], refs):
-        assert got.dtype == dtype and got.is_contiguous(), name
         err = (got.double() - want).abs().max().item()
         rounding = (want.to(dtype).double() - want).abs().max().item()
         assert err <= 2 * rounding + 1e-3 * want.abs().max().item(), (name, err, rounding)

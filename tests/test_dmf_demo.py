@@ -25,3 +25,13 @@ def test_quick_demo(tmp_path, capsys):
         assert (tmp_path / stage / "loss.png").is_file()
     assert (tmp_path / "flow" / "dmf_init.pt").is_file()
     assert list(tmp_path.glob("digits_classifier_seed0.pt"))
+
+
+def test_plan_choice():
+    """bf16 plan where bf16 is fast (GPU, CPU with native bf16), fp32 plan elsewhere, quick for tests."""
+    from dmf.demo import FULL, FULL_FP32, QUICK, plan_for
+
+    assert plan_for(True, True, True) is QUICK
+    assert plan_for(False, True, False) is FULL and plan_for(False, False, True) is FULL
+    assert plan_for(False, False, False) is FULL_FP32
+    assert FULL["amp"] == "bf16" and FULL_FP32["amp"] == "off" and FULL_FP32["flow_steps"] == FULL["flow_steps"]

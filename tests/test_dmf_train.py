@@ -146,10 +146,16 @@ def test_teacher_velocity_run_and_resume(tmp_path):
     full = read(train(TrainConfig(steps=4, out=str(tmp_path / "full"), **kw)))
     train(TrainConfig(steps=2, out=str(tmp_path / "part"), **kw))
     part = read(train(TrainConfig(steps=4, out=str(tmp_path / "part"), **kw), resume=True))
-    assert full["config"]["mf_velocity"] == "teacher"
+    assert full["config"]["mf_velocity"] == "teacher" and Path(full["config"]["init"]).is_absolute()
+    assert full["teacher_sha256"] == part["teacher_sha256"] and len(full["teacher_sha256"]) == 64
     ta, tb = tensors(full), tensors(part)
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+    # the --init file replaced by another flow model: resuming would silently change the teacher
+    train(TrainConfig(stage="flow", steps=3, out=str(tmp_path / "flow2"), **TINY))
+    convert(tmp_path / "flow2" / "checkpoints" / "last.pt", tmp_path / "init.pt")
+    with pytest.raises(DMFError, match="weights changed since the run started"):
+        train(TrainConfig(steps=6, out=str(tmp_path / "part"), **kw), resume=True)
     data = tensors(read(train(TrainConfig(**dict(kw, mf_velocity="data", steps=4, out=str(tmp_path / "data"))))))
     assert any(not torch.equal(ta[k], data[k]) for k in ta if k.startswith("model."))
     with pytest.raises(DMFError, match="--mf-velocity teacher needs"):

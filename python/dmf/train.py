@@ -10,9 +10,11 @@ global batch from a generator seeded by (seed, step); each rank takes its slice.
 run replays an uninterrupted one exactly, and N ranks see the same global batch as one process.
 """
 import copy
+import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -74,17 +76,31 @@ def step_generator(seed: int, step: int, stream: int = 2) -> torch.Generator:
 
 
 def amp_enabled(amp: str, device: str) -> bool:
-    """bf16 autocast for this run. On CPUs with native bf16 (AVX512-BF16/AMX) "bf16" makes the
-    digits model's steps ~1.5-1.9x faster (2 cores: flow 231 -> 151 ms, DMF 558 -> ~300 ms); CPUs
-    without it emulate bf16, so "auto" keeps fp32 on the CPU."""
+    """bf16 autocast for this run. "auto": on CUDA only, since CPUs without native bf16 emulate
+    it; "bf16" on a CPU with AVX512-BF16/AMX made the digits model's steps about 2x faster (2 cores:
+    flow 0.225 -> 0.11-0.125 s, DMF 0.544 -> 0.25-0.31 s, the range is this VM's day-to-day speed)."""
     return amp == "bf16" or (amp == "auto" and device.startswith("cuda"))
 
 
 def cpu_has_native_bf16() -> bool:
+    """bf16 dot products in hardware (x86: AVX512-BF16 or AMX). oneDNN's own check is not enough:
+    it also says yes where bf16 is emulated on plain AVX512."""
     try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def weights_sha256(sd: dict) -> str:
+    """A fingerprint of a state dict's tensors (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def ema_decay(cfg: TrainConfig, k: int) -> float:
@@ -169,8 +185,6 @@ def validate(cfg: TrainConfig):
         raise DMFError("need lr > 0, ema_decay in [0, 1), grad_clip > 0, cfg_prob in [0, 1] and lr_decay in [0, 1]")
     if cfg.mf_velocity not in ("data", "teacher"):
         raise DMFError(f"--mf-velocity must be data or teacher, got {cfg.mf_velocity!r}")
-    if cfg.mf_velocity == "teacher" and not (cfg.stage == "dmf" and cfg.init):
-        raise DMFError("--mf-velocity teacher needs --stage dmf and --init (the flow model is the teacher)")
     if cfg.amp not in ("auto", "bf16", "off"):
         raise DMFError(f"--amp must be auto, bf16 or off, got {cfg.amp!r}")
 
@@ -228,18 +242,29 @@ def train(cfg: TrainConfig, resume: bool = False):
         # the checkpoint's config wins (same data order and hyper-parameters); only the length,
         # the output directory and the progress bar follow the command line
         cfg = TrainConfig(**dict(asdict(saved), steps=cfg.steps, out=cfg.out, progress=cfg.progress))
+        validate(cfg)
+    if cfg.mf_velocity == "teacher":
+        if not (cfg.stage == "dmf" and cfg.init):
+            raise DMFError("--mf-velocity teacher needs --stage dmf and --init (the flow model is the teacher)")
+        if not resume:  # saved absolute: --resume reads the teacher again from any directory
+            cfg = TrainConfig(**dict(asdict(cfg), init=str(Path(cfg.init).resolve())))
     data = load_data(cfg.data)
     if cfg.init and not resume:
         model_args, init_sd = init_weights(cfg)
     else:
         model_args, init_sd = (ck["model_args"], None) if ck else (model_args_for(cfg, data), None)
     check_fits(model_args, data)
-    teacher_sd = None
-    if cfg.mf_velocity == "teacher":  # a resumed run reads the --init file again
-        teacher_sd = init_sd if init_sd is not None else init_weights(cfg)[1]
+    weights = {"init": init_sd}   # _train pops these: no second copy of the weights for the whole run
+    if cfg.mf_velocity == "teacher":
+        weights["teacher"] = init_sd if init_sd is not None else init_weights(cfg)[1]
+        weights["teacher_sha256"] = weights_sha256(weights["teacher"])
+        if ck is not None and ck.get("teacher_sha256") not in (None, weights["teacher_sha256"]):
+            raise DMFError(f"--resume reads the teacher again from --init {cfg.init}, whose weights changed "
+                           "since the run started")
+    del init_sd
     rank, world, device = setup_dist(cfg)
     try:
-        return _train(cfg, data, model_args, init_sd, ck, rank, world, device, teacher_sd)
+        return _train(cfg, data, model_args, weights, ck, rank, world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -248,23 +273,28 @@ def train(cfg: TrainConfig, resume: bool = False):
 def _load_init(model, model_args, init_sd, what):
     if not model_args.get("use_logvar"):  # --no-logvar from a checkpoint that has the head: drop it
         init_sd = {k: v for k, v in init_sd.items() if not k.startswith("logvar_linear.")}
-    missing, unexpected = model.load_state_dict(init_sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(init_sd, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise DMFError(f"{what}: weights do not fit ({str(e).splitlines()[-1].strip()[:160]})") from None
     bad = [k for k in missing if not k.startswith("logvar_linear.")] + list(unexpected)
     if bad:
         raise DMFError(f"{what}: weights do not fit ({', '.join(bad[:3])})")
 
 
-def _train(cfg, data, model_args, init_sd, ck, rank, world, device, teacher_sd=None):
+def _train(cfg, data, model_args, weights, ck, rank, world, device):
     out = Path(cfg.out)
     last = out / "checkpoints" / "last.pt"
     torch.manual_seed(cfg.seed)  # weight init: the same on every rank (DDP also broadcasts rank 0's)
     model = ckpt.build_model(model_args)
+    init_sd = weights.pop("init")
     if init_sd is not None:
         _load_init(model, model_args, init_sd, f"--init {cfg.init}")
+    del init_sd
     teacher = None
-    if teacher_sd is not None:  # --mf-velocity teacher: the frozen flow model
-        teacher = ckpt.build_model(model_args)
-        _load_init(teacher, model_args, teacher_sd, f"--init {cfg.init} (teacher)")
+    if "teacher" in weights:  # --mf-velocity teacher: the frozen flow model (its r = t path only)
+        teacher = ckpt.build_model(dict(model_args, use_logvar=False))
+        _load_init(teacher, dict(model_args, use_logvar=False), weights.pop("teacher"), f"--init {cfg.init} (teacher)")
         teacher.requires_grad_(False).eval().to(device)
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -283,7 +313,7 @@ def _train(cfg, data, model_args, init_sd, ck, rank, world, device, teacher_sd=N
     times = dict(P_mean=cfg.P_mean, P_std=cfg.P_std, P_mean_t=cfg.P_mean_t, P_std_t=cfg.P_std_t,
                  P_mean_r=cfg.P_mean_r, P_std_r=cfg.P_std_r, cfg_prob=cfg.cfg_prob)
     meta = {"format": ckpt.FORMAT, "model_args": model_args, "stage": cfg.stage, "data_kind": data.kind,
-            "config": asdict(cfg), "world_size": world}
+            "config": asdict(cfg), "world_size": world, "teacher_sha256": weights.get("teacher_sha256")}
 
     def save():
         if rank == 0:
