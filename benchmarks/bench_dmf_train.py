@@ -84,8 +84,6 @@ def _make(name, size, ch, classes, B, mode, prov, device, dtype):
     d = draw(g, x.shape).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
-    cuda = device == "cuda"
-
     def loss_fn():
         if mode == "fm step":
             return flow_loss(model, x, y, d, classes)
@@ -99,7 +97,7 @@ def _make(name, size, ch, classes, B, mode, prov, device, dtype):
         return mf_branch(model, x_t, d.t_mf, d.r_mf, y, d.noise_mf - x, jvp)[0].mean()
 
     def step():
-        with torch.autocast("cuda", dtype=dtype, enabled=cuda and dtype != torch.float32):
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
             loss = loss_fn()
         loss.backward()
         if mode.endswith("step"):
@@ -134,13 +132,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                    help="bf16 autocast: auto = on CUDA only (as dmf train); bf16 also on the CPU")
     args = ap.parse_args(argv)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    amp = args.amp == "bf16" or (args.amp == "auto" and args.device.startswith("cuda"))
+    dtype = torch.bfloat16 if amp else torch.float32
     if args.device == "cpu":
         pin_cpu_allocator()
     rows = run_cases(list(cases(args.device, dtype, args.quick)), args.device, args.quick)
     paths = write_results(rows, args.device, dict(quick=args.quick, suite="bench_dmf_train"),
-                          stem=f"dmf_train_{args.device}_{__import__('datetime').date.today().isoformat()}")
+                          stem=f"dmf_train_{args.device}{'_bf16' if amp and args.device == 'cpu' else ''}_"
+                               f"{__import__('datetime').date.today().isoformat()}")
     text = summary(rows)
     with open(paths[1], "a") as f:
         f.write("\n## Ratios\n\n" + text)

@@ -17,3 +17,12 @@ def test_dmf_train_suite_builds_and_runs(monkeypatch):
     table = bench_dmf_train.summary(rows)
     assert "Ti/4" in table and table.splitlines()[-1].count("|") == 7
     assert table.splitlines()[-1].split("|")[-2].strip()  # official DMF step / ours was computed
+
+
+def test_dmf_train_suite_bf16_autocast_on_cpu(monkeypatch):
+    """--amp bf16 on the CPU: the steps run under CPU autocast (the dtype column says bf16)."""
+    monkeypatch.setattr(bench_dmf_train, "shapes", lambda device, quick: [("DMFT-Ti/4", "digits N4", 8, 1, 10, 2)])
+    cases = [c for c in bench_dmf_train.cases("cpu", torch.bfloat16, True) if c.provider == "dmf"]
+    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+    assert not [r for r in rows if r.get("ms") is None], [r.get("error") for r in rows]
+    assert {r["dtype"] for r in rows} == {"bfloat16"}
