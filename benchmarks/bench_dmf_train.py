@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import dmf_kernels as dk
 from dmf import DMFT_models
 from dmf.loss import dmf_loss, draw, flow_loss, log_lv_loss, mf_branch
+from dmf.train import AMP_MODES, amp_enabled
 
 from .harness import Case
 
@@ -132,10 +133,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+    ap.add_argument("--amp", choices=AMP_MODES, default="auto",
                     help="bf16 autocast: auto = on CUDA only (as dmf train); bf16 also on the CPU")
     args = ap.parse_args(argv)
-    amp = args.amp == "bf16" or (args.amp == "auto" and args.device.startswith("cuda"))
+    amp = amp_enabled(args.amp, args.device)
     dtype = torch.bfloat16 if amp else torch.float32
     if args.device == "cpu":
         pin_cpu_allocator()

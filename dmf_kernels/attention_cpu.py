@@ -39,7 +39,7 @@ def _flash_ok(q):
 
 
 def _upcast(*ts):
-    return [None if t is None else t.float() for t in ts]
+    return [t.float() for t in ts]
 
 
 def attention_fwd(q, k, v, scale, block=None):

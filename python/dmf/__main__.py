@@ -16,7 +16,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_args(p):
-    from .train import TrainConfig
+    from .train import AMP_MODES, MF_VELOCITIES, TrainConfig
 
     d = TrainConfig()
     p.add_argument("--stage", choices=["flow", "dmf"], required=True)
@@ -45,17 +45,20 @@ def _train_args(p):
     p.add_argument("--omega", type=float, default=d.omega, help="model guidance strength (0: off)")
     p.add_argument("--g-min", type=float, default=d.g_min)
     p.add_argument("--g-max", type=float, default=d.g_max)
-    p.add_argument("--mf-velocity", choices=["data", "teacher"], default=d.mf_velocity,
-                   help="the MF branch's velocity: data (official: noise - x) or teacher (the frozen --init flow model's u(x_t, t, t))")
+    p.add_argument("--mf-velocity", choices=MF_VELOCITIES, default=d.mf_velocity,
+                   help="the MF branch's velocity: data (official: noise - x) or teacher "
+                        "(the frozen --init flow model's u(x_t, t, t))")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--device", default=d.device)
-    p.add_argument("--amp", choices=["auto", "bf16", "off"], default=d.amp,
+    p.add_argument("--amp", choices=AMP_MODES, default=d.amp,
                    help="bf16 autocast: auto = on CUDA only; bf16 also on the CPU (fast on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def parser():
+    from .train import MF_VELOCITIES
+
     ap = _Parser(prog="dmf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_args(sub.add_parser("train", help="train a flow model (stage flow) or a DMF model (stage dmf)"))
@@ -84,7 +87,7 @@ def parser():
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="a tiny run (< 2 min) that exercises every stage")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mf-velocity", choices=["teacher", "data"], default="teacher",
+    p.add_argument("--mf-velocity", choices=MF_VELOCITIES, default="teacher",
                    help="the DMF stage's MF velocity: teacher (default here: the stage-1 model's) or data (official)")
     return ap
 

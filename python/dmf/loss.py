@@ -125,10 +125,9 @@ def dmf_loss(model, raw_model, x: Tensor, y: Tensor, d: Draw, num_classes: int, 
     the guidance difference u(x_t, t, t | y) - u(x_t, t, t | null) is still the student's (as
     in the official code), added to the teacher's velocity; for dropped labels the teacher's
     null-class velocity is used, which is meaningful only if its flow stage trained with label
-    dropout (ours does: cfg_prob 0.1). (The model's own
-    detached velocity in place of a frozen teacher diverged on digits within 50 steps: the
-    MF branch became self-consistent at near-zero error, its logvar weight grew, and the FM
-    error went from 1.5 to 700.)"""
+    dropout (ours does: cfg_prob 0.1). (The model's own detached velocity in place of a frozen
+    teacher diverged on digits within 50 steps: the MF branch became self-consistent at
+    near-zero error, its logvar weight grew, and the FM error went from 1.5 to 700.)"""
     jvp = jvp or _default_jvp()
     y = torch.where(d.drop, num_classes, y)
 

@@ -63,12 +63,17 @@ class TrainConfig:
     omega: float = 0.0            # model guidance strength (official 0.6 at 256px); 0: off
     g_min: float = 0.0
     g_max: float = 0.7
-    mf_velocity: str = "data"     # MF branch's v: "data" (official, noise - x) or "teacher" (the frozen --init model's u(x_t, t, t))
+    mf_velocity: str = "data"     # MF branch's v: "data" (official: noise - x) or "teacher" (the
+                                  # frozen --init model's u(x_t, t, t))
     ckpt_every: int = 500
     log_every: int = 10
     device: str = ""              # default cuda if available
     amp: str = "auto"             # bf16 autocast: "auto" (on CUDA only), "bf16" (also on CPU), "off"
     progress: bool = True
+
+
+MF_VELOCITIES = ("data", "teacher")
+AMP_MODES = ("auto", "bf16", "off")
 
 
 def step_generator(seed: int, step: int, stream: int = 2) -> torch.Generator:
@@ -183,10 +188,10 @@ def validate(cfg: TrainConfig):
     if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1 and cfg.grad_clip > 0 and 0 <= cfg.cfg_prob <= 1
             and 0 <= cfg.lr_decay <= 1):
         raise DMFError("need lr > 0, ema_decay in [0, 1), grad_clip > 0, cfg_prob in [0, 1] and lr_decay in [0, 1]")
-    if cfg.mf_velocity not in ("data", "teacher"):
-        raise DMFError(f"--mf-velocity must be data or teacher, got {cfg.mf_velocity!r}")
-    if cfg.amp not in ("auto", "bf16", "off"):
-        raise DMFError(f"--amp must be auto, bf16 or off, got {cfg.amp!r}")
+    if cfg.mf_velocity not in MF_VELOCITIES:
+        raise DMFError(f"--mf-velocity must be one of {', '.join(MF_VELOCITIES)}, got {cfg.mf_velocity!r}")
+    if cfg.amp not in AMP_MODES:
+        raise DMFError(f"--amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
 
 
 class Metrics:
