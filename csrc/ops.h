@@ -1,5 +1,5 @@
-// The op implementations registered for each backend (CPU in ops.cpp, CUDA in
-// cuda/cuda_backend.cpp). They validate, allocate and call the device's kernel table.
+// The op implementations (csrc/ops/<family>.cpp) registered for each backend (CPU in ops.cpp,
+// CUDA in cuda/cuda_backend.cpp). They validate, allocate and call the device's kernel table.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -17,9 +17,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adaln_modulate_jvp(const Tensor& x, c
                                                               const Tensor& shift, const optional<Tensor>& shift_dot,
                                                               const Tensor& scale, const optional<Tensor>& scale_dot,
                                                               double eps);
-Tensor adaln_modulate_tangent(const Tensor& x, const optional<Tensor>& x_dot, const optional<Tensor>& shift_dot,
-                              const Tensor& scale, const optional<Tensor>& scale_dot, const Tensor& mean,
-                              const Tensor& rstd);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_adaln_fwd(const Tensor& x, const Tensor& gate,
                                                                     const Tensor& y, const Tensor& shift,
@@ -31,26 +28,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_adaln_
     const Tensor& x, const optional<Tensor>& x_dot, const Tensor& gate, const optional<Tensor>& gate_dot,
     const Tensor& y, const optional<Tensor>& y_dot, const Tensor& shift, const optional<Tensor>& shift_dot,
     const Tensor& scale, const optional<Tensor>& scale_dot, double eps);
-std::tuple<Tensor, Tensor> gated_residual_adaln_tangent(
-    const Tensor& x_out, const optional<Tensor>& x_dot, const Tensor& gate, const optional<Tensor>& gate_dot,
-    const Tensor& y, const optional<Tensor>& y_dot, const optional<Tensor>& shift_dot, const Tensor& scale,
-    const optional<Tensor>& scale_dot, const Tensor& mean, const Tensor& rstd);
 
 Tensor gated_residual_fwd(const Tensor& x, const Tensor& gate, const Tensor& y);
 std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& grad_out, const Tensor& gate, const Tensor& y);
 std::tuple<Tensor, Tensor> gated_residual_jvp(const Tensor& x, const optional<Tensor>& x_dot, const Tensor& gate,
                                               const optional<Tensor>& gate_dot, const Tensor& y,
                                               const optional<Tensor>& y_dot);
-Tensor gated_residual_tangent(const optional<Tensor>& x_dot, const Tensor& gate, const optional<Tensor>& gate_dot,
-                              const Tensor& y, const optional<Tensor>& y_dot);
 
 std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, const Tensor& weight, double eps);
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                                         const Tensor& rstd);
 std::tuple<Tensor, Tensor, Tensor> rms_norm_jvp(const Tensor& x, const optional<Tensor>& x_dot, const Tensor& weight,
                                                 const optional<Tensor>& weight_dot, double eps);
-Tensor rms_norm_tangent(const Tensor& x, const optional<Tensor>& x_dot, const Tensor& weight,
-                        const optional<Tensor>& weight_dot, const Tensor& rstd);
 
 }  // namespace dmf
 
@@ -59,16 +48,12 @@ Tensor rms_norm_tangent(const Tensor& x, const optional<Tensor>& x_dot, const Te
   m.impl("adaln_modulate_fwd", &dmf::adaln_modulate_fwd);                   \
   m.impl("adaln_modulate_bwd", &dmf::adaln_modulate_bwd);                   \
   m.impl("adaln_modulate_jvp", &dmf::adaln_modulate_jvp);                   \
-  m.impl("adaln_modulate_tangent", &dmf::adaln_modulate_tangent);           \
   m.impl("gated_residual_adaln_fwd", &dmf::gated_residual_adaln_fwd);       \
   m.impl("gated_residual_adaln_bwd", &dmf::gated_residual_adaln_bwd);       \
   m.impl("gated_residual_adaln_jvp", &dmf::gated_residual_adaln_jvp);       \
-  m.impl("gated_residual_adaln_tangent", &dmf::gated_residual_adaln_tangent); \
   m.impl("gated_residual_fwd", &dmf::gated_residual_fwd);                   \
   m.impl("gated_residual_bwd", &dmf::gated_residual_bwd);                   \
   m.impl("gated_residual_jvp", &dmf::gated_residual_jvp);                   \
-  m.impl("gated_residual_tangent", &dmf::gated_residual_tangent);           \
   m.impl("rms_norm_fwd", &dmf::rms_norm_fwd);                               \
   m.impl("rms_norm_bwd", &dmf::rms_norm_bwd);                               \
-  m.impl("rms_norm_jvp", &dmf::rms_norm_jvp);                               \
-  m.impl("rms_norm_tangent", &dmf::rms_norm_tangent);
+  m.impl("rms_norm_jvp", &dmf::rms_norm_jvp);

@@ -2,21 +2,24 @@
 
 Differentiable ops (backward and forward-mode AD through fused kernels):
     adaln_modulate, gated_residual_adaln, gated_residual, rms_norm, gelu_tanh, attention
-Explicit dual-stream API (primal + tangent in one pass): dmf_kernels.jvp.*
-DiT modules with a dual-stream forward: dmf_kernels.nn
+Explicit jvp forms (primal + tangent in one pass): dmf_kernels.jvp.<op>, also dmf_kernels.<op>.jvp
+DiT modules with a jvp forward: dmf_kernels.nn
 Whole models: dmf_kernels.model_jvp (the drop-in for torch.func.jvp), dmf_kernels.patch
-Raw ops: torch.ops.dmf_kernels.<op>_{fwd,bwd,jvp,tangent} (C++), attention_{fwd,bwd,jvp} (Triton / PyTorch),
-    gelu_tanh_jvp (Triton / aten)
+Raw ops: torch.ops.dmf_kernels.<op>_{fwd,bwd,jvp} (C++: RAW_OPS), attention_{fwd,bwd,jvp} (Triton / PyTorch),
+    gelu_tanh_jvp (Triton / aten). Each op is declared once with dmf_kernels._op.Op.
 """
-from . import jvp, nn, reference
-from ._library import RAW_OPS, build_info
+from . import _op
+from ._extension import build_info
 from ._model_jvp import model_jvp
-from .adaln import adaln_modulate, gated_residual_adaln
 from .attention import attention
 from .gated_residual import gated_residual
 from .gelu import gelu_tanh
-from .patch import patch
+from .norm_mod import adaln_modulate, gated_residual_adaln
 from .rms_norm import rms_norm
+from . import jvp, nn, reference  # noqa: E402  (after the ops they wrap)
+from .patch import patch
+
+RAW_OPS = tuple(_op.CPP_OPS)
 
 __version__ = "0.1.0"
 

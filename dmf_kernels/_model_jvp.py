@@ -4,7 +4,7 @@
                                                     (x_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
 
 How it differs from torch.func.jvp, and why:
-- The blocks run their dual-stream pass (dmf_kernels.nn modules, or blocks patched by
+- The blocks run their jvp pass (dmf_kernels.nn modules, or blocks patched by
   dmf_kernels.patch): primal and tangent in one kernel pass per op, the primal recorded by
   autograd, the tangent not. The glue around them (patch embedding, timestep MLP,
   unpatchify) runs under torch.autograd.forward_ad; it is cheap.
@@ -62,9 +62,9 @@ def _modules_of(fn, depth=0):
 
 def has_dual_blocks(module: nn.Module) -> bool:
     """Whether `module` contains dmf_kernels.nn modules or blocks patched by dmf_kernels.patch."""
-    from .nn import DualModule
+    from .nn import JvpModule
 
-    return any(isinstance(m, DualModule) or getattr(m, "_dmf_kernels_patched", None) for m in module.modules())
+    return any(isinstance(m, JvpModule) or getattr(m, "_dmf_kernels_patched", None) for m in module.modules())
 
 
 def _check(primals, tangents):
@@ -107,8 +107,8 @@ def _fallback(fn, primals, tangents, why):
         _warned.add(why)
         warnings.warn(f"dmf_kernels.model_jvp: {why}; falling back to torch.func.jvp (tangents still "
                       "detached; blocks from dmf_kernels.nn or dmf_kernels.patch still take their one-pass "
-                      "dual path, but tangent activations of the rest stay in the autograd graph). For the "
-                      "full dual-stream pass, pass the model, a functools.partial of it or a lambda that "
+                      "jvp path, but tangent activations of the rest stay in the autograd graph). For the "
+                      "full jvp pass, pass the model, a functools.partial of it or a lambda that "
                       "captures it directly, built from dmf_kernels.nn or patched by dmf_kernels.patch.",
                       stacklevel=3)
     tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents))
@@ -145,7 +145,7 @@ def model_jvp(fn, primals, tangents, *, skip_zero_tangents=None):
                                               torch._C._functorch.peek_interpreter_stack() is not None):
         raise RuntimeError("dmf_kernels.model_jvp cannot run inside another forward-mode AD or torch.func transform "
                            "(torch.func.jvp, jacfwd, vmap or forward_ad.dual_level): PyTorch's forward_ad does not "
-                           "nest. Call torch.func.jvp there instead (our modules still take their dual path).")
+                           "nest. Call torch.func.jvp there instead (our modules still take their jvp path).")
     with fwAD.dual_level():
         args = [p if _is_zero(t, skip_zero_tangents) else fwAD.make_dual(p, t.detach())
                 for p, t in zip(primals, tangents)]

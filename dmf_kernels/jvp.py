@@ -1,16 +1,23 @@
-"""Explicit dual-stream API: each function takes primals and tangents and returns
-(primal outputs, tangent outputs) from ONE kernel pass.
+"""Explicit jvp forms: each function takes primals and tangents and returns the primal outputs,
+each followed by its tangent, from ONE kernel pass (e.g. `(out, out_dot)`).
 
 The primal outputs stay differentiable (backward through the compiled backward kernels);
 the tangent outputs are plain tensors, not recorded in autograd, which is what MeanFlow /
 DMF training wants for du/dt (it is detached). A tangent given as None means zero and
 skips that work (in DMF's decoder blocks the conditioning tangent is always zero).
+Each is also reachable as `dmf_kernels.<op>.jvp`.
 """
-from .adaln import adaln_modulate_dual as adaln_modulate
-from .attention import attention_dual as attention
-from .adaln import gated_residual_adaln_dual as gated_residual_adaln
-from .gated_residual import gated_residual_dual as gated_residual
-from .gelu import gelu_tanh_dual as gelu_tanh
-from .rms_norm import rms_norm_dual as rms_norm
+from .attention import attention as _attention
+from .gated_residual import gated_residual as _gated_residual
+from .gelu import gelu_tanh as _gelu_tanh
+from .norm_mod import adaln_modulate as _adaln_modulate, gated_residual_adaln as _gated_residual_adaln
+from .rms_norm import rms_norm as _rms_norm
+
+adaln_modulate = _adaln_modulate.jvp
+attention = _attention.jvp
+gated_residual_adaln = _gated_residual_adaln.jvp
+gated_residual = _gated_residual.jvp
+gelu_tanh = _gelu_tanh.jvp
+rms_norm = _rms_norm.jvp
 
 __all__ = ["adaln_modulate", "attention", "gated_residual_adaln", "gated_residual", "gelu_tanh", "rms_norm"]

@@ -1,4 +1,4 @@
-"""dmf_kernels.patch(model): our fused forward (and dual-stream forward) for the DiT blocks of
+"""dmf_kernels.patch(model): our fused forward (and jvp forward) for the DiT blocks of
 an existing facebookresearch/DiT-, SiT/REPA- or official-DMF-style model, in place.
 
 What is recognised, by attribute structure (not by class name, so a user's copy of these
@@ -19,9 +19,10 @@ one small random input and must agree. Anything that looks like one of these but
 different formula, forward hooks on the submodules our forward bypasses) is left alone and
 reported, never guessed at. Hooks on the patched modules themselves still run. The patched model keeps
 working under plain torch.func.jvp / forward_ad (then with the one-pass JVP attention and no
-N x N matrices) and runs its dual-stream pass under dmf_kernels.model_jvp.
+N x N matrices) and runs its jvp pass under dmf_kernels.model_jvp.
 """
 from dataclasses import dataclass, field
+from types import FunctionType
 
 import torch
 import torch.nn as nn
@@ -59,7 +60,7 @@ def _patched_class(base, kind):
     instance reduces to (its original class, its state), re-patched on load."""
     key = (base, kind)
     if key not in _PATCHED_CLASSES:
-        ns = dict(_METHODS[kind], _dmf_kernels_patched=kind, __reduce_ex__=_reduce_patched,
+        ns = dict(_methods(kind), _dmf_kernels_patched=kind, __reduce_ex__=_reduce_patched,
                   __module__=base.__module__, __qualname__=base.__qualname__)
         _PATCHED_CLASSES[key] = type(base.__name__, (base,), ns)
     return _PATCHED_CLASSES[key]
@@ -257,22 +258,35 @@ def _looks_like(m):
     return None
 
 
-_METHODS = {
-    "rms_norm": dict(forward=dnn.RMSNorm.forward, forward_jvp=dnn.RMSNorm.forward_jvp),
-    "attention": dict(forward=dnn.Attention.forward, forward_jvp=dnn.Attention.forward_jvp,
-                      _heads=dnn.Attention._heads),
-    "mlp": dict(forward=dnn.Mlp.forward, forward_jvp=dnn.Mlp.forward_jvp),
-    "block": dict(forward=dnn.DiTBlock.forward, forward_jvp=dnn.DiTBlock.forward_jvp,
-                  modulation=dnn.DiTBlock.modulation, modulation_jvp=dnn.DiTBlock.modulation_jvp,
-                  body=dnn.DiTBlock.body, body_jvp=dnn.DiTBlock.body_jvp),
-    "final_layer": dict(forward=dnn.FinalLayer.forward, forward_jvp=dnn.FinalLayer.forward_jvp,
-                        modulation=dnn.FinalLayer.modulation, modulation_jvp=dnn.FinalLayer.modulation_jvp),
-}
+_CLASSES = {"rms_norm": dnn.RMSNorm, "attention": dnn.Attention, "mlp": dnn.Mlp, "block": dnn.DiTBlock,
+            "final_layer": dnn.FinalLayer}
 
 
-def _patch_attention(name, m, report):
-    """Patches q_norm / k_norm first (the attention's self-check runs through them); returns a
-    reason when one of them fails its own self-check."""
+def _methods(kind):
+    """Every method our class of this kind defines or inherits from dmf_kernels.nn (not from
+    nn.Module), so a helper method added there reaches patched models without a list to keep."""
+    cls = _CLASSES[kind]
+    mro = cls.__mro__[:cls.__mro__.index(nn.Module)]
+    return {k: v for c in reversed(mro) for k, v in vars(c).items()
+            if not (k.startswith("__") and k.endswith("__")) and isinstance(v, (FunctionType, staticmethod))}
+
+
+def _prepare_attention(name, m, report):
+    """Patches q_norm / k_norm first (the attention's self-check runs through them) and gives m a
+    head_dim. Returns (reason or None, undo): undo puts m, its norms and the report back as they
+    were, for when a norm's or the attention's own self-check fails (a module left alone must
+    stay exactly as it was)."""
+    state, modules, rebound = dict(m.__dict__), dict(m._modules), []
+
+    def undo():
+        for norm, cls, key in rebound:
+            norm.__class__ = cls
+            report.patched.pop(key, None)
+        m.__dict__.clear()
+        m.__dict__.update(state)
+        m._modules.clear()
+        m._modules.update(modules)
+
     for n in ("q_norm", "k_norm"):
         norm = getattr(m, n, None)
         if norm is None:
@@ -280,16 +294,18 @@ def _patch_attention(name, m, report):
         elif not isinstance(norm, (nn.Identity, dnn.RMSNorm)) and not getattr(norm, "_dmf_kernels_patched", None):
             why = _self_check_reason(norm, "rms_norm", type(norm).forward)
             if why:
-                return f"{n}: {why}"
+                undo()
+                return f"{n}: {why}", undo
+            rebound.append((norm, type(norm), f"{name}.{n}"))
             _bind(norm, "rms_norm")
             report.patched[f"{name}.{n}"] = "rms_norm"
     if not hasattr(m, "head_dim"):
         m.head_dim = m.qkv.in_features // m.num_heads
-    return None
+    return None, undo
 
 
 def patch(model: nn.Module) -> PatchReport:
-    """Swaps in our fused forward and dual-stream forward for the DiT parts of `model`, in place.
+    """Swaps in our fused forward and jvp forward for the DiT parts of `model`, in place.
 
     Args:
         model: an nn.Module such as facebookresearch/DiT's DiT, a SiT/REPA model or the
@@ -309,16 +325,20 @@ def patch(model: nn.Module) -> PatchReport:
         for name, m, k in candidates:
             if k != kind:
                 continue
-            if isinstance(m, dnn.DualModule):  # built from dmf_kernels.nn: nothing to change
+            if isinstance(m, dnn.JvpModule):  # built from dmf_kernels.nn: nothing to change
                 report.patched[name] = kind
                 done.add(m)
                 continue
             why = {"attention": _attention_reason, "mlp": _mlp_reason, "final_layer": _final_reason}[kind](m) \
                 if kind != "block" else _block_reason(m, done)
             why = why or _structure_reason(m, kind) or _hooks_reason(m)
+            undo = None
             if not why and kind == "attention":
-                why = _patch_attention(name, m, report)
-            why = why or _self_check_reason(m, kind, type(m).forward)
+                why, undo = _prepare_attention(name, m, report)
+            if not why:
+                why = _self_check_reason(m, kind, type(m).forward)
+                if why and undo is not None:
+                    undo()
             if why:
                 report.skipped[name] = why
                 continue

@@ -22,19 +22,15 @@ def raw_op_args(device, dtype=torch.float32, B=2, N=5, D=12):
         "adaln_modulate_fwd": (x, sh, sc, 1e-6),
         "adaln_modulate_bwd": (g, x, sc, mean, rstd),
         "adaln_modulate_jvp": (x, xd, sh, None, sc, scd, 1e-6),
-        "adaln_modulate_tangent": (x, xd, shd, sc, None, mean, rstd),
         "gated_residual_adaln_fwd": (x, gate, y, sh, sc, 1e-6),
         "gated_residual_adaln_bwd": (g, y, xo, gate, y, sc, rmean, rrstd),
         "gated_residual_adaln_jvp": (x, xd, gate, gated, y, None, sh, shd, sc, None, 1e-6),
-        "gated_residual_adaln_tangent": (xo, None, gate, gated, y, yd, shd, sc, scd, rmean, rrstd),
         "gated_residual_fwd": (x, gate, y),
         "gated_residual_bwd": (g, gate, y),
         "gated_residual_jvp": (x, xd, gate, None, y, yd),
-        "gated_residual_tangent": (xd, gate, gated, y, None),
         "rms_norm_fwd": (x, w, 1e-6),
         "rms_norm_bwd": (g, x, w, qrstd),
         "rms_norm_jvp": (x, xd, w, wd, 1e-6),
-        "rms_norm_tangent": (x, None, w, wd, qrstd),
     }
 
 

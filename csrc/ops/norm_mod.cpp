@@ -1,0 +1,206 @@
+// adaln_modulate and gated_residual_adaln: LayerNorm + adaLN modulation, optionally after a gated residual.
+// Bindings of the norm_mod ops: validate, lay out, allocate, call the kernel table
+// (kernels in csrc/cpu/norm_mod_cpu.cpp and csrc/cuda/norm_mod_kernels.cu; schemas in csrc/ops.cpp).
+#include "common.h"
+
+namespace dmf {
+using namespace ops_common;
+
+namespace {
+// Both ops share each kernel: gate == nullptr means adaln_modulate (no residual).
+
+// Checks the modulation parameters; returns (groups of shift/scale, groups of gate).
+std::pair<int64_t, int64_t> check_mods(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor* gate,
+                                       const char* op) {
+  const int64_t gm = mod_groups(shift, "shift", x, op);
+  mod_groups(scale, "scale", x, op);
+  check_shift_scale(shift, scale, op);
+  return {gm, gate != nullptr ? mod_groups(*gate, "gate", x, op) : 1};
+}
+
+// -> (x_out (undefined without a gate), out, mean, rstd)
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_mod_forward(const char* op, const Tensor& x_in, const Tensor* gate,
+                                                            const Tensor* y, const Tensor& shift, const Tensor& scale,
+                                                            double eps) {
+  check_x(x_in, op);
+  check_eps(eps, op);
+  const auto [gm, gg] = check_mods(x_in, shift, scale, gate, op);
+  const c10::OptionalDeviceGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous();
+  const Tensor yy = gate != nullptr ? rows_like(*y, "y", x, op) : Tensor();
+  const Layout l = layout_of(x, {gm, gg});
+  Tensor x_out = gate != nullptr ? at::empty_like(x) : Tensor(), out = at::empty_like(x);
+  Tensor mean = at::empty(stat_shape(x), x.options().dtype(acc_type(x)));
+  Tensor rstd = at::empty_like(mean);
+  if (l.rows == 0) return {x_out, out, mean, rstd};
+  const Tensor sh = mod_matrix(shift, gm, l.groups, l.dim), sc = mod_matrix(scale, gm, l.groups, l.dim);
+  const Tensor ga = gate != nullptr ? mod_matrix(*gate, gg, l.groups, l.dim) : Tensor();
+  NormModFwdParams p;
+  p.dtype = dtype_of(x);
+  p.rows = l.rows, p.dim = l.dim, p.rows_per_group = l.rows_per_group(), p.eps = eps;
+  p.x = x.data_ptr(), p.shift = as_param(sh), p.scale = as_param(sc);
+  if (gate != nullptr) p.gate = as_param(ga), p.res = yy.data_ptr(), p.x_out = x_out.data_ptr();
+  p.out = out.data_ptr(), p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
+  backend_for(x).norm_mod_fwd(p);
+  return {x_out, out, mean, rstd};
+}
+
+// -> (dx, dgate (undefined without a gate), dy (idem), dshift, dscale); x_in is x_out with a gate.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_mod_backward(
+    const char* op, const Tensor* grad_x_out, const Tensor& grad_out, const Tensor& x_in, const Tensor* gate,
+    const Tensor* y, const Tensor& scale, const Tensor& mean, const Tensor& rstd) {
+  check_x(x_in, op, gate != nullptr ? "x_out" : "x");
+  const int64_t gm = mod_groups(scale, "scale", x_in, op);
+  const int64_t gg = gate != nullptr ? mod_groups(*gate, "gate", x_in, op) : 1;
+  check_stats(mean, "mean", x_in, op);
+  check_stats(rstd, "rstd", x_in, op);
+  const c10::OptionalDeviceGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous();
+  const Tensor g = rows_like(grad_out, gate != nullptr ? "grad_h" : "grad_out", x, op);
+  const Tensor gxo = gate != nullptr ? rows_like(*grad_x_out, "grad_x_out", x, op) : Tensor();
+  const Tensor yy = gate != nullptr ? rows_like(*y, "y", x, op) : Tensor();
+  const Layout l = layout_of(x, {gm, gg});
+  Tensor dx = at::empty_like(x), dy = gate != nullptr ? at::empty_like(x) : Tensor();
+  const auto acc = x.options().dtype(acc_type(x));
+  // Uninitialised: the kernels write every partial whenever x has rows (no memset pass; for
+  // per-token parameters these buffers are as large as x in fp32).
+  Tensor ps = at::empty({l.groups * l.chunks(), l.dim}, acc), pc = at::empty_like(ps);
+  Tensor pg = gate != nullptr ? at::empty_like(ps) : Tensor();
+  if (l.rows > 0) {
+    const Tensor sc = mod_matrix(scale, gm, l.groups, l.dim);
+    const Tensor ga = gate != nullptr ? mod_matrix(*gate, gg, l.groups, l.dim) : Tensor();
+    NormModBwdParams p;
+    p.dtype = dtype_of(x);
+    p.rows = l.rows, p.dim = l.dim, p.rows_per_group = l.rows_per_group(), p.chunk_rows = kChunkRows;
+    p.grad_out = g.data_ptr(), p.x = x.data_ptr(), p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
+    p.scale = as_param(sc);
+    p.grad_x = dx.data_ptr(), p.part_shift = ps.data_ptr(), p.part_scale = pc.data_ptr();
+    if (gate != nullptr) {
+      p.grad_x_out = gxo.data_ptr(), p.gate = as_param(ga), p.res = yy.data_ptr();
+      p.grad_res = dy.data_ptr(), p.part_gate = pg.data_ptr();
+    }
+    backend_for(x).norm_mod_bwd(p);
+  }
+  return {dx, gate != nullptr ? reduce_partials(pg, l.chunks(), gg, l.groups, *gate) : Tensor(), dy,
+          reduce_partials(ps, l.chunks(), gm, l.groups, scale), reduce_partials(pc, l.chunks(), gm, l.groups, scale)};
+}
+}  // namespace
+
+// ---------------------------------------------------------------- adaln_modulate
+
+std::tuple<Tensor, Tensor, Tensor> adaln_modulate_fwd(const Tensor& x, const Tensor& shift, const Tensor& scale,
+                                                      double eps) {
+  auto [x_out, out, mean, rstd] = norm_mod_forward("adaln_modulate", x, nullptr, nullptr, shift, scale, eps);
+  return {out, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> adaln_modulate_bwd(const Tensor& grad_out, const Tensor& x, const Tensor& scale,
+                                                      const Tensor& mean, const Tensor& rstd) {
+  auto [dx, dgate, dy, dshift, dscale] =
+      norm_mod_backward("adaln_modulate_bwd", nullptr, grad_out, x, nullptr, nullptr, scale, mean, rstd);
+  return {dx, dshift, dscale};
+}
+
+namespace {
+// The one-pass jvp of both ops (gate == nullptr: adaln_modulate). A None tangent stays null in
+// the params struct, and the kernels skip its work.
+struct NormModJvpCall {
+  const char* op;
+  Tensor x;  // contiguous
+  const Tensor *x_dot = nullptr, *gate = nullptr, *gate_dot = nullptr, *y = nullptr, *y_dot = nullptr;
+  const Tensor *shift = nullptr, *shift_dot = nullptr, *scale = nullptr, *scale_dot = nullptr;
+  double eps = 1e-6;
+  // outputs
+  Tensor x_out, x_out_dot, out, out_dot, mean, rstd;
+
+  void run() {
+    const bool residual = gate != nullptr;
+    const auto [gm, gg] = check_mods(x, *shift, *scale, gate, op);
+    const Layout l = layout_of(x, {gm, gg});
+    auto mat = [&](const Tensor* t, int64_t own) {
+      return t == nullptr ? Tensor() : mod_matrix(*t, own, l.groups, l.dim);
+    };
+    const Tensor sh = mat(shift, gm), shd = mat(shift_dot, gm), sc = mat(scale, gm), scd = mat(scale_dot, gm);
+    const Tensor ga = mat(gate, gg), gad = mat(gate_dot, gg);
+    const Tensor xd = x_dot ? rows_like(*x_dot, "x_dot", x, op) : Tensor();
+    const Tensor yy = y ? rows_like(*y, "y", x, op) : Tensor();
+    const Tensor yd = y_dot ? rows_like(*y_dot, "y_dot", x, op) : Tensor();
+
+    out = at::empty_like(x), out_dot = at::empty_like(x);
+    if (residual) x_out = at::empty_like(x), x_out_dot = at::empty_like(x);
+    mean = at::empty(stat_shape(x), x.options().dtype(acc_type(x)));
+    rstd = at::empty_like(mean);
+    if (l.rows == 0) return;
+    NormModJvpParams q;
+    NormModFwdParams& p = q.p;
+    p.dtype = dtype_of(x);
+    p.rows = l.rows, p.dim = l.dim, p.rows_per_group = l.rows_per_group(), p.eps = eps;
+    p.x = x.data_ptr(), p.shift = as_param(sh), p.scale = as_param(sc);
+    p.out = out.data_ptr(), p.mean = mean.data_ptr(), p.rstd = rstd.data_ptr();
+    q.x_dot = xd.defined() ? xd.data_ptr() : nullptr;
+    if (residual) {
+      p.gate = as_param(ga), p.res = yy.data_ptr(), p.x_out = x_out.data_ptr();
+      q.gate_dot = gad.defined() ? as_param(gad) : ModParam{};
+      q.res_dot = yd.defined() ? yd.data_ptr() : nullptr;
+      q.x_out_dot = x_out_dot.data_ptr();
+    }
+    q.shift_dot = shd.defined() ? as_param(shd) : ModParam{};
+    q.scale_dot = scd.defined() ? as_param(scd) : ModParam{};
+    q.out_dot = out_dot.data_ptr();
+    backend_for(x).norm_mod_jvp(q);
+  }
+};
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> adaln_modulate_jvp(const Tensor& x, const optional<Tensor>& x_dot,
+                                                              const Tensor& shift, const optional<Tensor>& shift_dot,
+                                                              const Tensor& scale, const optional<Tensor>& scale_dot,
+                                                              double eps) {
+  NormModJvpCall c;
+  c.op = "adaln_modulate_jvp";
+  check_x(x, c.op);
+  check_eps(eps, c.op);
+  const c10::OptionalDeviceGuard guard(x.device());
+  c.x = x.contiguous();
+  c.x_dot = opt(x_dot);
+  c.shift = &shift, c.scale = &scale, c.eps = eps;
+  c.shift_dot = mod_tangent(shift_dot, "shift_dot", shift, "shift", x, c.op);
+  c.scale_dot = mod_tangent(scale_dot, "scale_dot", scale, "scale", x, c.op);
+  c.run();
+  return {c.out, c.out_dot, c.mean, c.rstd};
+}
+
+// ---------------------------------------------------------------- gated_residual_adaln
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_adaln_fwd(const Tensor& x, const Tensor& gate,
+                                                                    const Tensor& y, const Tensor& shift,
+                                                                    const Tensor& scale, double eps) {
+  return norm_mod_forward("gated_residual_adaln", x, &gate, &y, shift, scale, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_adaln_bwd(
+    const Tensor& grad_x_out, const Tensor& grad_h, const Tensor& x_out, const Tensor& gate, const Tensor& y,
+    const Tensor& scale, const Tensor& mean, const Tensor& rstd) {
+  return norm_mod_backward("gated_residual_adaln_bwd", &grad_x_out, grad_h, x_out, &gate, &y, scale, mean, rstd);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_adaln_jvp(
+    const Tensor& x, const optional<Tensor>& x_dot, const Tensor& gate, const optional<Tensor>& gate_dot,
+    const Tensor& y, const optional<Tensor>& y_dot, const Tensor& shift, const optional<Tensor>& shift_dot,
+    const Tensor& scale, const optional<Tensor>& scale_dot, double eps) {
+  NormModJvpCall c;
+  c.op = "gated_residual_adaln_jvp";
+  check_x(x, c.op);
+  check_eps(eps, c.op);
+  const c10::OptionalDeviceGuard guard(x.device());
+  c.x = x.contiguous();
+  c.x_dot = opt(x_dot), c.y = &y, c.y_dot = opt(y_dot), c.eps = eps;
+  c.gate = &gate, c.shift = &shift, c.scale = &scale;
+  c.gate_dot = mod_tangent(gate_dot, "gate_dot", gate, "gate", x, c.op);
+  c.shift_dot = mod_tangent(shift_dot, "shift_dot", shift, "shift", x, c.op);
+  c.scale_dot = mod_tangent(scale_dot, "scale_dot", scale, "scale", x, c.op);
+  c.run();
+  return {c.x_out, c.x_out_dot, c.out, c.out_dot, c.mean, c.rstd};
+}
+
+}  // namespace dmf
