@@ -23,6 +23,18 @@ def _default_jvp():
         return torch.func.jvp
 
 
+def _is_model_jvp(jvp) -> bool:
+    """Whether `jvp` is dmf_kernels.model_jvp, also through functools.partial (e.g. with
+    skip_zero_tangents): by identity, not by name (a partial has no __name__)."""
+    while isinstance(jvp, functools.partial):
+        jvp = jvp.func
+    try:
+        from dmf_kernels import model_jvp
+    except ImportError:
+        return False
+    return jvp is model_jvp
+
+
 @dataclass
 class Draw:
     """The random numbers of one global batch (all (B, ...), on CPU until `.to`)."""
@@ -99,7 +111,7 @@ def mf_branch(raw_model, x_t, t, r, y, v, jvp):
     fn = functools.partial(raw_model, y=y, return_logvar=use_lv)
     # model_jvp takes None for the zero tangent of r (the decoder then skips tangent work with no
     # host-side zero check); torch.func.jvp needs the zeros.
-    r_dot = None if getattr(jvp, "__name__", "") == "model_jvp" else torch.zeros_like(r)
+    r_dot = None if _is_model_jvp(jvp) else torch.zeros_like(r)
     out, out_dot = jvp(fn, (x_t, t, r), (v.to(x_t.dtype), torch.ones_like(t), r_dot))
     (u, lv), du_dt = (out, out_dot[0]) if use_lv else ((out, torch.zeros_like(t)), out_dot)
     u_tgt = (v - (t - r) * _f32(du_dt)).detach()          # u = v - (t - r) du/dt (MeanFlow identity)
