@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import convert as ckpt
+from . import checkpoint as ckpt
 from . import evaluate
 from .data import to_images
 from .sample import generate, save_grid
