@@ -10,7 +10,10 @@
 //   released from different __syncthreads call sites, a deadlock (file:line of each waiter);
 // - a warp intrinsic whose caller is not in its mask, with an illegal width, whose mask names
 //   a lane that exited or does not exist, or whose lanes meet at different intrinsics, masks or
-//   widths; a shuffle that reads a lane outside the mask returns NaN bits (undefined on a GPU);
+//   widths; a shuffle that reads a lane outside the mask returns NaN bits (undefined on a GPU).
+//   Stricter than PTX on one point, by policy: shfl.sync only waits for non-exited lanes, but
+//   our team masks name exactly the lanes that take part, so a mask naming an exited lane is a
+//   bug here; likewise a barrier after some threads exited (undefined per the CUDA guide);
 // - CUDA's launch limits (threads per block, block and grid dims, dynamic shared memory).
 // Shared memory starts as NaN bits in every block (so do outputs: see emu_backend.cpp).
 // Not emulated: timing, occupancy, the memory model between sync points (a thread's writes
@@ -43,6 +46,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define DMF_EMU_ASAN 1
 #else
@@ -192,9 +196,10 @@ struct Emulator {
   bool failed = false;
   std::string report;      // the first error of the launch in progress
   std::string last_error;  // the report of the last failed launch
-  // shared memory: this library's TLS block
+  // shared memory: this library's TLS block, for the OS thread whose anchor is tls_thread
   char* tls = nullptr;
   size_t tls_size = 0;
+  const char* tls_thread = nullptr;
 };
 
 inline Emulator& emu() {
@@ -253,18 +258,19 @@ inline void clear_ready(Thread& t) {
   e.ready[s >> 6] &= ~(uint64_t(1) << (s & 63));
 }
 
-// Records the first error of the launch and leaves the fiber for good (its stack is
-// abandoned: kernels hold only trivially destructible objects).
+// Unwinds a fiber after an error (caught in fiber_entry, on the fiber's own stack, so the
+// temporaries of the failing frames are destroyed).
+struct FiberAbort {};
+
+// Records the first error of the launch and ends the calling fiber; the launch stops.
 [[noreturn]] inline void fail(const std::string& msg) {
   Emulator& e = emu();
   if (!e.failed) {
     e.failed = true;
     e.report = msg;
   }
-  Thread& me = current_thread();
-  clear_ready(me);
-  switch_to_scheduler(me, true);
-  std::abort();  // never resumed
+  clear_ready(current_thread());
+  throw FiberAbort{};
 }
 
 inline void yield() { switch_to_scheduler(current_thread(), false); }
@@ -293,11 +299,19 @@ inline void fiber_entry() {
 #if DMF_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &e.sched_stack_bottom, &e.sched_stack_size);
 #endif
-  e.body(e.body_arg);
-  me.state = State::kExited;
-  ++e.exited;
-  clear_ready(me);
-  check_exit_against_waiters(me);
+  try {
+    e.body(e.body_arg);
+    me.state = State::kExited;
+    ++e.exited;
+    clear_ready(me);
+    check_exit_against_waiters(me);
+  } catch (const FiberAbort&) {
+  } catch (...) {  // e.g. bad_alloc: end the launch, never unwind off the fiber's stack
+    if (!e.failed) {
+      e.failed = true;
+      e.report = "an exception escaped a kernel (" + where(me) + ")";
+    }
+  }
   switch_to_scheduler(me, true);
   std::abort();  // never resumed
 }
@@ -410,6 +424,12 @@ inline uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int size, int 
         fail("deadlock: " + where(me) + " waits at " + name + "(mask " + hex(mask) + ") at " + at(loc) + " for lane " +
              std::to_string(l) + ", which waits at __syncthreads (" + at(t.loc) + ")");
       case State::kWarp:
+        // A lane waiting at another intrinsic whose mask leaves this lane out will come here
+        // next; one whose mask names this lane waits for it: a mismatch either way round.
+        if (t.mask != mask && !(t.mask >> me.lane & 1u)) {
+          complete = false;
+          break;
+        }
         if (t.op != op || t.mask != mask || t.width != width || t.size != size)
           fail("lanes meeting at different intrinsics: lane " + std::to_string(me.lane) + " at " + name + "(mask " +
                hex(mask) + ", width " + std::to_string(width) + ", " + std::to_string(size) + " bytes) at " + at(loc) +
@@ -501,38 +521,52 @@ inline std::string deadlock_report() {
   return r;
 }
 
-// This library's TLS block, where the kernels' __shared__ variables live.
-inline void find_shared_memory() {
-  Emulator& e = emu();
-  static thread_local char anchor;  // makes sure the block is allocated for this thread
+// This module's TLS block for the calling thread, where the kernels' __shared__ variables
+// live. Looked up again when a launch comes from another OS thread.
+inline char* tls_anchor() {
+  static thread_local char anchor;  // also makes sure the block is allocated for this thread
   *static_cast<volatile char*>(&anchor) = 0;
-  Dl_info info;
-  if (dladdr(reinterpret_cast<void*>(&find_shared_memory), &info) == 0) return;
+  return &anchor;
+}
+
+inline bool find_shared_memory() {
+  Emulator& e = emu();
   struct Ctx {
-    const void* base;
+    uintptr_t code;
     char* data;
     size_t size;
-  } ctx{info.dli_fbase, nullptr, 0};
+    bool found;
+  } ctx{reinterpret_cast<uintptr_t>(&find_shared_memory), nullptr, 0, false};
+  e.tls_thread = tls_anchor();
   dl_iterate_phdr(
       [](dl_phdr_info* pi, size_t, void* p) {
         Ctx* c = static_cast<Ctx*>(p);
-        if (reinterpret_cast<const void*>(pi->dlpi_addr) != c->base) return 0;
+        bool mine = false;  // the module whose loaded segments hold this function (PIE or not)
+        for (int i = 0; i < pi->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = pi->dlpi_phdr[i];
+          if (ph.p_type == PT_LOAD && c->code >= pi->dlpi_addr + ph.p_vaddr &&
+              c->code < pi->dlpi_addr + ph.p_vaddr + ph.p_memsz)
+            mine = true;
+        }
+        if (!mine) return 0;
         for (int i = 0; i < pi->dlpi_phnum; ++i)
           if (pi->dlpi_phdr[i].p_type == PT_TLS) {
             c->size = pi->dlpi_phdr[i].p_memsz;
             c->data = static_cast<char*>(pi->dlpi_tls_data);
           }
+        c->found = true;
         return 1;
       },
       &ctx);
   e.tls = ctx.data;
   e.tls_size = ctx.size;
+  return e.tls != nullptr && e.tls_size > 0;
 }
 
 inline cudaError_t run_block() {
   Emulator& e = emu();
   const int n = e.nthreads;
-  if (e.tls != nullptr) std::memset(e.tls, 0xff, e.tls_size);  // shared memory starts as NaN bits
+  std::memset(e.tls, 0xff, e.tls_size);  // shared memory starts as NaN bits
   const uint64_t block_linear =
       (uint64_t(e.block_idx.z) * e.grid_dim.y + e.block_idx.y) * e.grid_dim.x + e.block_idx.x;
   e.rng.seed(splitmix64(e.seed ^ splitmix64(block_linear)));
@@ -551,6 +585,11 @@ inline cudaError_t run_block() {
     th.lane = t & 31;
     th.warp = t >> 5;
     th.stack = e.stacks[t];
+#if DMF_EMU_ASAN
+    // the previous fiber on this stack ended inside fiber_entry/switch_to_scheduler, whose frames
+    // (at the top of the stack) stay poisoned in ASan's shadow memory
+    __asan_unpoison_memory_region(th.stack + kStackBytes - 16384, 16384);
+#endif
     context_make(th.ctx, th.stack, kStackBytes, fiber_entry);
     set_ready(th);
   }
@@ -608,10 +647,12 @@ inline cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_shared, void (
     for (size_t t = e.stacks.size(); t < threads; ++t) {
       void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
       if (p == MAP_FAILED) return launch_error(cudaErrorLaunchOutOfResources, "could not map fiber stacks");
+      mprotect(p, 4096, PROT_NONE);  // a guard page: an overflow faults instead of corrupting a neighbour
       e.stacks.push_back(static_cast<char*>(p));
     }
   }
-  if (e.tls == nullptr) find_shared_memory();
+  if (e.tls_thread != tls_anchor() && !find_shared_memory())
+    return launch_error(cudaErrorLaunchFailure, "could not find the TLS block that holds __shared__ memory");
   e.nthreads = static_cast<int>(threads);
   e.threads.assign(threads, Thread{});
   e.ready.assign((threads + 63) / 64, 0);
@@ -623,12 +664,28 @@ inline cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_shared, void (
   e.body_arg = arg;
   e.failed = false;
   e.report.clear();
+#if defined(__x86_64__)
+  // IEEE denormals as on a GPU without fast-math, whatever the caller set
+  // (torch.set_flush_denormal sets FTZ/DAZ); restored on return
+  struct Mxcsr {
+    unsigned saved = __builtin_ia32_stmxcsr();
+    Mxcsr() { __builtin_ia32_ldmxcsr(0x1f80); }
+    ~Mxcsr() { __builtin_ia32_ldmxcsr(saved); }
+  } mxcsr;
+#endif
   // blocks in order (reverse order under the reverse schedule)
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
   for (uint64_t k = 0; k < nblocks; ++k) {
     const uint64_t b = e.schedule == Schedule::kReverse ? nblocks - 1 - k : k;
     e.block_idx = uint3{unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y))};
-    if (run_block() != cudaSuccess) return launch_error(cudaErrorLaunchFailure, e.report);
+    if (run_block() != cudaSuccess) {
+#if DMF_EMU_ASAN
+      // the fibers still waiting at sync points are abandoned; their frames stay poisoned in
+      // ASan's shadow memory: clear it before the stacks are reused
+      for (int t = 0; t < e.nthreads; ++t) __asan_unpoison_memory_region(e.stacks[t], kStackBytes);
+#endif
+      return launch_error(cudaErrorLaunchFailure, e.report);
+    }
   }
   return cudaSuccess;
 }
