@@ -1,7 +1,8 @@
 # The two commands (see README):
 #   make          set up .venv (torch 2.13.0 CPU, triton), build the extension, run the quick benchmark suite,
 #                 then the digits demo (make bench / make demo: each alone)
-#   make test     set up and build if needed, then run the whole test suite
+#   make test     set up and build if needed, then run the whole test suite, the Triton kernels under the
+#                 interpreter and the CUDA kernels under the CPU emulation (make test-cuda-emu alone)
 # CI (.ci/run) calls `make test` and then `make ci-extra`.
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -11,7 +12,8 @@ DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchm
            scikit-learn tqdm
 SOURCES := $(shell awk '$$1 !~ /^\#/ && NF == 2 {print $$2}' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh) setup.py
 
-.PHONY: all setup build test bench demo ci-extra cmake-build cuda-sources inspect gpu-check clean
+.PHONY: all setup build test bench demo ci-extra cmake-build cuda-sources inspect gpu-check clean cuda-emu \
+        test-cuda-emu
 
 all: bench demo
 
@@ -32,9 +34,32 @@ $(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
 
 # The Triton kernels run on the CPU only under the interpreter, which must be set before
 # triton is imported: a second pytest process for that file.
-test: build
-	$(PY) -m pytest tests -q
+test: build cuda-emu
+	$(PY) -m pytest tests -q --ignore=tests/cuda_emu
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_attention_triton.py tests/test_gelu_triton.py -q
+	$(MAKE) test-cuda-emu
+
+# The CUDA kernels (csrc/cuda/*.cu) on the CPU: compiled by g++ against the SIMT emulation of
+# csrc/emu into build-emu/<variant>/libdmf_cuda_emu.so (+ emu_selftest), then (1) the emulator's
+# self-test and the op tests (float64 references, three-way bound, every launch class) against the
+# CUDA kernels under a seeded priority schedule, (2) the launch classes again under a seeded random
+# schedule, (3) both once more built with AddressSanitizer + UBSan, (4) the mutation check: copies of
+# the sources with injected GPU bugs must each fail. Any failure or emulator report fails the target.
+EMU_BUILD := $(PY) csrc/emu/build.py --selftest
+EMU_OP_TESTS := tests/test_adaln.py tests/test_gated_residual.py tests/test_rms_norm.py tests/test_ops.py
+ASAN_ENV = LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+           DMF_KERNELS_CUDA_EMU_LIB=build-emu/sanitize/libdmf_cuda_emu.so \
+           DMF_KERNELS_CUDA_EMU_SELFTEST=build-emu/sanitize/emu_selftest
+
+cuda-emu: setup
+	$(EMU_BUILD)
+
+test-cuda-emu: build cuda-emu
+	DMF_KERNELS_CUDA_EMU=priority:1 $(PY) -m pytest tests/cuda_emu $(EMU_OP_TESTS) -q -k "not 257"
+	DMF_KERNELS_CUDA_EMU=random:7 $(PY) -m pytest tests/cuda_emu/test_launch_classes.py -q
+	$(EMU_BUILD) --variant sanitize
+	$(ASAN_ENV) DMF_KERNELS_CUDA_EMU=reverse:0 $(PY) -m pytest tests/cuda_emu -q -p no:cacheprovider
+	$(PY) tests/cuda_emu/mutants.py
 
 bench: build
 	$(PY) -m benchmarks.run --quick
@@ -77,4 +102,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build build-cmake build-cmake.log *.egg-info dmf_kernels/_C*.so $(VENV)/.built $(INSPECT_VENV)
+	rm -rf build build-emu build-cmake build-cmake.log *.egg-info dmf_kernels/_C*.so $(VENV)/.built $(INSPECT_VENV)

@@ -1,5 +1,6 @@
 // The Python module dmf_kernels._C: importing it runs the op registrations above; it
-// exposes only build_info(). Macros come from setup.py / CMakeLists.txt.
+// exposes build_info() and the test hook _set_cpu_backend(). Macros come from setup.py /
+// CMakeLists.txt.
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
@@ -40,5 +41,11 @@ PYBIND11_MODULE(_C, m) {
     d["build_tool"] = std::string(DMF_BUILD_TOOL);
     d["cpu_arch"] = std::string(DMF_CPU_ARCH);
     return d;
+  });
+  // The address of a dmf::Backend table (csrc/kernels/backend.h) that serves CPU tensors from
+  // now on, or 0 for the CPU kernels. For dmf_kernels.cuda_emu: the table comes from the
+  // emulated-CUDA library built from this source tree (same struct layout).
+  m.def("_set_cpu_backend", [](uintptr_t address) {
+    dmf::set_cpu_override(reinterpret_cast<const dmf::Backend*>(address));
   });
 }

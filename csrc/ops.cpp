@@ -16,7 +16,8 @@ const Backend& backend_for(const Tensor& x) {
                 "(see dmf_kernels.build_info(); rebuild with a CUDA torch and nvcc)");
     return *b;
   }
-  return cpu_backend();
+  const Backend* emulated = cpu_override();  // tests: the CUDA kernels under the CPU emulation
+  return emulated != nullptr ? *emulated : cpu_backend();
 }
 
 }  // namespace dmf

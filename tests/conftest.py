@@ -1,10 +1,28 @@
-"""Shared test helpers: devices, random inputs, the three-way precision bound."""
+"""Shared test helpers: devices, random inputs, the three-way precision bound.
+
+DMF_KERNELS_CUDA_EMU=<schedule>:<seed> (e.g. priority:1) runs every C++ op on CPU tensors
+through the CUDA kernels under the CPU emulation (dmf_kernels.cuda_emu; `make test-cuda-emu`).
+"""
+import os
+
 import pytest
 import torch
 
 import dmf_kernels
 
 HAS_CUDA = torch.cuda.is_available()
+
+CUDA_EMU = os.environ.get("DMF_KERNELS_CUDA_EMU", "")
+if CUDA_EMU:
+    from dmf_kernels import cuda_emu
+
+    _schedule, _, _seed = CUDA_EMU.partition(":")
+    cuda_emu.enable(_schedule, int(_seed or 0))
+
+
+def pytest_report_header(config):
+    if CUDA_EMU:
+        return f"dmf_kernels C++ ops on CPU tensors: CUDA kernels under the emulation ({CUDA_EMU}, {cuda_emu.library_path()})"
 
 # CUDA variants run whenever a GPU is present and then must pass: a CUDA torch with a
 # GPU but an extension built without CUDA kernels is a failure, not a skip.

@@ -25,8 +25,11 @@ const Backend& cpu_backend() {
 
 namespace {
 const Backend* g_cuda_backend = nullptr;
-}
+const Backend* g_cpu_override = nullptr;
+}  // namespace
 const Backend* cuda_backend() { return g_cuda_backend; }
 void set_cuda_backend(const Backend* backend) { g_cuda_backend = backend; }
+const Backend* cpu_override() { return g_cpu_override; }
+void set_cpu_override(const Backend* backend) { g_cpu_override = backend; }
 
 }  // namespace dmf

@@ -57,13 +57,13 @@ void bwd_impl(const GatedResidualParams& p) {
   const int64_t D = p.dim;
   const int64_t T_rows = p.rows_per_group;
   const int64_t chunks = ceil_div(T_rows, p.chunk_rows);
-  const int64_t groups = p.rows / T_rows;
+  const int64_t groups = ceil_div(p.rows, T_rows);  // the last group may be partial
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> acc(D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / chunks;
       const int64_t r0 = g * T_rows + (item % chunks) * p.chunk_rows;
-      const int64_t r1 = std::min(r0 + p.chunk_rows, (g + 1) * T_rows);
+      const int64_t r1 = std::min({r0 + p.chunk_rows, (g + 1) * T_rows, p.rows});
       const T* gr = mod_row<T>(p.gate, g);
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t r = r0; r < r1; ++r) {

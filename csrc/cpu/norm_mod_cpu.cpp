@@ -150,7 +150,7 @@ void bwd_impl(const NormModBwdParams& p) {
   const int64_t D = p.dim;
   const int64_t T_rows = p.rows_per_group;
   const int64_t chunks = ceil_div(T_rows, p.chunk_rows);
-  const int64_t groups = p.rows / T_rows;
+  const int64_t groups = ceil_div(p.rows, T_rows);  // the last group may be partial
   const bool residual = p.gate.ptr != nullptr;
   at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(5 * D);
@@ -163,7 +163,7 @@ void bwd_impl(const NormModBwdParams& p) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / chunks;
       const int64_t r0 = g * T_rows + (item % chunks) * p.chunk_rows;
-      const int64_t r1 = std::min(r0 + p.chunk_rows, (g + 1) * T_rows);
+      const int64_t r1 = std::min({r0 + p.chunk_rows, (g + 1) * T_rows, p.rows});
       std::fill(ps, ps + 3 * D, A(0));
       const T* __restrict__ sc = mod_row<T>(p.scale, g);
       const T* __restrict__ gate = mod_row<T>(p.gate, g);

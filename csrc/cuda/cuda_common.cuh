@@ -27,8 +27,11 @@ template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <typename T> __device__ __forceinline__ T from_acc(double v) { return v; }
 
+// At most 16-byte aligned: vec_ok checks 16 bytes, and a 32-byte Pack<float, 8> (the fp32
+// partial sums of the bf16/fp16 backward) declared alignas(32) would be undefined behaviour at
+// a 16- but not 32-byte aligned address. A 32-byte copy is two 16-byte accesses either way.
 template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
+struct alignas(sizeof(T) * VEC < 16 ? sizeof(T) * VEC : 16) Pack {
   T v[VEC];
 };
 
@@ -189,7 +192,9 @@ inline int row_vec(bool vectorise, int elem_size) { return vectorise && elem_siz
 
 // Launches a row-team kernel: picks 16-byte vectors when every pointer and stride allows,
 // the team shape for `dim`, and the instantiation make_kernel(T{}, VEC, TEAM, EPT) returns;
-// `params` is the kernel's only argument, `teams` the number of row teams.
+// `params` is the kernel's only argument, `teams` the number of row teams. The kernel goes to
+// cudaLaunchKernel as a typed function pointer (cuda_runtime.h's template overload), so the
+// CPU emulation (csrc/emu) knows the argument types.
 template <typename Params, typename MakeKernel>
 cudaError_t launch_row_kernel(DType dtype, int64_t dim, std::initializer_list<const void*> ptrs,
                               std::initializer_list<int64_t> strides, const Params& params, int64_t teams,
@@ -218,8 +223,7 @@ cudaError_t launch_row_kernel(DType dtype, int64_t dim, std::initializer_list<co
 // The kernel template instantiation for launch_row_kernel's make_kernel arguments.
 #define DMF_ROW_KERNEL(kernel)                                                                  \
   [](auto t, auto v, auto w, auto e) {                                                          \
-    return reinterpret_cast<const void*>(                                                       \
-        kernel<decltype(t), decltype(v)::value, decltype(w)::value, decltype(e)::value>);       \
+    return &kernel<decltype(t), decltype(v)::value, decltype(w)::value, decltype(e)::value>;    \
   }
 
 }  // namespace cuda

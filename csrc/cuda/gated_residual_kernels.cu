@@ -28,7 +28,7 @@ __device__ __forceinline__ Chunk chunk_of(const GatedResidualParams& p, int vec)
   Chunk ch;
   ch.g = item / chunks;
   ch.r0 = ch.g * p.rows_per_group + (item % chunks) * p.chunk_rows;
-  ch.r1 = min(ch.r0 + p.chunk_rows, (ch.g + 1) * p.rows_per_group);
+  ch.r1 = min(min(ch.r0 + p.chunk_rows, (ch.g + 1) * p.rows_per_group), p.rows);  // the last group may be partial
   ch.c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * vec;
   ch.valid = ch.c < p.dim;
   return ch;
@@ -108,7 +108,7 @@ cudaError_t launch(const GatedResidualParams& p, std::initializer_list<const voi
     const bool vec = vec_ok(p.dim, sizeof(T), ptrs, {p.gate.row_stride, p.gate_dot.row_stride});
     auto go = [&](auto v) {
       constexpr int VEC = decltype(v)::value;
-      const int64_t items = (p.rows / p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
+      const int64_t items = ceil_div(p.rows, p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
       const int64_t nvec = ceil_div(p.dim, VEC);
       const int64_t threads = std::min<int64_t>(ceil_div(nvec, 32) * 32, kMaxThreads);
       const int64_t col_tiles = ceil_div(nvec, threads);
@@ -144,16 +144,12 @@ cudaError_t gated_residual_jvp(const GatedResidualParams& p_in, cudaStream_t str
   GatedResidualParams p = p_in;
   p.chunk_rows = std::min(p.chunk_rows, kFwdChunkRows);
   return launch(p, {p.x, p.y, p.out, p.x_dot, p.y_dot, p.out_dot, p.gate.ptr, p.gate_dot.ptr}, stream,
-                [](auto t, auto v) {
-                  return reinterpret_cast<const void*>(
-                      gated_residual_fwd_jvp_kernel<decltype(t), decltype(v)::value>);
-                });
+                [](auto t, auto v) { return &gated_residual_fwd_jvp_kernel<decltype(t), decltype(v)::value>; });
 }
 
 cudaError_t gated_residual_bwd(const GatedResidualParams& p, cudaStream_t stream) {
-  return launch(p, {p.y, p.grad_out, p.grad_y, p.part_gate, p.gate.ptr}, stream, [](auto t, auto v) {
-    return reinterpret_cast<const void*>(gated_residual_bwd_kernel<decltype(t), decltype(v)::value>);
-  });
+  return launch(p, {p.y, p.grad_out, p.grad_y, p.part_gate, p.gate.ptr}, stream,
+                [](auto t, auto v) { return &gated_residual_bwd_kernel<decltype(t), decltype(v)::value>; });
 }
 
 }  // namespace cuda

@@ -206,10 +206,10 @@ __global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_m
   __shared__ A smem[64];
   const int64_t chunks = ceil_div(p.rows_per_group, p.chunk_rows);
   const int64_t item = team_index<TEAM>();
-  if (item >= (p.rows / p.rows_per_group) * chunks) return;
+  if (item >= ceil_div(p.rows, p.rows_per_group) * chunks) return;
   const int64_t D = p.dim, g = item / chunks;
   const int64_t r0 = g * p.rows_per_group + (item % chunks) * p.chunk_rows;
-  const int64_t r1 = min(r0 + p.chunk_rows, (g + 1) * p.rows_per_group);
+  const int64_t r1 = min(min(r0 + p.chunk_rows, (g + 1) * p.rows_per_group), p.rows);  // last group may be partial
   const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   const bool residual = p.gate.ptr != nullptr;
   const T* sc = static_cast<const T*>(p.scale.ptr) + g * p.scale.row_stride;
@@ -307,7 +307,7 @@ cudaError_t norm_mod_jvp(const NormModJvpParams& q, cudaStream_t stream) {
 }
 
 cudaError_t norm_mod_bwd(const NormModBwdParams& p, cudaStream_t stream) {
-  const int64_t items = (p.rows / p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
+  const int64_t items = ceil_div(p.rows, p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
   return launch_row_kernel(p.dtype, p.dim,
                            {p.grad_out, p.grad_x_out, p.x, p.res, p.grad_x, p.grad_res, p.scale.ptr, p.gate.ptr,
                             p.part_shift, p.part_scale, p.part_gate},

@@ -23,5 +23,10 @@ const Backend& cpu_backend();
 // Set once at load time by the CUDA translation unit; nullptr when built without CUDA.
 const Backend* cuda_backend();
 void set_cuda_backend(const Backend* backend);
+// A table that serves CPU tensors in place of cpu_backend(): the CUDA kernels under the CPU
+// emulation (csrc/emu, dmf_kernels.cuda_emu) in tests. nullptr (the default) restores the CPU
+// kernels.
+const Backend* cpu_override();
+void set_cpu_override(const Backend* backend);
 
 }  // namespace dmf

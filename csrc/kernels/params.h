@@ -8,7 +8,8 @@
 //   with unit stride along dim and an arbitrary row stride, so the chunks of a fused
 //   adaLN projection `c.chunk(6, dim=1)` are read in place. Row g applies to the
 //   `rows_per_group` consecutive rows [g * T, (g + 1) * T) of x. All parameters of one
-//   launch share T (the op wrappers expand coarser ones).
+//   launch share T (the op wrappers expand coarser ones). `rows` need not be a multiple of T:
+//   the last group may be partial, and partial-sum buffers have ceil(rows / T) * chunks rows.
 // - Statistics (mean, rstd) and all accumulation are in `acc` precision: float for
 //   fp32/fp16/bf16, double for fp64.
 // - A nullptr tangent means a zero tangent: the kernels skip its loads and arithmetic.
