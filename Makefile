@@ -36,7 +36,7 @@ $(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
 # triton is imported: a second pytest process for that file.
 test: build cuda-emu
 	$(PY) -m pytest tests -q --ignore=tests/cuda_emu
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_attention_triton.py tests/test_gelu_triton.py -q
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels/test_attention_triton.py tests/kernels/test_gelu_triton.py -q
 	$(MAKE) test-cuda-emu
 
 # The CUDA kernels (csrc/cuda/*.cu) on the CPU: compiled by g++ against the SIMT emulation of
@@ -46,7 +46,7 @@ test: build cuda-emu
 # schedule, (3) both once more built with AddressSanitizer + UBSan, (4) the mutation check: copies of
 # the sources with injected GPU bugs must each fail. Any failure or emulator report fails the target.
 EMU_BUILD := $(PY) csrc/emu/build.py --selftest
-EMU_OP_TESTS := tests/test_adaln.py tests/test_gated_residual.py tests/test_rms_norm.py tests/test_ops.py
+EMU_OP_TESTS := tests/kernels/test_adaln.py tests/kernels/test_gated_residual.py tests/kernels/test_rms_norm.py tests/kernels/test_ops.py
 ASAN_ENV = LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
            DMF_KERNELS_CUDA_EMU_LIB=build-emu/sanitize/libdmf_cuda_emu.so \
            DMF_KERNELS_CUDA_EMU_SELFTEST=build-emu/sanitize/emu_selftest

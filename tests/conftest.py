@@ -4,11 +4,28 @@ DMF_KERNELS_CUDA_EMU=<schedule>:<seed> (e.g. priority:1) runs every C++ op on CP
 through the CUDA kernels under the CPU emulation (dmf_kernels.cuda_emu; `make test-cuda-emu`).
 """
 import os
+import sys
 
 import pytest
 import torch
 
 import dmf_kernels
+
+
+def _import_the_dmf_package():
+    """tests/dmf (the dmf package's tests) would shadow the dmf package itself, as a namespace
+    package, while tests/ is on sys.path (pytest puts it there for this file): import the real
+    one first, so that `import dmf` in every test gets it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    try:
+        import dmf  # noqa: F401
+    finally:
+        sys.path[:] = saved
+
+
+_import_the_dmf_package()
 
 HAS_CUDA = torch.cuda.is_available()
 

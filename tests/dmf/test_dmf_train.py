@@ -15,7 +15,7 @@ from dmf.convert import read
 from dmf.errors import DMFError
 from dmf.train import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # DMFT-Ti/4 on the 8x8 digits: 4 tokens, a few ms per step
 TINY = dict(model="DMFT-Ti/4", batch_size=8, progress=False, log_every=1, omega=0.3, g_max=0.9)
 

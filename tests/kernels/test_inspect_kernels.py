@@ -3,7 +3,7 @@ parser that silently counted nothing would let every regression through the CI g
 import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():

@@ -13,7 +13,7 @@ from dmf.convert import model_from_checkpoint
 from dmf.sample import euler, time_grid
 from dmf.train import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

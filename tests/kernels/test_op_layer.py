@@ -40,7 +40,7 @@ def test_public_signatures():
 
 def test_no_tangent_ops_remain():
     # The *_tangent ops (a fallback for forward-mode AD nothing reached) are gone: the jvp ops
-    # cover every path (eager, torch.func, forward_ad, compile; tests/test_compile.py).
+    # cover every path (eager, torch.func, forward_ad, compile; tests/kernels/test_compile.py).
     assert not [n for n in dk.RAW_OPS if n.endswith("_tangent")]
     assert not hasattr(ops, "adaln_modulate_tangent")
 
