@@ -62,11 +62,6 @@ def generate(model, n: int, steps: int, flow_map: bool, shape, num_classes: int,
 
 def save_grid(images: torch.Tensor, path, nrow=None, scale=4):
     """images (N, C, H, W) in [0, 1] -> one PNG grid (C = 1 gray, C = 3 RGB, else the first channel)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -75,9 +70,8 @@ def save_grid(images: torch.Tensor, path, nrow=None, scale=4):
     for i in range(n):
         rr, cc = divmod(i, nrow)
         canvas[:, 1 + rr * (h + 1):1 + rr * (h + 1) + h, 1 + cc * (w + 1):1 + cc * (w + 1) + w] = imgs[i]
-    arr = canvas.permute(1, 2, 0).numpy()
-    arr = np.repeat(np.repeat(arr, scale, 0), scale, 1)
-    plt.imsave(str(path), arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=1)
+    arr = to_uint8(canvas.permute(1, 2, 0).numpy())
+    write_png(path, np.repeat(np.repeat(arr, scale, 0), scale, 1))
 
 
 def save_samples(images: torch.Tensor, labels: torch.Tensor, path):

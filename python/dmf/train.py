@@ -28,6 +28,7 @@ from . import convert as ckpt
 from .data import batch_indices, load_data
 from .errors import DMFError
 from .loss import dmf_loss, draw, flow_loss
+from .optional import Progress, note_missing
 
 
 @dataclass
@@ -210,7 +211,11 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
 
     def plot(self):
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:  # the run itself is done: skip the picture, keep the exit code
+            note_missing(f"{self.path.with_name('loss.png')}", "matplotlib")
+            return
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -332,13 +337,7 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
         n_params = sum(p.numel() for p in params)
         print(f"stage {cfg.stage}: {n_params / 1e6:.2f}M parameters, data {cfg.data} {tuple(data.x.shape)}, "
               f"batch {cfg.batch_size} on {world} x {device}, steps {step} -> {cfg.steps}", flush=True)
-    bar = None
-    if rank == 0 and cfg.progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", dynamic_ncols=True, mininterval=1.0)
-        except ImportError:
-            pass
+    bar = Progress(cfg.steps, step, f"train {cfg.stage}") if rank == 0 and cfg.progress else None
 
     model.train()
     t_last, s_last = time.perf_counter(), step
