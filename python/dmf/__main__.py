@@ -1,4 +1,4 @@
-"""python -m dmf {train, sample, convert, demo} ...: see `python -m dmf COMMAND --help`.
+"""python -m dmf {prepare, train, sample, evaluate, convert, demo} ...: see `python -m dmf COMMAND --help`.
 
 Bad input (unknown model, corrupt checkpoint, data of the wrong shape, impossible config) ends
 with one line on stderr and exit code 2, before any training starts.
@@ -21,7 +21,8 @@ def _train_args(p):
     d = TrainConfig()
     p.add_argument("--stage", choices=["flow", "dmf"], required=True)
     p.add_argument("--model", default=d.model, help="a DMFT_models name (default: DMFT-Ti/2 on digits, else DMFT-S/2)")
-    p.add_argument("--data", default=d.data, help="digits (default) or a .pt/.npz file with images/latents and labels")
+    p.add_argument("--data", default=d.data, help="digits (default), a .pt/.npz file with images/latents and labels, or a latent "
+                        "folder from `dmf prepare` (memory-mapped)")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps of the run")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -54,6 +55,8 @@ def _train_args(p):
     p.add_argument("--amp", choices=AMP_MODES, default=d.amp,
                    help="bf16 autocast: auto = on CUDA only; bf16 also on the CPU (fast on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="data loader processes (-1: none for in-memory data, up to 4 for a latent folder)")
 
 
 def parser():
@@ -74,6 +77,21 @@ def parser():
     p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--device", default="")
     p.add_argument("--out", required=True, help=".png grid or .npz (images in [0, 1], labels)")
+
+    p = sub.add_parser("prepare", help="an image folder -> a memory-mapped VAE latent folder for train --data")
+    p.add_argument("src", help="ImageFolder layout (one subfolder per class), or a flat folder with --labels")
+    p.add_argument("out")
+    p.add_argument("--resolution", type=int, required=True, help="centre-crop size in pixels (ADM/edm2 crop)")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: a hub name (stabilityai/sd-vae-ft-ema) "
+                                                "or a folder saved with save_pretrained")
+    p.add_argument("--labels", default=None, help="labels of a flat folder: edm2 dataset.json, {path: label} "
+                                                  "JSON, or lines 'path label'")
+    p.add_argument("--batch-size", type=int, default=32, help="images per chunk (the unit of resuming)")
+    p.add_argument("--no-flip", action="store_true", help="do not also encode the horizontal flips")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--threads", type=int, default=4, help="image decoding threads")
+    p.add_argument("--device", default="")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("convert", help="a flow-model checkpoint (SiT/REPA, DiT, our stage 1) -> a DMF checkpoint")
     p.add_argument("src")
@@ -99,6 +117,8 @@ def main(argv=None):
             from .train import main as run
         elif args.command == "sample":
             from .sample import main as run
+        elif args.command == "prepare":
+            from .prepare import main as run
         elif args.command == "convert":
             from .convert import main as run
         else:
