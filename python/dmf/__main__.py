@@ -69,14 +69,25 @@ def parser():
     p = sub.add_parser("sample", help="sample from a checkpoint")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--steps", type=int, required=True, help="sampling steps (DMF: 1, 2, 4, ...; flow: e.g. 50)")
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--num-samples", "--n", dest="n", type=int, required=True,
+                   help="samples in all (torchrun needs the long name: it reads --n as its own option)")
     p.add_argument("--class", dest="cls", type=int, default=None, help="one class for all samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift", type=float, default=1.0, help="time shift s: t' = s t / (1 + (s - 1) t)")
+    p.add_argument("--sampler", choices=("euler", "restart"), default="euler",
+                   help="euler: the flow-map (DMF) or flow Euler rule; restart: the official restart sampler (DMF)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--g-min", type=float, default=0.0, help="guidance only for t in [g-min, g-max]")
+    p.add_argument("--g-max", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward (the unit of resuming)")
+    p.add_argument("--vae", default=None, help="decode latents with this AutoencoderKL (default: the one named "
+                                               "in the training data's dataset.json)")
     p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--device", default="")
-    p.add_argument("--out", required=True, help=".png grid or .npz (images in [0, 1], labels)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", required=True, help=".png grid; .npz (arr_0 uint8 NHWC as ADM, images float32 NCHW "
+                                                "in [0, 1], labels); or a folder: FOLDER/images/*.png + "
+                                                "FOLDER/samples.npz. Under torchrun each rank makes its share")
 
     p = sub.add_parser("prepare", help="an image folder -> a memory-mapped VAE latent folder for train --data")
     p.add_argument("src", help="ImageFolder layout (one subfolder per class), or a flat folder with --labels")
