@@ -104,6 +104,17 @@ def parser():
     p.add_argument("--device", default="")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("evaluate", help="FID and Inception Score of samples against a reference")
+    p.add_argument("samples", help="a folder of images or an .npz (arr_0 uint8 NHWC, or images float NCHW)")
+    p.add_argument("--ref", required=True, help="a folder, an .npz of images, or an .npz with mu and sigma")
+    p.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity's Inception file (weights-inception-2015-12-05-6726825d.pth) for offline "
+                        "machines (default: downloaded by torch-fidelity)")
+    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/dmf/fid)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
     p = sub.add_parser("convert", help="a flow-model checkpoint (SiT/REPA, DiT, our stage 1) -> a DMF checkpoint")
     p.add_argument("src")
     p.add_argument("dst")
@@ -130,6 +141,8 @@ def main(argv=None):
             from .sample import main as run
         elif args.command == "prepare":
             from .prepare import main as run
+        elif args.command == "evaluate":
+            from .evaluate import main as run
         elif args.command == "convert":
             from .convert import main as run
         else:
