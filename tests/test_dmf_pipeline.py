@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason="the latent pipeline needs diffusers (pip install .[dmf])")
-
 from dmf.__main__ import main  # noqa: E402
 from dmf.convert import read  # noqa: E402
 from dmf.data import LatentFolder  # noqa: E402

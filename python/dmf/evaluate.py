@@ -288,6 +288,7 @@ def inception_stats(net, path, batch=64, device="cpu", progress=True):
 def inception_score(logits: torch.Tensor, splits=10, seed=2020):
     """torch-fidelity's isc_features_to_metric: exp(E KL(p(y|x) || p(y))) over `splits` shuffled splits."""
     n = logits.shape[0]
+    splits = min(splits, n)   # fewer samples than splits: torch-fidelity gives NaN, here each split is 1 sample
     logits = logits[np.random.RandomState(seed).permutation(n)].double()
     p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
     scores = []
