@@ -270,3 +270,21 @@ def test_memory_map_keeps_resident_memory_flat(tmp_path):
     growth = max(rss[2:]) - rss[1]           # after the first batches (allocator warm-up)
     assert growth < 40e6, (growth, rss)
     assert res["file_pages"] > 100e6         # the data did go through the mapping
+
+
+def test_readme_imagenet_commands_parse():
+    """Every `dmf` command of the README's "Reproducing the paper on ImageNet" recipe is accepted
+    by the CLI's parser as written (the arguments exist and have valid values)."""
+    import re
+    import shlex
+
+    from dmf.__main__ import parser
+    from dmf_helpers import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Reproducing the paper on ImageNet.*?```bash\n(.*?)```", text, re.S).group(1)
+    block = block.replace("\\\n", " ").replace("${k}", "1").replace("$k", "1")
+    cmds = [seg.split(";")[0] for line in block.splitlines() for seg in line.split("-m dmf ")[1:]]
+    assert [c.split()[0] for c in cmds] == ["prepare", "convert", "train", "train", "sample", "evaluate"]
+    for c in cmds:
+        parser().parse_args(shlex.split(c))

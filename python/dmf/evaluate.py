@@ -314,19 +314,20 @@ def _identity(path: Path, weights) -> str:
 
 
 def reference_stats(net, ref, weights, cache_dir, batch=64, device="cpu", progress=True, log=print):
-    """(mu, sigma) of the reference: given in an .npz (mu, sigma; e.g. ADM's reference batches, used
-    as they are only when the file has no images), or computed from its images and cached in
-    cache_dir (keyed by the reference's files and the Inception weights)."""
+    """(mu, sigma) of the reference: given in an .npz (mu, sigma: ADM's reference batches carry the
+    statistics of the whole training set beside a 10k-image arr_0, and ADM's evaluator uses those;
+    so do we), or computed from its images and cached in cache_dir (keyed by the reference's files
+    and the Inception weights)."""
     from .errors import DMFError
 
     ref = Path(ref)
     if not ref.exists():
         raise DMFError(f"--ref {ref} does not exist")
-    if ref.suffix == ".npz" and not {"arr_0", "images"} & _npz_keys(ref):
+    keys = _npz_keys(ref) if ref.suffix == ".npz" else set()
+    if ref.suffix == ".npz" and ({"mu", "sigma"} <= keys or not {"arr_0", "images"} & keys):
+        if not {"mu", "sigma"} <= keys:
+            raise DMFError(f"--ref {ref}: needs images (arr_0 / images) or statistics (mu, sigma), has {sorted(keys)}")
         with np.load(ref) as f:
-            if not {"mu", "sigma"} <= set(f.files):
-                raise DMFError(f"--ref {ref}: needs images (arr_0 / images) or statistics (mu, sigma), has "
-                               f"{sorted(f.files)}")
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
         if mu.shape != (FID_DIMS,) or sigma.shape != (FID_DIMS, FID_DIMS):
             raise DMFError(f"--ref {ref}: statistics of dimension {mu.shape} / {sigma.shape}, but the Inception "
