@@ -150,13 +150,6 @@ def prepare(src, out, resolution: int, vae_name: str, labels=None, batch_size: i
     rank = int(os.environ.get("RANK", "0"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     files, y, classes = list_source(src, labels)
-    from . import vae as vae_mod
-
-    vae = vae_mod.load_vae(vae_name, device)
-    f = vae_mod.downsampling(vae)
-    if resolution % f:
-        raise DMFError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {f}")
-    C, h = vae.config.latent_channels, resolution // f
     F = 2 if flip else 1
     out = Path(out)
     state = out / ".prepare"
@@ -168,10 +161,18 @@ def prepare(src, out, resolution: int, vae_name: str, labels=None, batch_size: i
             return out
         raise DMFError(f"{out} already holds a finished dataset of another source or settings; choose another OUT")
     if world > 1:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if device.startswith("cuda"):   # one GPU per rank, as train does
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
+        from . import vae as vae_mod
+
+        vae = vae_mod.load_vae(vae_name, device)
+        f = vae_mod.downsampling(vae)
+        if resolution % f:
+            raise DMFError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {f}")
+        C, h = vae.config.latent_channels, resolution // f
         stale = (state / "plan.json").is_file() and json.loads((state / "plan.json").read_text()).get("plan") != key
         if world > 1:
             dist.barrier()   # every rank has read the old plan before rank 0 replaces it

@@ -210,22 +210,22 @@ def main(args):
     if args.sampler == "restart" and not flow_map:
         raise DMFError("--sampler restart needs a DMF checkpoint (a flow map u(x, t, 0)); this is a flow model")
     kind = info.get("data_kind", "raw")
-    vae = None
-    if kind == "vae":
-        from . import vae as vae_mod
-
-        data_info = info.get("data_info") or {}
-        name = args.vae or data_info.get("vae")
-        if not name:
-            raise DMFError(f"{args.ckpt}: a latent model without the VAE's name: pass --vae")
-        vae = vae_mod.load_vae(name, device)
-        if vae.config.latent_channels != model.in_channels:
-            raise DMFError(f"--vae {name} has {vae.config.latent_channels} latent channels but the model takes "
-                           f"{model.in_channels}")
-        scale, shift = float(data_info.get("scaling_factor", vae_mod.factors(vae)[0])), \
-            float(data_info.get("shift_factor", vae_mod.factors(vae)[1]) or 0.0)
     rank, world, device = _setup_dist(device)
     try:
+        vae = None
+        if kind == "vae" or args.vae:   # --vae also decodes a converted SiT/DiT (its data kind is unknown)
+            from . import vae as vae_mod
+
+            data_info = info.get("data_info") or {}
+            name = args.vae or data_info.get("vae")
+            if not name:
+                raise DMFError(f"{args.ckpt}: a latent model without the VAE's name: pass --vae")
+            vae = vae_mod.load_vae(name, device)
+            if vae.config.latent_channels != model.in_channels:
+                raise DMFError(f"--vae {name} has {vae.config.latent_channels} latent channels but the model takes "
+                               f"{model.in_channels}")
+            scale, shift = float(data_info.get("scaling_factor", vae_mod.factors(vae)[0])), \
+                float(data_info.get("shift_factor", vae_mod.factors(vae)[1]) or 0.0)
         model.to(device)
         shape = (model.in_channels, model.input_size, model.input_size)
         y_all = all_labels(args.n, num_classes, args.seed, args.cls)
