@@ -52,8 +52,8 @@ def test_plan_choice():
 def test_warmup_measures_both_stages(tmp_path, monkeypatch):
     import dmf.demo as demo
 
-    monkeypatch.setitem(demo.FULL, "batch", 16)
-    monkeypatch.setattr(demo, "WARMUP_STEPS", dict(flow=3, dmf=3))
+    monkeypatch.setitem(demo.FULL, "batch", 8)
+    monkeypatch.setattr(demo, "WARMUP_STEPS", dict(flow=2, dmf=2))
     flow_s, dmf_s = demo.warmup(tmp_path, "off", 0, "teacher")
     assert 0 < flow_s < dmf_s < 60           # a DMF step (forward, JVP, teacher, backward) costs more
     assert not (tmp_path / "warmup").exists()
