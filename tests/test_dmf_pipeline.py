@@ -131,8 +131,16 @@ def test_prepare_bad_inputs(pipe, tmp_path, capsys):
 
 
 def test_train_and_sample_two_processes(pipe, tmp_path):
-    """2 ranks (gloo) train from the memory map to the weights of 1 process; 2 ranks sample the
-    same npz as 1 process (one thread each: the same arithmetic); the PNGs are the npz's arr_0."""
+    """2 ranks (gloo) prepare what 1 process prepares and train from the memory map to the weights
+    of 1 process; 2 ranks sample the same npz as 1 process (one thread each: the same arithmetic);
+    the PNGs are the npz's arr_0."""
+    # prepare split over 2 ranks (chunks 0, 2 and 1) writes what 1 process wrote
+    p = run_dmf(["prepare", str(pipe / "src"), str(tmp_path / "lat2"), "--resolution", str(RES), "--vae",
+                 str(pipe / "vae"), "--batch-size", "5", "--no-progress"], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "lat2" / "latents.npy").astype(np.float32),
+                               np.load(pipe / "lat" / "latents.npy").astype(np.float32), rtol=2e-3, atol=1e-4)
+    assert json.loads((tmp_path / "lat2" / "dataset.json").read_text())["count"] == 12
     lat = str(pipe / "lat")
     args = ["train", "--stage", "flow", "--data", lat, "--model", "DMFT-Ti/2", "--steps", "3", "--batch-size", "8",
             "--no-progress", "--workers", "1"]
