@@ -21,8 +21,9 @@ def _train_args(p):
     d = TrainConfig()
     p.add_argument("--stage", choices=["flow", "dmf"], required=True)
     p.add_argument("--model", default=d.model, help="a DMFT_models name (default: DMFT-Ti/2 on digits, else DMFT-S/2)")
-    p.add_argument("--data", default=d.data, help="digits (default), a .pt/.npz file with images/latents and labels, or a latent "
-                        "folder from `dmf prepare` (memory-mapped)")
+    p.add_argument("--data", default=d.data,
+                   help="digits (default), a .pt/.npz file with images/latents and labels, or a latent folder "
+                        "from `dmf prepare` (memory-mapped)")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps of the run")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--seed", type=int, default=d.seed)
