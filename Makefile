@@ -25,7 +25,16 @@ $(VENV)/.deps-installed:
 	$(PY) -m pip install -q $(DEPS)
 	touch $@
 
-build: $(VENV)/.built
+# The dmf paper workflow's libraries (prepare, sample decoding, evaluate). torch-fidelity without its
+# dependencies: it lists torchvision, whose PyPI wheels need CUDA torch libraries and do not load beside
+# the CPU torch; dmf evaluate uses only its Inception, which needs torch alone.
+DMF_DEPS := diffusers pillow
+$(VENV)/.deps-dmf: $(VENV)/.deps-installed
+	$(PY) -m pip install -q $(DMF_DEPS)
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
+	touch $@
+
+build: $(VENV)/.built $(VENV)/.deps-dmf
 
 $(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

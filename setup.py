@@ -136,7 +136,11 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton"], "bench": ["matplotlib"], "test": ["pytest", "pytest-benchmark"],
-                    "dmf": ["scikit-learn", "tqdm", "matplotlib"]},
+                    # every optional dependency of the dmf package: digits set, progress bar, loss plot,
+                    # VAE latents (prepare, decoding), FID (evaluate uses only torch-fidelity's Inception,
+                    # which needs torch alone; its torchvision requirement may install a wheel that does
+                    # not load beside a CPU torch, which dmf evaluate then works around)
+                    "dmf": ["scikit-learn", "tqdm", "matplotlib", "pillow", "diffusers", "torch-fidelity"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -40,8 +40,11 @@ def library_path() -> Path:
 
 
 def load(path: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """Load the emulation library once (a second, different path is an error: one table at a time)."""
+    """Load the emulation library once; later calls without a path return it (a second, different
+    path is an error: one library per process)."""
     global _lib, _lib_path
+    if path is None and _lib is not None:
+        return _lib
     path = Path(path) if path is not None else library_path()
     if _lib is not None:
         if path.resolve() != _lib_path:

@@ -1,4 +1,4 @@
-"""python -m dmf {train, sample, convert, demo} ...: see `python -m dmf COMMAND --help`.
+"""python -m dmf {prepare, train, sample, evaluate, convert, demo} ...: see `python -m dmf COMMAND --help`.
 
 Bad input (unknown model, corrupt checkpoint, data of the wrong shape, impossible config) ends
 with one line on stderr and exit code 2, before any training starts.
@@ -21,7 +21,9 @@ def _train_args(p):
     d = TrainConfig()
     p.add_argument("--stage", choices=["flow", "dmf"], required=True)
     p.add_argument("--model", default=d.model, help="a DMFT_models name (default: DMFT-Ti/2 on digits, else DMFT-S/2)")
-    p.add_argument("--data", default=d.data, help="digits (default) or a .pt/.npz file with images/latents and labels")
+    p.add_argument("--data", default=d.data,
+                   help="digits (default), a .pt/.npz file with images/latents and labels, or a latent folder "
+                        "from `dmf prepare` (memory-mapped)")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps of the run")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -54,6 +56,8 @@ def _train_args(p):
     p.add_argument("--amp", choices=AMP_MODES, default=d.amp,
                    help="bf16 autocast: auto = on CUDA only; bf16 also on the CPU (fast on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="data loader processes (-1: none for in-memory data, up to 4 for a latent folder)")
 
 
 def parser():
@@ -66,14 +70,51 @@ def parser():
     p = sub.add_parser("sample", help="sample from a checkpoint")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--steps", type=int, required=True, help="sampling steps (DMF: 1, 2, 4, ...; flow: e.g. 50)")
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--num-samples", "--n", dest="n", type=int, required=True,
+                   help="samples in all (torchrun needs the long name: it reads --n as its own option)")
     p.add_argument("--class", dest="cls", type=int, default=None, help="one class for all samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift", type=float, default=1.0, help="time shift s: t' = s t / (1 + (s - 1) t)")
+    p.add_argument("--sampler", choices=("euler", "restart"), default="euler",
+                   help="euler: the flow-map (DMF) or flow Euler rule; restart: the official restart sampler (DMF)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--g-min", type=float, default=0.0, help="guidance only for t in [g-min, g-max]")
+    p.add_argument("--g-max", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward (the unit of resuming)")
+    p.add_argument("--vae", default=None, help="decode latents with this AutoencoderKL (default: the one named "
+                                               "in the training data's dataset.json)")
     p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--device", default="")
-    p.add_argument("--out", required=True, help=".png grid or .npz (images in [0, 1], labels)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", required=True, help=".png grid; .npz (arr_0 uint8 NHWC as ADM, images float32 NCHW "
+                                                "in [0, 1], labels); or a folder: FOLDER/images/*.png + "
+                                                "FOLDER/samples.npz. Under torchrun each rank makes its share")
+
+    p = sub.add_parser("prepare", help="an image folder -> a memory-mapped VAE latent folder for train --data")
+    p.add_argument("src", help="ImageFolder layout (one subfolder per class), or a flat folder with --labels")
+    p.add_argument("out")
+    p.add_argument("--resolution", type=int, required=True, help="centre-crop size in pixels (ADM/edm2 crop)")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: a hub name (stabilityai/sd-vae-ft-ema) "
+                                                "or a folder saved with save_pretrained")
+    p.add_argument("--labels", default=None, help="labels of a flat folder: edm2 dataset.json, {path: label} "
+                                                  "JSON, or lines 'path label'")
+    p.add_argument("--batch-size", type=int, default=32, help="images per chunk (the unit of resuming)")
+    p.add_argument("--no-flip", action="store_true", help="do not also encode the horizontal flips")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--threads", type=int, default=4, help="image decoding threads")
+    p.add_argument("--device", default="")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("evaluate", help="FID and Inception Score of samples against a reference")
+    p.add_argument("samples", help="a folder of images or an .npz (arr_0 uint8 NHWC, or images float NCHW)")
+    p.add_argument("--ref", required=True, help="a folder, an .npz of images, or an .npz with mu and sigma")
+    p.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity's Inception file (weights-inception-2015-12-05-6726825d.pth) for offline "
+                        "machines (default: downloaded by torch-fidelity)")
+    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/dmf/fid)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = sub.add_parser("convert", help="a flow-model checkpoint (SiT/REPA, DiT, our stage 1) -> a DMF checkpoint")
     p.add_argument("src")
@@ -99,6 +140,10 @@ def main(argv=None):
             from .train import main as run
         elif args.command == "sample":
             from .sample import main as run
+        elif args.command == "prepare":
+            from .prepare import main as run
+        elif args.command == "evaluate":
+            from .evaluate import main as run
         elif args.command == "convert":
             from .convert import main as run
         else:

@@ -1,6 +1,6 @@
 """The digits demo: a flow model, its conversion, DMF training, then quality and speed.
 
-    python -m dmf demo --out runs/demo          # ~10 min on 2 CPU cores
+    python -m dmf demo --out runs/demo          # ~10 min on 2 CPU cores (sized from a measured warm-up)
     python -m dmf demo --quick --out /tmp/demo  # < 2 min: every stage, tiny budgets
 
 Writes DIR/flow/checkpoints/last.pt, DIR/dmf/checkpoints/last.pt, DIR/results.{json,md}, and
@@ -42,16 +42,58 @@ from .train import TrainConfig, cpu_has_native_bf16, train
 #   steps (FULL, from a 700-step bf16 flow model) 1.14 / 1.05 / 0.92, 1-step class acc 0.951. The
 #   model's own detached velocity instead of a frozen teacher diverged within 50 steps.
 FULL = dict(flow_steps=700, dmf_steps=1400, batch=128, n_eval=1000, dmf_lr_decay=0.5, amp="bf16")
-# CPUs without native bf16 (emulated bf16 is slow): fp32, the same flow model, fewer DMF steps
-FULL_FP32 = dict(FULL, dmf_steps=600, amp="off")
 QUICK = dict(flow_steps=40, dmf_steps=15, batch=64, n_eval=200, dmf_lr_decay=0.5, amp="off")
 FLOW_SAMPLING_STEPS = 50
+# The plan is sized from a measured warm-up, not from CPU flags alone: an AVX2-only CPU (fp32) took
+# flow 0.33 s / DMF 0.94 s per step, so a fixed fp32 plan (700 + 600 steps) trained 15 min, not ~10.
+TRAIN_BUDGET_S = 510          # of the ~10 min: warm-up ~0.5 min, evaluation and grids ~1 min
+MIN_DMF_STEPS = 600           # the fewest measured to meet the targets (teacher velocity: 1.33 / 1.09 / 0.95)
+WARMUP_STEPS = dict(flow=6, dmf=4)
 
 
-def plan_for(quick: bool, gpu: bool, native_bf16: bool) -> dict:
-    """QUICK (tests, fp32 on the CPU); FULL where bf16 is fast (a GPU, a CPU with native bf16);
-    FULL_FP32 on other CPUs (emulated bf16 would be slower than fp32)."""
-    return QUICK if quick else FULL if gpu or native_bf16 else FULL_FP32
+def amp_for(gpu: bool, native_bf16: bool) -> str:
+    """bf16 where it is fast (a GPU, a CPU with native bf16); fp32 elsewhere (emulated bf16 is slower)."""
+    return "bf16" if gpu or native_bf16 else "off"
+
+
+def plan_from_warmup(flow_s: float, dmf_s: float, amp: str, budget_s: float = TRAIN_BUDGET_S) -> dict:
+    """FULL's flow model (700 steps: the teacher bounds every DMF result), then as many DMF steps as
+    the rest of the budget buys at the measured step time, clamped to [MIN_DMF_STEPS, FULL's 1400]:
+    below 600 the quality targets were not met, above 1400 they are not measured. Where even 600 do
+    not fit, the plan runs anyway and says by how much it overruns."""
+    left = budget_s - FULL["flow_steps"] * flow_s
+    dmf = int(min(FULL["dmf_steps"], max(MIN_DMF_STEPS, left // max(dmf_s, 1e-9))))
+    predicted = FULL["flow_steps"] * flow_s + dmf * dmf_s
+    if dmf == FULL["dmf_steps"]:
+        why = "the full plan fits the budget"
+    elif predicted <= budget_s * 1.02:
+        why = f"{dmf} DMF steps fill the budget"
+    else:
+        why = (f"over budget: the smallest plan that met the quality targets ({MIN_DMF_STEPS} DMF steps) needs "
+               f"{predicted / 60:.1f} min of training on this CPU")
+    return dict(FULL, dmf_steps=dmf, amp=amp, warmup_step_s=dict(flow=flow_s, dmf=dmf_s), budget_s=budget_s,
+                predicted_train_s=predicted, why=f"{why} (warm-up: flow {flow_s:.3f} s/step, DMF {dmf_s:.3f} s/step, "
+                                                 f"{'bf16 autocast' if amp == 'bf16' else 'fp32'})")
+
+
+def _median_step_s(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    speeds = sorted(r["steps_per_s"] for r in rows[1:] or rows)   # the first step includes lazy init
+    return 1.0 / speeds[len(speeds) // 2]
+
+
+def warmup(out: Path, amp: str, seed: int, mf_velocity: str):
+    """(flow s/step, DMF s/step) from a few steps of each stage at the demo's batch and precision."""
+    w = out / "warmup"
+    common = dict(batch_size=FULL["batch"], seed=seed, progress=False, log_every=1, amp=amp,
+                  ckpt_every=10 ** 9)
+    train(TrainConfig(stage="flow", steps=WARMUP_STEPS["flow"], out=str(w / "flow"), **common))
+    ckpt.convert(w / "flow" / "checkpoints" / "last.pt", w / "init.pt", log=lambda *a: None)
+    train(TrainConfig(stage="dmf", steps=WARMUP_STEPS["dmf"], out=str(w / "dmf"), init=str(w / "init.pt"),
+                      mf_velocity=mf_velocity, **common))
+    times = _median_step_s(w / "flow"), _median_step_s(w / "dmf")
+    shutil.rmtree(w, ignore_errors=True)
+    return times
 
 
 def _run(cfg: TrainConfig):
@@ -64,8 +106,16 @@ def _run(cfg: TrainConfig):
 def main(args):
     out = Path(args.out)
     gpu = torch.cuda.is_available() and not args.quick
-    plan = dict(plan_for(args.quick, gpu, cpu_has_native_bf16()), mf_velocity=getattr(args, "mf_velocity", "teacher"))
+    mf_velocity = getattr(args, "mf_velocity", "teacher")
     out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        plan = dict(QUICK, why="--quick: every stage with tiny budgets")
+    else:
+        amp = amp_for(gpu, cpu_has_native_bf16())
+        print("== warm-up: measuring the step times", flush=True)
+        plan = plan_from_warmup(*warmup(out, amp, args.seed, mf_velocity), amp)
+        print(f"plan: flow {plan['flow_steps']} + DMF {plan['dmf_steps']} steps; {plan['why']}", flush=True)
+    plan["mf_velocity"] = mf_velocity
     common = dict(batch_size=plan["batch"], seed=args.seed, progress=not args.quick, log_every=10,
                   ckpt_every=max(plan["flow_steps"], plan["dmf_steps"]), device="cpu" if args.quick else "",
                   amp=plan["amp"])
@@ -127,7 +177,7 @@ def markdown(res) -> str:
              f"then DMF {p['dmf_steps']} steps ({res['train_s']['dmf']:.0f} s, {res['step_s']['dmf']:.3f} s/step, "
              f"{res['dmf_over_flow_step']:.2f}x a flow step; lr decayed to 0 over its last "
              f"{p.get('dmf_lr_decay', 0):.0%}; MF velocity: {p.get('mf_velocity', 'data')}); batch {p['batch']}, "
-             f"{precision} on {where}.", "",
+             f"{precision} on {where}. Plan: {p.get('why', '')}.", "",
              f"FD in digits-classifier features, {p['n_eval']} class-balanced samples vs the 1797 real digits "
              f"(real digits score {res['real_fd_floor']:.3f} at this n); acc: the classifier agrees with the "
              "conditioning class.", "",

@@ -25,16 +25,18 @@ import torch
 import torch.distributed as dist
 
 from . import convert as ckpt
-from .data import batch_indices, load_data
+from .data import default_workers, load_data, loader
 from .errors import DMFError
 from .loss import dmf_loss, draw, flow_loss
+from .optional import Progress, note_missing
 
 
 @dataclass
 class TrainConfig:
     stage: str = "flow"           # "flow": flow matching; "dmf": Decoupled MeanFlow
     model: str = ""               # a DMFT_models name; default: DMFT-Ti/2 on digits, DMFT-S/2 otherwise
-    data: str = "digits"          # "digits" or a .pt/.npz file of (N, C, H, W) images or latents + labels
+    data: str = "digits"          # "digits", a .pt/.npz file of (N, C, H, W) images or latents + labels,
+                                  # or a latent folder from `dmf prepare` (memory-mapped)
     steps: int = 1000             # total optimizer steps of the run (a resumed run continues up to it)
     batch_size: int = 128         # global batch, split over DDP ranks
     seed: int = 0
@@ -70,6 +72,7 @@ class TrainConfig:
     device: str = ""              # default cuda if available
     amp: str = "auto"             # bf16 autocast: "auto" (on CUDA only), "bf16" (also on CPU), "off"
     progress: bool = True
+    workers: int = -1             # DataLoader worker processes; -1: 0 for in-memory data, up to 4 for a folder
 
 
 MF_VELOCITIES = ("data", "teacher")
@@ -182,6 +185,8 @@ def setup_dist(cfg):
 def validate(cfg: TrainConfig):
     if cfg.stage not in ("flow", "dmf"):
         raise DMFError(f"--stage must be flow or dmf, got {cfg.stage!r}")
+    if cfg.workers < -1:
+        raise DMFError(f"--workers must be -1 (auto) or at least 0, got {cfg.workers}")
     for name in ("steps", "batch_size", "ckpt_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise DMFError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -210,7 +215,11 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
 
     def plot(self):
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:  # the run itself is done: skip the picture, keep the exit code
+            note_missing(f"{self.path.with_name('loss.png')}", "matplotlib")
+            return
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -246,7 +255,8 @@ def train(cfg: TrainConfig, resume: bool = False):
             raise DMFError(f"--resume: {last} is a stage-{saved.stage} run, not stage {cfg.stage}")
         # the checkpoint's config wins (same data order and hyper-parameters); only the length,
         # the output directory and the progress bar follow the command line
-        cfg = TrainConfig(**dict(asdict(saved), steps=cfg.steps, out=cfg.out, progress=cfg.progress))
+        cfg = TrainConfig(**dict(asdict(saved), steps=cfg.steps, out=cfg.out, progress=cfg.progress,
+                                 workers=cfg.workers))
         validate(cfg)
     if cfg.mf_velocity == "teacher":
         if not (cfg.stage == "dmf" and cfg.init):
@@ -313,12 +323,12 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
         step = int(ck["step"])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = amp_enabled(cfg.amp, device)
-    b_local = cfg.batch_size // world
     shape = (cfg.batch_size, *data.shape)
     times = dict(P_mean=cfg.P_mean, P_std=cfg.P_std, P_mean_t=cfg.P_mean_t, P_std_t=cfg.P_std_t,
                  P_mean_r=cfg.P_mean_r, P_std_r=cfg.P_std_r, cfg_prob=cfg.cfg_prob)
     meta = {"format": ckpt.FORMAT, "model_args": model_args, "stage": cfg.stage, "data_kind": data.kind,
-            "config": asdict(cfg), "world_size": world, "teacher_sha256": weights.get("teacher_sha256")}
+            "config": asdict(cfg), "world_size": world, "teacher_sha256": weights.get("teacher_sha256"),
+            "data_info": getattr(data, "info", {})}
 
     def save():
         if rank == 0:
@@ -330,23 +340,21 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
         out.mkdir(parents=True, exist_ok=True)
         metrics = Metrics(out, step)
         n_params = sum(p.numel() for p in params)
-        print(f"stage {cfg.stage}: {n_params / 1e6:.2f}M parameters, data {cfg.data} {tuple(data.x.shape)}, "
+        print(f"stage {cfg.stage}: {n_params / 1e6:.2f}M parameters, data {cfg.data} {data.describe()}, "
               f"batch {cfg.batch_size} on {world} x {device}, steps {step} -> {cfg.steps}", flush=True)
-    bar = None
-    if rank == 0 and cfg.progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", dynamic_ncols=True, mininterval=1.0)
-        except ImportError:
-            pass
+    bar = Progress(cfg.steps, step, f"train {cfg.stage}") if rank == 0 and cfg.progress else None
 
     model.train()
-    t_last, s_last = time.perf_counter(), step
+    workers = default_workers(data) if cfg.workers < 0 else cfg.workers
+    batches = iter(loader(data, cfg.batch_size, cfg.seed, rank, world, step, cfg.steps, workers))
+    t_last, s_last, wait = time.perf_counter(), step, 0.0
     while step < cfg.steps:
         # the global batch and its random numbers, then this rank's slice
-        idx = batch_indices(len(data.y), cfg.batch_size, step, cfg.seed)[rank * b_local:(rank + 1) * b_local]
+        t_wait = time.perf_counter()
+        x, y = next(batches)                                       # (b, C, H, W), (b,)
+        wait += time.perf_counter() - t_wait
+        x, y = x.to(device), y.to(device)
         d = draw(step_generator(cfg.seed, step), shape, **times).shard(rank, world).to(device)
-        x, y = data.x[idx].to(device), data.y[idx].to(device)     # (b, C, H, W), (b,)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             if cfg.stage == "flow":
                 loss, logs = flow_loss(ddp, x, y, d, model_args["num_classes"]), {}
@@ -373,8 +381,8 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             now = time.perf_counter()
             row = {"step": step, "loss": stats[0].item(), **{k: stats[i + 1].item() for i, k in enumerate(logs)},
-                   "steps_per_s": (step - s_last) / (now - t_last)}
-            t_last, s_last = now, step
+                   "steps_per_s": (step - s_last) / (now - t_last), "data_wait_s": wait / (step - s_last)}
+            t_last, s_last, wait = now, step, 0.0
             metrics.log(row)
             if bar is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.2f}")

@@ -66,14 +66,17 @@ def test_sample_outputs(ckpts, tmp_path, capsys):
     assert sorted(np.bincount(f["labels"], minlength=10)) == [2] * 10  # balanced
     # 1 step of the flow map from the EMA weights, by hand
     model, _ = model_from_checkpoint(dmf)
-    g = torch.Generator().manual_seed(3)
     y = torch.arange(20) % 10
-    y = y[torch.randperm(20, generator=g)]
-    noise = torch.randn(20, 1, 8, 8, generator=g)
+    y = y[torch.randperm(20, generator=torch.Generator().manual_seed(3))]
+    # sample i's noise from its own generator, seeded by (seed, i)
+    noise = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(
+        int(np.random.SeedSequence([3, 4, i]).generate_state(1)[0]))) for i in range(20)])
     with torch.no_grad():
         x = noise - model(noise, torch.ones(20), torch.zeros(20), y)
     assert np.array_equal(f["labels"], y.numpy())
     np.testing.assert_allclose(f["images"], ((x + 1) / 2).clamp(0, 1).numpy(), atol=1e-5)
+    assert f["arr_0"].shape == (20, 8, 8, 1) and f["arr_0"].dtype == np.uint8   # ADM layout
+    np.testing.assert_array_equal(f["arr_0"][..., 0], np.floor(f["images"][:, 0] * 255 + 0.5).astype(np.uint8))
     main(["sample", "--ckpt", str(flow), "--steps", "3", "--n", "6", "--class", "7", "--out", str(tmp_path / "b.npz")])
     assert (np.load(tmp_path / "b.npz")["labels"] == 7).all()
     main(["sample", "--ckpt", str(dmf), "--steps", "2", "--n", "6", "--no-ema", "--out", str(tmp_path / "c.png")])
