@@ -55,6 +55,9 @@ test: build cuda-emu
 # schedule, (3) both once more built with AddressSanitizer + UBSan, (4) the mutation check: copies of
 # the sources with injected GPU bugs must each fail. Any failure or emulator report fails the target.
 EMU_BUILD := $(PY) csrc/emu/build.py --selftest
+# Sanitizer reports are written to file descriptor 2 and end the process: pytest's default fd
+# capture would swallow them with it, so capture Python's sys streams only.
+EMU_CAPTURE := --capture=sys
 EMU_OP_TESTS := tests/kernels/test_adaln.py tests/kernels/test_gated_residual.py tests/kernels/test_rms_norm.py tests/kernels/test_ops.py
 ASAN_ENV = LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
            DMF_KERNELS_CUDA_EMU_LIB=build-emu/sanitize/libdmf_cuda_emu.so \
@@ -64,10 +67,10 @@ cuda-emu: setup
 	$(EMU_BUILD)
 
 test-cuda-emu: build cuda-emu
-	DMF_KERNELS_CUDA_EMU=priority:1 $(PY) -m pytest tests/cuda_emu $(EMU_OP_TESTS) -q -k "not 257"
-	DMF_KERNELS_CUDA_EMU=random:7 $(PY) -m pytest tests/cuda_emu/test_launch_classes.py -q
+	DMF_KERNELS_CUDA_EMU=priority:1 $(PY) -m pytest tests/cuda_emu $(EMU_OP_TESTS) -q -k "not 257" $(EMU_CAPTURE)
+	DMF_KERNELS_CUDA_EMU=random:7 $(PY) -m pytest tests/cuda_emu/test_launch_classes.py -q $(EMU_CAPTURE)
 	$(EMU_BUILD) --variant sanitize
-	$(ASAN_ENV) DMF_KERNELS_CUDA_EMU=reverse:0 $(PY) -m pytest tests/cuda_emu -q -p no:cacheprovider
+	$(ASAN_ENV) DMF_KERNELS_CUDA_EMU=reverse:0 $(PY) -m pytest tests/cuda_emu -q -p no:cacheprovider $(EMU_CAPTURE)
 	$(PY) tests/cuda_emu/mutants.py
 
 bench: build

@@ -8,13 +8,16 @@ cannot see that bug class: this script then exits 1 (CI fails).
 
 Each mutant is an exact text replacement in one source file (it must match exactly once, so a
 refactor that moves the code makes the mutant stale and fails loudly instead of testing
-nothing). `tests` narrows the pytest run to the cases that exercise the mutated kernel, only
+nothing). It counts as caught only when the run fails AND shows `expect` (wrong numbers, the
+emulator's report, UBSan's report), so a crash for another reason is not taken for a catch.
+`tests` narrows the pytest run to the cases that exercise the mutated kernel, only
 to save time; `-x` stops at the first failure.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +40,7 @@ class Mutant:
     old: str
     new: str
     tests: str  # pytest -k expression
+    expect: str  # regex the failure must show: the bug is caught for the right reason, not by a crash
     schedule: str = "priority:1"
 
 
@@ -45,51 +49,51 @@ MUTANTS = [
            "overwritten while a slow warp still reads the previous sums",
            "csrc/cuda/cuda_common.cuh",
            "  __syncthreads();  // smem may still be read from the previous reduction\n", "",
-           "adaln_modulate_class and team0"),
+           "adaln_modulate_class and team0", "kernel err|non-finite"),
     Mutant("second_sync_removed", "the __syncthreads between writing and reading the warp sums removed",
            "csrc/cuda/cuda_common.cuh",
            "    smem[32 + wid] = b;\n  }\n  __syncthreads();\n", "    smem[32 + wid] = b;\n  }\n",
-           "rms_norm_class and team0"),
+           "rms_norm_class and team0", "kernel err|non-finite"),
     Mutant("mask_wrong_team", "a shuffle mask naming the first team of the warp instead of the caller's",
            "csrc/cuda/cuda_common.cuh",
            "((1u << TEAM) - 1u) << (lane & ~unsigned(TEAM - 1))", "((1u << TEAM) - 1u)",
-           "rms_norm_class and (team8 or team16)"),
+           "rms_norm_class and (team8 or team16)", "is not in its mask"),
     Mutant("mask_whole_warp", "a whole-warp mask for a sub-warp team (names the lanes of teams that returned "
            "past the last row)",
            "csrc/cuda/cuda_common.cuh",
            "const unsigned mask = TEAM == 32 ? 0xffffffffu :", "const unsigned mask = true ? 0xffffffffu :",
-           "rms_norm_class and (team8 or team16)"),
+           "rms_norm_class and (team8 or team16)", "which has exited"),
     Mutant("shuffle_width", "a shuffle width of half the team (the upper half's partial sums are never added)",
            "csrc/cuda/cuda_common.cuh",
            "v += __shfl_xor_sync(mask, v, o, TEAM);", "v += __shfl_xor_sync(mask, v, o, TEAM / 2);",
-           "rms_norm_class"),
+           "rms_norm_class", "kernel err|non-finite"),
     Mutant("column_bound_off_by_one", "an off-by-one column bound (one vector past the row end is read)",
            "csrc/cuda/rms_norm_kernels.cu",
            "    if (c < D) {\n      load_vec<T, VEC>(base + c, v[it]);", "    if (c <= D) {\n      load_vec<T, VEC>(base + c, v[it]);",
-           "rms_norm_class"),
+           "rms_norm_class", "kernel err|non-finite"),
     Mutant("alignment_check_dropped", "the 16-byte alignment check before vector loads dropped (misaligned "
            "16-byte accesses: UBSan's alignment check in the emulation build reports them)",
            "csrc/cuda/cuda_common.cuh",
            "    if (p != nullptr && !aligned16(p)) return false;\n", "",
-           "misaligned"),
+           "misaligned", "misaligned address"),
     Mutant("team_row_index", "a wrong team/row index (blockDim.x for blockDim.y)",
            "csrc/cuda/cuda_common.cuh",
            "int64_t(blockIdx.x) * blockDim.y + threadIdx.y", "int64_t(blockIdx.x) * blockDim.x + threadIdx.y",
-           "rms_norm_class"),
+           "rms_norm_class", "kernel err|non-finite"),
     Mutant("idle_lanes_return", "lanes without columns return before the row reduction",
            "csrc/cuda/rms_norm_kernels.cu",
            "  A ss = 0, unused = 0;\n", "  if (int64_t(lane) * VEC >= D) return;\n  A ss = 0, unused = 0;\n",
-           "rms_norm_class"),
+           "rms_norm_class", "exited"),
     Mutant("accumulator_uninitialised", "a partial-sum accumulator never zeroed (register arrays are not "
            "initialised on a GPU)",
            "csrc/cuda/gated_residual_kernels.cu",
            "  for (int k = 0; k < VEC; ++k) acc[k] = A(0);\n", "  for (int k = 0; k < VEC; ++k) (void)0;\n",
-           "gated_residual_tiles"),
+           "gated_residual_tiles", "kernel err|non-finite"),
     Mutant("partial_group_dropped", "rows of a partial last parameter group never written (the grid sized "
            "by whole groups)",
            "csrc/cuda/gated_residual_kernels.cu",
            "const int64_t items = ceil_div(p.rows, p.rows_per_group) *", "const int64_t items = (p.rows / p.rows_per_group) *",
-           "selftest"),
+           "selftest", "FAIL gated_residual forward"),
 ]
 
 
@@ -118,11 +122,15 @@ def run_mutant(m: Mutant, base_objs: Path, work: Path, python: str) -> tuple[boo
     else:
         env = dict(os.environ, DMF_KERNELS_CUDA_EMU_LIB=str(out / "libdmf_cuda_emu.so"),
                    DMF_KERNELS_CUDA_EMU=m.schedule)
-        r = subprocess.run([python, "-m", "pytest", TESTS, "-x", "-q", "-p", "no:cacheprovider", "-k", m.tests],
+        # --capture=sys: a sanitizer report (fd 2, then exit) stays visible
+        r = subprocess.run([python, "-m", "pytest", TESTS, "-x", "-q", "-p", "no:cacheprovider", "--capture=sys",
+                            "-k", m.tests],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    caught = r.returncode != 0 and "no tests ran" not in r.stdout
-    text = (r.stdout + r.stderr).splitlines()
-    lines = [ln for ln in text if ln.startswith("E ") or "runtime error" in ln or ln.startswith("FAIL")]
+    output = r.stdout + r.stderr
+    caught = r.returncode != 0 and re.search(m.expect, output) is not None
+    text = output.splitlines()
+    lines = [ln for ln in text if "runtime error" in ln] + \
+        [ln for ln in text if ln.startswith("E ") or ln.startswith("FAIL")]
     return caught, (lines[0] if lines else "\n".join(text[-3:])), time.time() - t0
 
 
