@@ -30,8 +30,17 @@ Speed choices (the jvp pass of one DiT block):
   (or of the final layer) are one fused kernel (`dit_blocks`): x is read and written once
   per boundary instead of twice.
 
+Modern DiT parts (hustvl/LightningDiT and the models built on it): RMSNorm-adaLN with a weight
+(`norm="rms"`), adaLN without shift (`wo_shift`), the SwiGLU MLP (`SwiGLUFFN`), 2-D rotary position
+embedding applied inside the attention kernels (`RotaryEmbedding2D`, passed to the attention as
+`rope`), and qk-norms of every kind (`qk_norm`: the official DMF's RMSNorm with `scale`, an
+RMSNorm with `weight`, or LayerNorm with weight and bias); parameter and buffer names are
+LightningDiT's, so its state_dicts load with strict=True. `PreNormBlock` is the block without
+adaLN (in-context conditioning).
+
 Files: functional.py (jvp helpers: linear, SiLU, timestep embedding, checks), this file
-(embedders, norms, attention, MLP), blocks.py (DiT block, final layer, the block driver).
+(embedders, norms, rotary embedding, attention, MLPs), blocks.py (DiT block, pre-norm block, final
+layer, the block driver).
 """
 from typing import Optional
 
@@ -42,7 +51,10 @@ from torch import Tensor
 from .._forward_ad import check_tangent, dual_inputs
 from ..attention import attention
 from ..gelu import gelu_tanh
+from ..norm_mod import adaln_modulate
 from ..rms_norm import rms_norm
+from ..rope import rope as rope_op
+from ..swiglu import swiglu
 from .functional import call_jvp, forward_ad_call, linear_jvp, silu_jvp, timestep_embedding, timestep_embedding_jvp
 
 
@@ -52,13 +64,15 @@ class JvpModule(nn.Module):
     def forward_jvp(self, *args):  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
-    def _forward(self, *inputs):
-        """forward(*inputs) of a module whose forward_jvp(*inputs, *tangents) is the one path."""
+    def _forward(self, *inputs, **options):
+        """forward(*inputs) of a module whose forward_jvp(*inputs, *tangents, **options) is the one
+        path; options are non-tensor arguments (e.g. the attention's rope module)."""
         dual = dual_inputs(*inputs)
         if dual is not None:
             primals, tangents = dual
-            return forward_ad_call(type(self).__name__, [self], primals, lambda: self.forward_jvp(*primals, *tangents))
-        return self.forward_jvp(*inputs, *(None,) * len(inputs))[0]
+            return forward_ad_call(type(self).__name__, [self], primals,
+                                   lambda: self.forward_jvp(*primals, *tangents, **options))
+        return self.forward_jvp(*inputs, *(None,) * len(inputs), **options)[0]
 
 
 DualModule = JvpModule  # the name before the vocabulary of issue 14
@@ -88,20 +102,112 @@ class PatchEmbed(nn.Module):
 
 
 class RMSNorm(JvpModule):
-    """RMSNorm with a learnable `scale` (the official DMF qk-norm; parameter name `scale`)."""
+    """RMSNorm with a learnable per-channel weight: x / sqrt(mean(x^2) + eps) * weight.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    The weight's name follows the codebase the module stands in for: `scale` (the official DMF's
+    qk-norm, the default) or `weight` (LightningDiT, Llama, torch.nn.RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, param_name: str = "scale"):
         super().__init__()
+        if param_name not in ("scale", "weight"):
+            raise ValueError(f"RMSNorm: param_name must be 'scale' or 'weight', got {param_name!r}")
         self.eps = eps
-        self.scale = nn.Parameter(torch.ones(dim))
+        self.param_name = param_name
+        setattr(self, param_name, nn.Parameter(torch.ones(dim)))
+
+    def gain(self) -> Tensor:
+        return rms_gain(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The op itself handles forward-mode AD, also with a tangent on `scale`.
-        return rms_norm(x, self.scale.to(x.dtype), self.eps)
+        # The op itself handles forward-mode AD, also with a tangent on the weight.
+        return rms_norm(x, self.gain().to(x.dtype), self.eps)
 
     def forward_jvp(self, x: Tensor, x_dot: Optional[Tensor]):
         x_dot = check_tangent("RMSNorm", "x_dot", x_dot, x)
-        return rms_norm.maybe_jvp(x, x_dot, self.scale.to(x.dtype), None, self.eps)
+        return rms_norm.maybe_jvp(x, x_dot, self.gain().to(x.dtype), None, self.eps)
+
+
+def rms_gain(norm: nn.Module) -> Tensor:
+    """The learnable weight of an RMSNorm, ours or another codebase's (`scale` or `weight`)."""
+    name = getattr(norm, "param_name", None)
+    if name is None:
+        name = "scale" if isinstance(getattr(norm, "scale", None), nn.Parameter) else "weight"
+    return getattr(norm, name)
+
+
+class LayerNorm(nn.LayerNorm, JvpModule):
+    """nn.LayerNorm over the last dim with weight and bias (LightningDiT's qk-norm without
+    use_rmsnorm); the jvp pass through the fused LayerNorm-modulate kernel, with
+    `scale = weight - 1` and `shift = bias` (exact: 1 + (w - 1) == w in floating point for
+    w in [0.5, 2], and within one rounding elsewhere)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps, elementwise_affine=True, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x)
+
+    def forward_jvp(self, x: Tensor, x_dot: Optional[Tensor]):
+        x_dot = check_tangent("LayerNorm", "x_dot", x_dot, x)
+        return adaln_modulate.maybe_jvp(x, x_dot, self.bias.to(x.dtype), None, (self.weight - 1).to(x.dtype), None,
+                                        self.eps)
+
+
+def qk_norm_module(kind, head_dim: int) -> nn.Module:
+    """The qk-norm of one head: False/None -> Identity; True or "rms_scale" -> RMSNorm with `scale`
+    (the official DMF's); "rms" -> RMSNorm with `weight` (LightningDiT with use_rmsnorm); "layer" ->
+    LayerNorm(head_dim) with weight and bias, eps 1e-5 (LightningDiT without use_rmsnorm)."""
+    if kind is None or kind is False:
+        return nn.Identity()
+    if kind is True or kind == "rms_scale":
+        return RMSNorm(head_dim)
+    if kind == "rms":
+        return RMSNorm(head_dim, param_name="weight")
+    if kind == "layer":
+        return LayerNorm(head_dim)
+    raise ValueError(f"qk_norm must be False, True, 'rms_scale', 'rms' or 'layer', got {kind!r}")
+
+
+class RotaryEmbedding2D(nn.Module):
+    """2-D rotary position embedding of LightningDiT / EVA (`VisionRotaryEmbeddingFast`, with
+    freqs_for="lang"): buffers `freqs_cos`, `freqs_sin` of shape (N, 2 * dim) = (N, head_dim) for
+    the N = ft_seq_len^2 tokens of a square grid (row-major); interleaved pairs rotate:
+        rope(t) = t * freqs_cos + rotate_half(t) * freqs_sin,  rotate_half: (t0, t1) -> (-t1, t0).
+    `forward(t)` applies it to t (..., N, head_dim) with dmf_kernels.rope. Pass the module as the
+    attention's `rope` argument to rotate q and k inside the attention kernels instead.
+
+    Args:
+        dim: half the head dim (the rotary dim of one axis), as LightningDiT's `dim`.
+        pt_seq_len: the grid side the frequencies were defined for; ft_seq_len: the grid side
+            used (defaults to pt_seq_len); theta: the frequency base.
+    """
+
+    def __init__(self, dim: int, pt_seq_len: int = 16, ft_seq_len: Optional[int] = None, theta: float = 10000):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"RotaryEmbedding2D: dim (half the head dim) must be even, got {dim}")
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[:(dim // 2)].float() / dim))  # (dim / 2,)
+        ft_seq_len = pt_seq_len if ft_seq_len is None else ft_seq_len
+        t = torch.arange(ft_seq_len) / ft_seq_len * pt_seq_len                          # (S,)
+        freqs = (t[:, None] * freqs).repeat_interleave(2, dim=-1)                       # (S, dim) pairs
+        S = ft_seq_len
+        freqs = torch.cat([freqs[:, None, :].expand(S, S, dim), freqs[None, :, :].expand(S, S, dim)], dim=-1)
+        self.register_buffer("freqs_cos", freqs.cos().reshape(S * S, 2 * dim))         # (N, head_dim)
+        self.register_buffer("freqs_sin", freqs.sin().reshape(S * S, 2 * dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return rope_op(t, self.freqs_cos, self.freqs_sin)
+
+
+def rope_tables(rope, owner="Attention"):
+    """(cos, sin) tables of a rope argument: None, our RotaryEmbedding2D, or a module with
+    `freqs_cos`/`freqs_sin` buffers whose formula dmf_kernels.patch has verified."""
+    if rope is None:
+        return None, None
+    if isinstance(rope, RotaryEmbedding2D) or getattr(rope, "_dmf_kernels_rope_checked", False):
+        return rope.freqs_cos, rope.freqs_sin
+    raise TypeError(f"{owner}: rope must be None, a dmf_kernels.nn.RotaryEmbedding2D or a LightningDiT-style rotary "
+                    f"embedding checked by dmf_kernels.patch, got {type(rope).__name__}")
 
 
 class TimestepEmbedder(JvpModule):
@@ -145,11 +251,11 @@ class LabelEmbedder(JvpModule):
 
 
 class Attention(JvpModule):
-    """Multi-head self-attention: fused qkv Linear, optional qk-norm (RMSNorm with a learnable
-    `scale` per head dim), non-causal attention (dmf_kernels.attention), proj Linear.
-    x: (B, N, D) -> (B, N, D)."""
+    """Multi-head self-attention: fused qkv Linear, optional qk-norm (see qk_norm_module), optional
+    rotary embedding of q and k inside the attention kernels, non-causal attention
+    (dmf_kernels.attention), proj Linear. x: (B, N, D) -> (B, N, D)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_norm: bool = False,
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_norm=False,
                  proj_bias: bool = True):
         super().__init__()
         if dim % num_heads:
@@ -157,8 +263,8 @@ class Attention(JvpModule):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = qk_norm_module(qk_norm, self.head_dim)
+        self.k_norm = qk_norm_module(qk_norm, self.head_dim)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def _heads(self, t, B, N):
@@ -167,17 +273,20 @@ class Attention(JvpModule):
             return None, None, None
         return t.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forward(x)
+    def forward(self, x: Tensor, rope=None) -> Tensor:
+        """rope: None, or the model's rotary embedding (LightningDiT's `feat_rope`)."""
+        return self._forward(x, rope=rope)
 
-    def forward_jvp(self, x: Tensor, x_dot: Optional[Tensor]):
+    def forward_jvp(self, x: Tensor, x_dot: Optional[Tensor], rope=None):
         x_dot = check_tangent("Attention", "x_dot", x_dot, x)
+        cos, sin = rope_tables(rope)
         B, N, C = x.shape
         qkv, qkv_dot = linear_jvp(x, x_dot, self.qkv)
         (q, k, v), (q_dot, k_dot, v_dot) = self._heads(qkv, B, N), self._heads(qkv_dot, B, N)
         q, q_dot = call_jvp(self.q_norm, q, q_dot)
         k, k_dot = call_jvp(self.k_norm, k, k_dot)
-        o, o_dot = attention.maybe_jvp(q, k, v, q_dot, k_dot, v_dot)  # one pass: (B, H, N, Dh) each
+        # one pass: rotates q, k (and their tangents) in the kernel; (B, H, N, Dh) each
+        o, o_dot = attention.maybe_jvp(q, k, v, q_dot, k_dot, v_dot, None, cos, sin)
         o, o_dot = (None if t is None else t.transpose(1, 2).reshape(B, N, C) for t in (o, o_dot))
         return linear_jvp(o, o_dot, self.proj)
 
@@ -201,12 +310,35 @@ class Mlp(JvpModule):
         return linear_jvp(g, g_dot, self.fc2)
 
 
-from .blocks import DiTBlock, FinalLayer, dit_blocks, dit_blocks_jvp  # noqa: E402  (they build on the above)
+class SwiGLUFFN(JvpModule):
+    """LightningDiT's SwiGLU MLP: w12 (D -> 2H), silu(first half) * second half, w3 (H -> D), the
+    middle step one fused kernel reading both halves in place (dmf_kernels.swiglu).
+    x: (..., D) -> (..., D)."""
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
+                 bias: bool = True):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        self.w12 = nn.Linear(in_features, 2 * hidden_features, bias=bias)
+        self.w3 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x)
+
+    def forward_jvp(self, x: Tensor, x_dot: Optional[Tensor]):
+        x_dot = check_tangent("SwiGLUFFN", "x_dot", x_dot, x)
+        a, a_dot = linear_jvp(x, x_dot, self.w12)      # (..., 2H)
+        h, h_dot = swiglu.maybe_jvp(a, a_dot)          # (..., H)
+        return linear_jvp(h, h_dot, self.w3)
+
+
+from .blocks import DiTBlock, FinalLayer, PreNormBlock, dit_blocks, dit_blocks_jvp  # noqa: E402  (they build on the above)
 
 linear_dual, silu_dual = linear_jvp, silu_jvp  # the names before the vocabulary of issue 14
 
 __all__ = [
-    "JvpModule", "DualModule", "PatchEmbed", "RMSNorm", "TimestepEmbedder", "LabelEmbedder", "Attention", "Mlp",
-    "DiTBlock", "FinalLayer", "linear_jvp", "silu_jvp", "timestep_embedding", "timestep_embedding_jvp",
+    "JvpModule", "DualModule", "PatchEmbed", "RMSNorm", "LayerNorm", "RotaryEmbedding2D", "TimestepEmbedder",
+    "LabelEmbedder", "Attention", "Mlp", "SwiGLUFFN", "DiTBlock", "PreNormBlock", "FinalLayer", "qk_norm_module",
+    "rope_tables", "linear_jvp", "silu_jvp", "timestep_embedding", "timestep_embedding_jvp",
     "dit_blocks", "dit_blocks_jvp",
 ]

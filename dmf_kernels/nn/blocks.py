@@ -1,16 +1,22 @@
-"""The adaLN-Zero DiT block, the final layer, and `dit_blocks`, the driver that runs a stack of
-blocks fusing each block's last gated residual with the next norm + modulate. Each computation
-is written once, as a jvp pass whose tangents may all be None (the primal)."""
+"""The adaLN-Zero DiT block (LayerNorm or RMSNorm, GELU or SwiGLU MLP, with or without shift,
+optional rotary embedding), the pre-norm block without adaLN, the final layer, and `dit_blocks`,
+the driver that runs a stack of blocks fusing each block's last gated residual with the next
+norm + modulate. Each computation is written once, as a jvp pass whose tangents may all be None
+(the primal)."""
 from typing import Optional, Sequence
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .._forward_ad import check_tangent, dual_inputs
 from ..gated_residual import gated_residual
-from ..norm_mod import adaln_modulate, gated_residual_adaln
+from ..norm_mod import adaln_modulate, gated_residual_adaln, gated_residual_rms_adaln, rms_adaln_modulate
 from .functional import call_jvp, check_cond, chunks, forward_ad_call, linear_jvp, silu_jvp, to_dtype
-from . import Attention, JvpModule, Mlp
+from . import Attention, JvpModule, Mlp, RMSNorm, SwiGLUFFN, rms_gain
+
+_NORMS = ("layer", "rms")
+_MLPS = ("gelu", "swiglu")
 
 
 def _modulation(linear, n, c, c_dot, dtype):
@@ -19,51 +25,147 @@ def _modulation(linear, n, c, c_dot, dtype):
     return to_dtype(dtype, *m.chunk(n, dim=-1)), to_dtype(dtype, *chunks(m_dot, n))  # n x (B, [1,] D) views
 
 
+def _block_norm(kind, dim):
+    if kind not in _NORMS:
+        raise ValueError(f"norm must be one of {_NORMS}, got {kind!r}")
+    # LightningDiT's RMSNorm: a `weight`, eps 1e-6
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if kind == "layer" else RMSNorm(dim, 1e-6, "weight")
+
+
+def norm_mod_jvp(norm, x, x_dot, shift, shift_d, scale, scale_d):
+    """`norm` (a LayerNorm without affine, or an RMSNorm with weight: ours or one patched by
+    dmf_kernels.patch) then modulate, one fused kernel: (h, h_dot). shift may be None (no shift)."""
+    if not isinstance(norm, nn.LayerNorm):
+        return rms_adaln_modulate.maybe_jvp(x=x, x_dot=x_dot, shift=shift, shift_dot=shift_d, scale=scale,
+                                            scale_dot=scale_d, weight=rms_gain(norm).to(x.dtype), eps=norm.eps)
+    if shift is None:  # LayerNorm without shift: a zero (B, D) shift costs one tiny tensor
+        shift = torch.zeros_like(scale)
+    return adaln_modulate.maybe_jvp(x, x_dot, shift, shift_d, scale, scale_d, norm.eps)
+
+
+def residual_norm_mod_jvp(norm, x, x_dot, gate, gate_d, y, y_dot, shift, shift_d, scale, scale_d):
+    """x + gate * y, then `norm` and modulate, one fused kernel: (x_out, x_out_dot, h, h_dot)."""
+    if not isinstance(norm, nn.LayerNorm):
+        return gated_residual_rms_adaln.maybe_jvp(x=x, x_dot=x_dot, gate=gate, gate_dot=gate_d, y=y, y_dot=y_dot,
+                                                  shift=shift, shift_dot=shift_d, scale=scale, scale_dot=scale_d,
+                                                  weight=rms_gain(norm).to(x.dtype), eps=norm.eps)
+    if shift is None:
+        shift = torch.zeros_like(scale)
+    return gated_residual_adaln.maybe_jvp(x, x_dot, gate, gate_d, y, y_dot, shift, shift_d, scale, scale_d, norm.eps)
+
+
 class DiTBlock(JvpModule):
     """adaLN-Zero DiT block. x: (B, N, D), c: (B, D) or (B, 1, D) -> (B, N, D).
 
-        shift1, scale1, gate1, shift2, scale2, gate2 = Linear(SiLU(c)).chunk(6)
-        x = x + gate1 * attn(LN(x) * (1 + scale1) + shift1)
-        x = x + gate2 * mlp(LN(x) * (1 + scale2) + shift2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = Linear(SiLU(c)).chunk(6)   (wo_shift: no shifts, 4)
+        x = x + gate1 * attn(norm1(x) * (1 + scale1) + shift1, rope)
+        x = x + gate2 * mlp(norm2(x) * (1 + scale2) + shift2)
+
+    Defaults give facebookresearch/DiT's block (LayerNorm, GELU-tanh MLP). LightningDiT's options,
+    with its parameter names (so its state_dicts load with strict=True):
+        norm="rms"      norm1/norm2 are RMSNorm with a `weight` (use_rmsnorm)
+        mlp="swiglu"    SwiGLUFFN(D, int(2/3 * mlp_ratio * D)) with `w12`, `w3` (use_swiglu)
+        wo_shift=True   adaLN without shift, Linear(D, 4D) (wo_shift)
+        qk_norm         see dmf_kernels.nn.qk_norm_module (LightningDiT's use_qknorm is "rms"
+                        with norm="rms", else "layer")
+    and a rotary embedding passed at call time: forward(x, c, feat_rope).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm=False, *,
+                 norm: str = "layer", mlp: str = "gelu", wo_shift: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        if mlp not in _MLPS:
+            raise ValueError(f"DiTBlock: mlp must be one of {_MLPS}, got {mlp!r}")
+        # LightningDiT's registration order (its state_dict order; LayerNorms have no parameters)
+        self.norm1 = _block_norm(norm, hidden_size)
+        self.norm2 = _block_norm(norm, hidden_size)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        hidden = int(hidden_size * mlp_ratio)
+        self.mlp = Mlp(hidden_size, hidden) if mlp == "gelu" else SwiGLUFFN(hidden_size, int(2 / 3 * hidden))
+        self.wo_shift = wo_shift
+        n = 4 if wo_shift else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, n * hidden_size, bias=True))
 
     # The pieces dit_blocks composes across block boundaries.
     def modulation_jvp(self, c: Tensor, c_dot: Optional[Tensor], dtype):
-        """(shift1, scale1, gate1, shift2, scale2, gate2) and their tangents (None without c_dot)."""
-        return _modulation(self.adaLN_modulation[1], 6, c, c_dot, dtype)
+        """(shift1, scale1, gate1, shift2, scale2, gate2) and their tangents (None without c_dot;
+        the shifts are None without shift)."""
+        if not getattr(self, "wo_shift", False):
+            return _modulation(self.adaLN_modulation[1], 6, c, c_dot, dtype)
+        (scale1, gate1, scale2, gate2), (scale1_d, gate1_d, scale2_d, gate2_d) = \
+            _modulation(self.adaLN_modulation[1], 4, c, c_dot, dtype)
+        return (None, scale1, gate1, None, scale2, gate2), (None, scale1_d, gate1_d, None, scale2_d, gate2_d)
 
-    def body_jvp(self, x, x_dot, h, h_dot, mods, mods_dot):
+    def body_jvp(self, x, x_dot, h, h_dot, mods, mods_dot, rope=None):
         """x and h = norm1+modulate(x) -> (x after the attention residual, gate2, mlp output), each
         with its tangent: the MLP residual is left to the caller, to fuse with what comes next."""
         _, _, gate1, shift2, scale2, gate2 = mods
         _, _, gate1_d, shift2_d, scale2_d, gate2_d = mods_dot
-        a, a_dot = to_dtype(x.dtype, *call_jvp(self.attn, h, h_dot))
-        x, x_dot, h, h_dot = gated_residual_adaln.maybe_jvp(x, x_dot, gate1, gate1_d, a, a_dot, shift2, shift2_d,
-                                                             scale2, scale2_d, self.norm2.eps)
+        if rope is None:  # (a patched DiT/SiT attention takes no rope argument)
+            a, a_dot = call_jvp(self.attn, h, h_dot)
+        elif h_dot is None:
+            a, a_dot = self.attn(h, rope=rope), None  # its own __call__, so hooks on it run
+        else:
+            a, a_dot = self.attn.forward_jvp(h, h_dot, rope=rope)
+        a, a_dot = to_dtype(x.dtype, a, a_dot)
+        x, x_dot, h, h_dot = residual_norm_mod_jvp(self.norm2, x, x_dot, gate1, gate1_d, a, a_dot, shift2, shift2_d,
+                                                   scale2, scale2_d)
         m, m_dot = to_dtype(x.dtype, *call_jvp(self.mlp, h, h_dot))
         return (x, x_dot), (gate2, gate2_d), (m, m_dot)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        return dit_blocks([self], x, [c])
+    def forward(self, x: Tensor, c: Tensor, feat_rope=None) -> Tensor:
+        return dit_blocks([self], x, [c], rope=feat_rope)
 
-    def forward_jvp(self, x: Tensor, c: Tensor, x_dot: Optional[Tensor], c_dot: Optional[Tensor]):
-        return dit_blocks_jvp([self], x, [c], x_dot, [c_dot])
+    def forward_jvp(self, x: Tensor, c: Tensor, x_dot: Optional[Tensor], c_dot: Optional[Tensor], feat_rope=None):
+        return dit_blocks_jvp([self], x, [c], x_dot, [c_dot], rope=feat_rope)
+
+
+class PreNormBlock(JvpModule):
+    """Pre-norm transformer block without adaLN, for in-context conditioning (the condition
+    tokens are part of x): RMSNorm with weight, attention with optional rotary embedding,
+    RMSNorm, SwiGLU MLP. x: (B, N, D) -> (B, N, D).
+
+        x = x + attn(norm1(x), rope)
+        x = x + mlp(norm2(x))
+
+    The attention residual and norm2 run as one fused kernel (the RMSNorm-adaLN kernel with a
+    unit gate and zero scale)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm="rms",
+                 mlp: str = "swiglu"):
+        super().__init__()
+        if mlp not in _MLPS:
+            raise ValueError(f"PreNormBlock: mlp must be one of {_MLPS}, got {mlp!r}")
+        self.norm1 = RMSNorm(hidden_size, 1e-6, "weight")
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.norm2 = RMSNorm(hidden_size, 1e-6, "weight")
+        hidden = int(hidden_size * mlp_ratio)
+        self.mlp = Mlp(hidden_size, hidden) if mlp == "gelu" else SwiGLUFFN(hidden_size, int(2 / 3 * hidden))
+
+    def forward(self, x: Tensor, feat_rope=None) -> Tensor:
+        return self._forward(x, rope=feat_rope)
+
+    def forward_jvp(self, x: Tensor, x_dot: Optional[Tensor], rope=None):
+        x_dot = check_tangent("PreNormBlock", "x_dot", x_dot, x)
+        h, h_dot = call_jvp(self.norm1, x, x_dot)
+        a, a_dot = (self.attn(h, rope=rope), None) if h_dot is None else self.attn.forward_jvp(h, h_dot, rope=rope)
+        a, a_dot = to_dtype(x.dtype, a, a_dot)
+        one = x.new_ones(x.shape[-1])
+        x, x_dot, h, h_dot = gated_residual_rms_adaln.maybe_jvp(
+            x=x, x_dot=x_dot, gate=one, gate_dot=None, y=a, y_dot=a_dot, shift=None, shift_dot=None,
+            scale=torch.zeros_like(one), scale_dot=None, weight=rms_gain(self.norm2).to(x.dtype), eps=self.norm2.eps)
+        m, m_dot = to_dtype(x.dtype, *call_jvp(self.mlp, h, h_dot))
+        return x + m, (None if x_dot is None and m_dot is None else
+                       (x_dot if m_dot is None else m_dot if x_dot is None else x_dot + m_dot))
 
 
 class FinalLayer(JvpModule):
-    """x: (B, N, D), c -> (B, N, p * p * C): norm + modulate (shift, scale), then Linear."""
+    """x: (B, N, D), c -> (B, N, p * p * C): norm + modulate (shift, scale), then Linear.
+    norm="rms": LightningDiT's RMSNorm with a `weight` (use_rmsnorm)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, norm: str = "layer"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = _block_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -78,16 +180,16 @@ class FinalLayer(JvpModule):
         x_dot = check_tangent("FinalLayer", "x_dot", x_dot, x)
         c_dot = check_tangent("FinalLayer", "c_dot", c_dot, c)
         (shift, scale), (shift_d, scale_d) = self.modulation_jvp(c, c_dot, x.dtype)
-        h, h_dot = adaln_modulate.maybe_jvp(x, x_dot, shift, shift_d, scale, scale_d, self.norm_final.eps)
+        h, h_dot = norm_mod_jvp(self.norm_final, x, x_dot, shift, shift_d, scale, scale_d)
         return linear_jvp(h, h_dot, self.linear)
 
 
 def dit_blocks(blocks: Sequence[DiTBlock], x: Tensor, conds: Sequence[Tensor], final: Optional[FinalLayer] = None,
-               final_cond: Optional[Tensor] = None) -> Tensor:
+               final_cond: Optional[Tensor] = None, rope=None) -> Tensor:
     """x through `blocks` (block i conditioned on conds[i]), then `final` if given, fusing each
     block's last gated residual with the next norm + modulate. Equals
-    `final(block_n(...block_1(x, c_1)...), c_final)`; switches to the jvp pass under
-    forward-mode AD."""
+    `final(block_n(...block_1(x, c_1, rope)...), c_final)`; switches to the jvp pass under
+    forward-mode AD. rope: None or the rotary embedding every block's attention applies."""
     n, has_final = len(conds), final is not None
     dual = dual_inputs(x, *conds, *([final_cond] if has_final else []))
     if dual is not None:
@@ -95,13 +197,13 @@ def dit_blocks(blocks: Sequence[DiTBlock], x: Tensor, conds: Sequence[Tensor], f
         modules = list(blocks) + ([final] if has_final else [])
         return forward_ad_call("dit_blocks", modules, dual[0], lambda: dit_blocks_jvp(
             blocks, x, rest[:n], x_dot, rest_dot[:n], final, rest[n] if has_final else None,
-            rest_dot[n] if has_final else None))
+            rest_dot[n] if has_final else None, rope))
     if len(blocks) != n:
         raise ValueError(f"dit_blocks: {len(blocks)} blocks but {n} conditionings")
-    return dit_blocks_jvp(blocks, x, conds, None, [None] * n, final, final_cond, None)[0]
+    return dit_blocks_jvp(blocks, x, conds, None, [None] * n, final, final_cond, None, rope)[0]
 
 
-def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=None, final_cond_dot=None):
+def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=None, final_cond_dot=None, rope=None):
     """The jvp pass of dit_blocks: (out, out_dot), out recorded, out_dot not; None tangents
     (x_dot, any of conds_dot) are zero and skipped; with all of them None, out_dot is None and
     the cost is that of dit_blocks' primal."""
@@ -122,18 +224,18 @@ def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=No
             return final(x, final_cond), None  # its own __call__, as a plain forward would
         return final.forward_jvp(x, final_cond, x_dot, final_cond_dot)
     mods, mods_d = blocks[0].modulation_jvp(conds[0], conds_dot[0], x.dtype)
-    h, h_dot = adaln_modulate.maybe_jvp(x, x_dot, mods[0], mods_d[0], mods[1], mods_d[1], blocks[0].norm1.eps)
+    h, h_dot = norm_mod_jvp(blocks[0].norm1, x, x_dot, mods[0], mods_d[0], mods[1], mods_d[1])
     for i, block in enumerate(blocks):
-        (x, x_dot), (gate, gate_d), (m, m_dot) = block.body_jvp(x, x_dot, h, h_dot, mods, mods_d)
+        (x, x_dot), (gate, gate_d), (m, m_dot) = block.body_jvp(x, x_dot, h, h_dot, mods, mods_d, rope=rope)
         # x + gate * m is still pending: fused with the next norm + modulate
         if i + 1 < len(blocks):
             mods, mods_d = blocks[i + 1].modulation_jvp(conds[i + 1], conds_dot[i + 1], x.dtype)
-            x, x_dot, h, h_dot = gated_residual_adaln.maybe_jvp(x, x_dot, gate, gate_d, m, m_dot, mods[0],
-                                                                 mods_d[0], mods[1], mods_d[1], blocks[i + 1].norm1.eps)
+            x, x_dot, h, h_dot = residual_norm_mod_jvp(blocks[i + 1].norm1, x, x_dot, gate, gate_d, m, m_dot, mods[0],
+                                                       mods_d[0], mods[1], mods_d[1])
         elif final is not None:
             (shift, scale), (shift_d, scale_d) = final.modulation_jvp(final_cond, final_cond_dot, x.dtype)
-            _, _, h, h_dot = gated_residual_adaln.maybe_jvp(x, x_dot, gate, gate_d, m, m_dot, shift, shift_d, scale,
-                                                             scale_d, final.norm_final.eps)
+            _, _, h, h_dot = residual_norm_mod_jvp(final.norm_final, x, x_dot, gate, gate_d, m, m_dot, shift, shift_d,
+                                                   scale, scale_d)
             return linear_jvp(h, h_dot, final.linear)       # (B, N, p * p * C)
         else:
             x, x_dot = gated_residual.maybe_jvp(x, x_dot, gate, gate_d, m, m_dot)

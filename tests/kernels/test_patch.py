@@ -127,31 +127,53 @@ def test_look_alikes_are_left_alone():
     primals, tangents, y = inputs("dmf")
     with torch.no_grad():
         before = model(*primals, y=y)
-    report = dk.patch(model)
-    assert "q_norm: its own forward and ours differ" in report.skipped["blocks.0.attn"]
-    assert "unexpected submodules ['norm']" in report.skipped["blocks.1.attn"]
-    assert "unexpected parameters ['q_bias']" in report.skipped["blocks.2.attn"]
-    assert "linear has forward hooks" in report.skipped["final_layer"]
-    assert all(report.skipped[f"blocks.{i}"] for i in range(3))
+    with pytest.raises(ValueError, match="recognised nothing to patch") as e:
+        dk.patch(model)  # nothing left: the attention and MLP of a block left alone keep their forward
+    why = str(e.value)
+    assert "blocks.0.attn: q_norm: its own forward and ours differ" in why
+    assert "blocks.1.attn: unexpected submodules ['norm']" in why
+    assert "blocks.2.attn: unexpected parameters ['q_bias']" in why
+    assert "final_layer: linear has forward hooks" in why
+    assert "blocks.0.mlp: its block blocks.0 was left alone" in why
+    assert not any(getattr(m, "_dmf_kernels_patched", None) for m in model.modules())
     with torch.no_grad():
         assert_f64(model(*primals, y=y), before)
 
 
 def test_leaves_alone_what_it_does_not_understand():
     model = build("dit", depth=2)
-    model.blocks[0].attn = timm_layers.Attention(48, 3, qkv_bias=True, qk_norm=True).double()  # LayerNorm qk-norm
+    model.blocks[0].attn = timm_layers.Attention(48, 3, qkv_bias=True, qk_norm=True, norm_layer=GemmaRMSNorm).double()
     model.blocks[1].mlp.act = tnn.GELU()  # exact GELU
     report = dk.patch(model)
-    assert "LayerNorm" in report.skipped["blocks.0.attn"]
+    assert "differ" in report.skipped["blocks.0.attn"]
     assert "GELU(approximate='tanh')" in report.skipped["blocks.1.mlp"]
     assert "could not be patched" in report.skipped["blocks.0"] and "could not be patched" in report.skipped["blocks.1"]
-    assert report.patched == {"blocks.1.attn": "attention", "blocks.0.mlp": "mlp", "final_layer": "final_layer"}
+    # the attention of block 1 and the MLP of block 0 would be patchable, but their blocks are not
+    assert report.skipped["blocks.1.attn"] == "its block blocks.1 was left alone"
+    assert report.skipped["blocks.0.mlp"] == "its block blocks.0 was left alone"
+    assert report.patched == {"final_layer": "final_layer"}
     assert "left alone: blocks.0.attn" in str(report)
     primals, tangents, y = inputs("dit")
     ref = copy.deepcopy(model)
     ref.load_state_dict(model.state_dict())
     # still equal to the unpatched model where patched, untouched elsewhere
     assert_f64(model(*primals, y=y), ref(*primals, y=y))
+
+
+def test_layernorm_qk_norm_is_patched():
+    """timm's / LightningDiT's qk-norm without RMSNorm: LayerNorm(head_dim) with weight and bias."""
+    ref = build("dit", depth=2)
+    for b in ref.blocks:
+        b.attn = timm_layers.Attention(48, 3, qkv_bias=True, qk_norm=True).double()
+    randomize_params(ref, seed=3)
+    model = copy.deepcopy(ref)
+    report = dk.patch(model)
+    assert report.count("layer_norm") == 4 and report.count("block") == 2 and not report.skipped
+    primals, tangents, y = inputs("dit")
+    r_out, r_tan = torch.func.jvp(call("dit", ref, y), primals, tangents)
+    out, tan = dk.model_jvp(call("dit", model, y), primals, tangents)
+    assert_f64(out, r_out, "forward", 1e-9, 1e-9)
+    assert_f64(tan, r_tan, "tangent", 1e-9, 1e-9)
 
 
 def test_dropout_is_left_alone():
