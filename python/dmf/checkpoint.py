@@ -2,8 +2,8 @@
 
     python -m dmf convert SRC DST [--model NAME] [--dmf-depth K]
 
-A flow model (SiT/REPA, facebookresearch/DiT, or our stage 1) becomes a DMF model by loading its
-weights unchanged: only the decoder blocks' conditioning switches from t to r. Our checkpoint
+A flow model (SiT/REPA, facebookresearch/DiT, hustvl/LightningDiT, or our stage 1) becomes a DMF
+model by loading its weights unchanged: only the decoder blocks' conditioning switches from t to r. Our checkpoint
 format is a dict of tensors and plain Python values, so it loads with weights_only=True:
     {"model", "ema": state dicts, "opt", "step", "config": the TrainConfig as a dict,
      "model_args": DMFT keyword arguments, "stage": "flow" | "dmf" | "converted", "data_kind"}
@@ -111,6 +111,7 @@ def infer_model_args(sd: dict, model_name=None, dmf_depth=None, num_heads=None) 
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in sd else 4.0,
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, use_cfg_embedding=True,
                 qk_norm="blocks.0.attn.q_norm.scale" in sd, use_logvar=True)
+    args.update(_lightning_flags(sd, hidden))
     if model_name is not None:
         if model_name not in DMFT_models:
             raise DMFError(f"unknown model {model_name!r}; known: {', '.join(DMFT_models)}")
@@ -123,8 +124,11 @@ def infer_model_args(sd: dict, model_name=None, dmf_depth=None, num_heads=None) 
         if num_heads < 1 or hidden % num_heads:
             raise DMFError(f"--num-heads {num_heads} does not divide the width {hidden}")
         args["num_heads"] = num_heads
-    elif args["qk_norm"]:
-        args["num_heads"] = hidden // sd["blocks.0.attn.q_norm.scale"].shape[0]
+    elif args["qk_norm"] or args.get("use_qknorm"):
+        q_norm = "blocks.0.attn.q_norm." + ("scale" if args["qk_norm"] else "weight")
+        args["num_heads"] = hidden // sd[q_norm].shape[0]
+    elif args.get("use_rope"):  # the rotary tables are (N, head_dim)
+        args["num_heads"] = hidden // sd["feat_rope.freqs_cos"].shape[1]
     else:
         match = [f.keywords["num_heads"] for f in DMFT_models.values()
                  if (f.keywords["depth"], f.keywords["hidden_size"]) == (depth, hidden)]
@@ -136,6 +140,27 @@ def infer_model_args(sd: dict, model_name=None, dmf_depth=None, num_heads=None) 
     if not 0 <= args["dmf_depth"] <= depth:
         raise DMFError(f"--dmf-depth must be in [0, depth] = [0, {depth}], got {args['dmf_depth']}")
     return args
+
+
+def _lightning_flags(sd: dict, hidden: int) -> dict:
+    """hustvl/LightningDiT's flags, read off its state dict (all False for DiT/SiT/DMF weights)."""
+    flags = {}
+    if "blocks.0.mlp.w12.weight" in sd:  # SwiGLUFFN(D, int(2/3 * mlp_ratio * D))
+        h = sd["blocks.0.mlp.w12.weight"].shape[0] // 2
+        ratio = next((r for r in (4.0, 1.5 * h / hidden) if int(2 / 3 * r * hidden) == h), None)
+        if ratio is None:
+            raise DMFError(f"SwiGLU hidden width {h} is not int(2/3 * mlp_ratio * {hidden}) for any mlp_ratio")
+        flags.update(use_swiglu=True, mlp_ratio=ratio)
+    if "feat_rope.freqs_cos" in sd:
+        flags["use_rope"] = True
+    if "blocks.0.norm1.weight" in sd:
+        flags["use_rmsnorm"] = True
+    if "blocks.0.attn.q_norm.weight" in sd:
+        flags["use_qknorm"] = True
+    ada = sd.get("blocks.0.adaLN_modulation.1.weight")
+    if ada is not None and ada.shape[0] == 4 * hidden:
+        flags["wo_shift"] = True
+    return flags
 
 
 def convert(src, dst, model_name=None, dmf_depth=None, ema=True, num_heads=None, log=print) -> dict:

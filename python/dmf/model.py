@@ -5,7 +5,13 @@ whose remaining blocks and final layer (the decoder) see c_r = t_embed(r) + y_em
 one shared timestep embedder. Constructor arguments, forward signature and state_dict keys
 are those of the official DMFT (kyungmnlee/dmf, models/dmft.py), so released DMF checkpoints
 and SiT/REPA flow checkpoints load unchanged. Under dmf_kernels.model_jvp (or torch.func.jvp)
-the blocks run their one-pass dual stream.
+the blocks run their one-pass jvp pass.
+
+LightningDiT blocks (hustvl/LightningDiT: RMSNorm-adaLN, SwiGLU, 2-D RoPE, optional qk-norm and
+adaLN without shift) with its flags and state_dict keys (`feat_rope.freqs_cos`, `blocks.0.mlp.w12`,
+`blocks.0.norm1.weight`, ...), so a LightningDiT checkpoint converts unchanged: the
+`LightningDMF-*` entries of DMFT_models (LightningDiT's released configuration: use_swiglu,
+use_rope, use_rmsnorm).
 """
 from functools import partial
 
@@ -14,8 +20,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from dmf_kernels.nn import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, dit_blocks
-from dmf_kernels.nn import timestep_embedding
+from dmf_kernels.nn import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, RotaryEmbedding2D, TimestepEmbedder
+from dmf_kernels.nn import dit_blocks, timestep_embedding
 
 # Accepted for compatibility with the official constructor; our attention is always used.
 _IGNORED_BLOCK_KWARGS = ("attn_func", "fused_attn")
@@ -25,7 +31,11 @@ class DMFT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, use_cfg_embedding: bool = True,
                  num_classes: int = 1000, dmf_depth: int = 8, use_logvar: bool = False, qk_norm: bool = False,
-                 **block_kwargs):
+                 use_qknorm: bool = False, use_swiglu: bool = False, use_rope: bool = False, use_rmsnorm: bool = False,
+                 wo_shift: bool = False, **block_kwargs):
+        """qk_norm: the official DMF's qk-norm (RMSNorm with `scale`). use_qknorm, use_swiglu, use_rope,
+        use_rmsnorm, wo_shift: LightningDiT's flags (its qk-norm is an RMSNorm with `weight` with
+        use_rmsnorm, else LayerNorm with weight and bias)."""
         super().__init__()
         unknown = sorted(set(block_kwargs) - set(_IGNORED_BLOCK_KWARGS))
         if unknown:
@@ -34,6 +44,11 @@ class DMFT(nn.Module):
             raise ValueError(f"DMFT: dmf_depth must be in [0, depth] = [0, {depth}], got {dmf_depth}")
         if hidden_size % num_heads:
             raise ValueError(f"DMFT: hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if qk_norm and use_qknorm:
+            raise ValueError("DMFT: qk_norm (the official DMF's) and use_qknorm (LightningDiT's) are exclusive")
+        head_dim = hidden_size // num_heads
+        if use_rope and head_dim % 4:
+            raise ValueError(f"DMFT: use_rope needs a head dim divisible by 4 (2-D rotary pairs), got {head_dim}")
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels = self.out_channels = in_channels
         self.num_heads, self.num_classes = num_heads, num_classes
@@ -45,9 +60,14 @@ class DMFT(nn.Module):
         self.num_patches = self.x_embedder.num_patches
         # fixed sin-cos position embedding (a parameter without grad, as in the official code)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm)
+        # LightningDiT's rotary embedding: head_dim / 2 rotary dims per grid axis
+        self.feat_rope = RotaryEmbedding2D(head_dim // 2, input_size // patch_size) if use_rope else None
+        qk = "rms_scale" if qk_norm else ("rms" if use_rmsnorm else "layer") if use_qknorm else False
+        norm = "rms" if use_rmsnorm else "layer"
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk, norm=norm,
+                                              mlp="swiglu" if use_swiglu else "gelu", wo_shift=wo_shift)
                                      for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
         if use_logvar:
             self.logvar_linear = nn.Linear(256, 1)
         self.initialize_weights()
@@ -94,7 +114,8 @@ class DMFT(nn.Module):
         c_t = self.t_embedder(t) + y_embed                    # encoder conditioning (B, D)
         c_r = self.t_embedder(r) + y_embed                    # decoder conditioning (B, D)
         depth, k = len(self.blocks), self.dmf_depth
-        x = dit_blocks(self.blocks, x, [c_t] * k + [c_r] * (depth - k), self.final_layer, c_r)  # (B, N, p*p*C)
+        x = dit_blocks(self.blocks, x, [c_t] * k + [c_r] * (depth - k), self.final_layer, c_r,
+                       rope=self.feat_rope)                    # (B, N, p*p*C)
         x = self.unpatchify(x)                                # (B, C, H, W)
         if not return_logvar:
             return x
@@ -128,3 +149,11 @@ DMFT_models = {
                                 **({"dmf_depth": 4} if size == "Ti" else {}))
     for size, (d, h, nh) in _SIZES.items() for p in ((1, 2, 4) if size == "Ti" else (2, 4, 8))
 }
+# LightningDiT's sizes (models/lightningdit.py) and its released configuration (configs/
+# lightningdit_xl_vavae_f16d32.yaml: SwiGLU, RoPE, RMSNorm; no qk-norm, with shift); Ti and S for CPUs.
+_LIGHTNING = dict(use_swiglu=True, use_rope=True, use_rmsnorm=True)
+DMFT_models.update({
+    f"LightningDMF-{size}/{p}": partial(DMFT, depth=d, hidden_size=h, patch_size=p, num_heads=nh, **_LIGHTNING,
+                                        **({"dmf_depth": 4} if size == "Ti" else {}))
+    for size, (d, h, nh) in _SIZES.items() if size in ("XL", "L", "B", "S", "Ti") for p in (1, 2)
+})

@@ -102,3 +102,30 @@ def test_refusals(tmp_path):
     with pytest.raises(DMFError, match="not a DiT"):
         convert(tmp_path / "foreign.pt", tmp_path / "x.pt", log=lambda *_: None)
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    dict(use_swiglu=True, use_rope=True, use_rmsnorm=True),                       # LightningDiT's released config
+    dict(use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=True),
+    dict(use_qknorm=True),                                                         # LayerNorm qk-norm, GELU MLP
+], ids=["released", "all", "layernorm-qknorm"])
+def test_lightningdit_checkpoint(tmp_path, flags):
+    """hustvl/LightningDiT's {"ema", "model", "opt"} checkpoint: its flags read off the weights, its
+    EMA weights loaded unchanged (rotary tables included); at r = t the DMF model is the flow model."""
+    from replicas import lightningdit as rl
+
+    with torch.compiler.set_stance("force_eager"):
+        flow = rl.LightningDiT(input_size=8, patch_size=2, in_channels=2, hidden_size=128, depth=3, num_heads=2,
+                               num_classes=10, **flags)
+        flow = randomize_params(flow).eval()
+        sd = flow.state_dict()
+        torch.save({"ema": sd, "model": {k: torch.zeros_like(v) for k, v in sd.items()}}, tmp_path / "ldit.pt")
+        rep = convert(tmp_path / "ldit.pt", tmp_path / "dmf.pt", dmf_depth=2, log=lambda *a: None)
+        assert rep["unexpected"] == [] and rep["missing"] == ["logvar_linear.bias", "logvar_linear.weight"]
+        assert {k: rep["model_args"].get(k, False) for k in flags} == flags and rep["model_args"]["num_heads"] == 2
+        model, _ = model_from_checkpoint(tmp_path / "dmf.pt")
+        x, t, y = inputs()
+        x, t = x.float(), t.float()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t, t, y), flow(x, t, y), rtol=2e-5, atol=2e-5)
+            assert not torch.allclose(model(x, t, t * 0.5, y), flow(x, t, y))

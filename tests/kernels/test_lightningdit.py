@@ -225,3 +225,46 @@ def test_attention_rope_argument_errors():
     rope = dnn.RotaryEmbedding2D(32, 3)  # 9 tokens, x has 16
     with pytest.raises(ValueError, match="rope_cos"):
         attn(x, rope=rope)
+
+
+class RefPreNormBlock(torch.nn.Module):
+    """The pre-norm block without adaLN (in-context conditioning), from the replica's parts."""
+
+    def __init__(self, D, H):
+        super().__init__()
+        self.norm1 = rl.RMSNorm(D)
+        self.norm2 = rl.RMSNorm(D)
+        self.attn = rl.Attention(D, num_heads=H, qkv_bias=True, qk_norm=True, use_rmsnorm=True)
+        self.mlp = rl.SwiGLUFFN(D, int(2 / 3 * 4 * D))
+
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.norm1(x), rope=rope)
+        return x + self.mlp(self.norm2(x))
+
+
+@pytest.mark.parametrize("head_dim,n", [(64, 17), (72, 257)])
+def test_prenorm_block(head_dim, n):
+    D = 2 * head_dim
+    ref = randomize_params(RefPreNormBlock(D, 2).double())
+    ours = dnn.PreNormBlock(D, 2).double()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    rope_ours, rope_ref = rope_pair(head_dim, n)
+    x, xd = rand(2, n, D, seed=1), rand(2, n, D, seed=2)
+    check_jvp(lambda x: ours(x, rope_ours), lambda x: ref(x, rope_ref), (x,), (xd,), named(ours), named(ref),
+              "pre-norm block")
+    out, tan = ours.forward_jvp(x, xd, rope=rope_ours)
+    assert not tan.requires_grad and ours.forward_jvp(x, None, rope=rope_ours)[1] is None
+
+
+def test_rotary_embedding_module():
+    ours, ref = dnn.RotaryEmbedding2D(32, 4), rl.VisionRotaryEmbeddingFast(32, 4)
+    assert ours.freqs_cos.shape == (16, 64) and list(ours.state_dict()) == ["freqs_cos", "freqs_sin"]
+    torch.testing.assert_close(ours.freqs_cos, ref.freqs_cos, rtol=0, atol=0)
+    t, td = rand(2, 3, 16, 64, seed=3), rand(2, 3, 16, 64, seed=4)
+    ours, ref = ours.double(), ref.double()
+    r_out, r_tan = torch.func.jvp(ref, (t,), (td,))
+    out, tan = torch.func.jvp(ours, (t,), (td,))
+    assert_f64(out, r_out, "rope")
+    assert_f64(tan, r_tan, "rope tangent")
+    with pytest.raises(ValueError, match="even"):
+        dnn.RotaryEmbedding2D(31, 4)
