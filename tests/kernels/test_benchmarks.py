@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from benchmarks import bench_adaln, bench_attention, bench_dit, bench_gated_residual, bench_rms_norm, harness
+from benchmarks import bench_adaln, bench_attention, bench_dit, bench_gated_residual, bench_lightningdit, bench_rms_norm
+from benchmarks import harness
 
 
 def test_every_suite_builds_and_runs_a_case(monkeypatch):
@@ -33,6 +34,17 @@ def test_dit_suite_builds_and_runs(monkeypatch):
     assert not [r for r in rows if r.get("ms") is None]
     steps = [r for r in rows if r["provider"] == "dmf" and r["mode"] in ("fwd+jvp", "jvp+bwd")]
     assert len(steps) == 4 and all(r["jvp_over_fwd"] is not None and r["vs_eager"] is not None for r in steps)
+
+
+def test_lightningdit_suite_builds_and_runs(monkeypatch):
+    tiny = lambda **kw: bench_lightningdit.rl.LightningDiT(depth=1, hidden_size=64, patch_size=1, num_heads=1, **kw)  # noqa
+    monkeypatch.setitem(bench_lightningdit.SIZES, "tiny", tiny)
+    monkeypatch.setattr(bench_lightningdit, "shapes", lambda device, quick: [("tiny", "model", 1)])
+    cases = [c for c in bench_lightningdit.cases("cpu", torch.float32, True) if c.provider in ("dmf", "eager")]
+    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+    assert not [r for r in rows if r.get("ms") is None]
+    steps = [r for r in rows if r["provider"] == "dmf" and r["mode"] in ("fwd+jvp", "jvp+bwd")]
+    assert len(steps) == 2 and all(r["vs_eager"] is not None for r in steps)
 
 
 def test_results_files(tmp_path, monkeypatch):
