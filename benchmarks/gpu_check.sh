@@ -7,7 +7,8 @@
 #   3. the kernel benchmarks at DiT shapes (attention, adaLN) -> benchmarks/results/<gpu>_<date>.*;
 #   4. achieved bandwidth of each attention kernel against inspect_kernels.py's bytes estimate;
 #   5. DMF training steps (bench_dmf_train: B/2, XL/2, ours vs the official way);
-#   6. whole-model benchmarks (bench_dit) and the other kernel suites, while time is left.
+#   6. whole-model benchmarks (bench_dit, then bench_lightningdit: LightningDiT-XL/1 with
+#      RMSNorm-adaLN, SwiGLU and RoPE, bf16) and the other kernel suites, while time is left.
 # GPU_CHECK_BUDGET_S (default 540) is the whole run's deadline: call it with the device
 # tool's timeout at 600 s, so the script ends by itself and a timeout never loses results.
 # GPU_CHECK_COMPILE=1 adds the torch.compile baselines to stages 5-6 (minutes of compile);
@@ -112,6 +113,9 @@ run_stage "bench DMF training steps" dmf_train.log $PY -m benchmarks.run --devic
   --stream "benchmarks/results/${stem}_dmf_train.rows.jsonl"
 run_stage "bench whole models" models.log $PY -m benchmarks.run --device cuda --quick --only bench_dit \
   --providers $providers --stem "${stem}_models" --stream "benchmarks/results/${stem}_models.rows.jsonl"
+run_stage "bench LightningDiT-XL/1" lightningdit.log $PY -m benchmarks.run --device cuda --quick \
+  --only bench_lightningdit --providers $providers --stem "${stem}_lightningdit" \
+  --stream "benchmarks/results/${stem}_lightningdit.rows.jsonl"
 run_stage "bench rms_norm + gated_residual" bench_more.log $PY -m benchmarks.run --device cuda --quick \
   --only bench_rms_norm bench_gated_residual --stem "${stem}_more" --stream "benchmarks/results/${stem}_more.rows.jsonl"
 
