@@ -40,6 +40,7 @@ from types import FunctionType
 import torch
 import torch.nn as nn
 
+from . import _patch_rules as rules
 from . import nn as dnn
 
 __all__ = ["patch", "PatchReport"]
@@ -77,7 +78,7 @@ def _patched_class(base, kind):
     instance reduces to (its original class, its state), re-patched on load."""
     key = (base, kind)
     if key not in _PATCHED_CLASSES:
-        methods = {"forward": _undecorated(base.forward)} if kind == "uncompiled" else _methods(kind)
+        methods = {"forward": rules.undecorated(base.forward)} if kind == "uncompiled" else _methods(kind)
         ns = dict(methods, _dmf_kernels_patched=kind, __reduce_ex__=_reduce_patched,
                   __module__=base.__module__, __qualname__=base.__qualname__)
         _PATCHED_CLASSES[key] = type(base.__name__, (base,), ns)
@@ -111,164 +112,10 @@ def _unpatch(module):
         undo()
 
 
-def _linear(m, d_in, d_out):
-    return isinstance(m, nn.Linear) and m.in_features == d_in and m.out_features == d_out
-
-
-def _no_dropout(module, *names):
-    for n in names:
-        d = getattr(module, n, None)
-        if d is not None and not (isinstance(d, nn.Dropout) and d.p == 0) and not isinstance(d, nn.Identity):
-            return f"{n} is {d!r}; dropout is not supported (p must be 0)"
-    return None
-
-
-def _plain_layernorm(m, dim, name):
-    if not isinstance(m, nn.LayerNorm) or m.elementwise_affine or tuple(m.normalized_shape) != (dim,):
-        return f"{name} is {m!r}; expected LayerNorm({dim}, elementwise_affine=False)"
-    return None
-
-
-def _adaln(m, dim, n, name="adaLN_modulation"):
-    if not (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.SiLU) and _linear(m[1], dim, n * dim)):
-        return f"{name} is not Sequential(SiLU, Linear({dim}, {n * dim}))"
-    return None
-
-
-def _is_rms(m, dim):
-    """An RMSNorm with a (dim,) `scale` (official DMF) or `weight` (LightningDiT, Llama), a float
-    eps and no bias (the self-check confirms the formula)."""
-    if m is None or "rmsnorm" not in type(m).__name__.lower():
-        return False
-    w = getattr(m, "scale", None)
-    w = w if isinstance(w, nn.Parameter) else getattr(m, "weight", None)
-    return isinstance(w, nn.Parameter) and tuple(w.shape) == (dim,) and isinstance(getattr(m, "eps", None), float) \
-        and not isinstance(getattr(m, "bias", None), nn.Parameter)
-
-
-def _rms_like(m, head_dim):
-    """'identity', 'rms' (patchable RMSNorm), 'layer' (LayerNorm with weight and bias) or a reason."""
-    if m is None or isinstance(m, nn.Identity):
-        return "identity"
-    if _is_rms(m, head_dim):
-        return "rms"
-    if type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None and \
-            tuple(m.normalized_shape) == (head_dim,):
-        return "layer"
-    return (f"qk-norm {type(m).__name__} is not an RMSNorm with a ({head_dim},) `scale` or `weight` and a float eps, "
-            f"nor LayerNorm({head_dim}) with weight and bias")
-
-
-def _block_norm_reason(m, dim, name):
-    if isinstance(m, nn.LayerNorm):
-        return _plain_layernorm(m, dim, name)
-    if _is_rms(m, dim):
-        return None
-    return f"{name} is {m!r}; expected LayerNorm({dim}, elementwise_affine=False) or an RMSNorm with a ({dim},) weight"
-
-
-def _attention_reason(m):
-    qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
-    if not isinstance(qkv, nn.Linear) or not isinstance(heads, int):
-        return "no qkv Linear or num_heads"
-    dim = qkv.in_features
-    if not _linear(qkv, dim, 3 * dim) or not _linear(proj, dim, dim) or dim % heads:
-        return f"qkv/proj are not Linear({dim}, {3 * dim}) / Linear({dim}, {dim}) with {heads} heads"
-    for n in ("q_norm", "k_norm"):
-        kind = _rms_like(getattr(m, n, None), dim // heads)
-        if kind not in ("identity", "rms", "layer"):
-            return kind
-    return _no_dropout(m, "attn_drop", "proj_drop")
-
-
-def _mlp_reason(m):
-    fc1, act, fc2 = getattr(m, "fc1", None), getattr(m, "act", None), getattr(m, "fc2", None)
-    if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear) or fc1.out_features != fc2.in_features:
-        return "fc1/fc2 are not chained Linears"
-    if not (isinstance(act, nn.GELU) and act.approximate == "tanh"):
-        return f"act is {act!r}; only GELU(approximate='tanh') is fused"
-    norm = getattr(m, "norm", None)
-    if norm is not None and not isinstance(norm, nn.Identity):
-        return f"norm is {norm!r}; expected Identity"
-    return _no_dropout(m, "drop1", "drop2", "drop")
-
-
-def _swiglu_reason(m):
-    w12, w3 = getattr(m, "w12", None), getattr(m, "w3", None)
-    if not isinstance(w12, nn.Linear) or not isinstance(w3, nn.Linear) or w12.out_features != 2 * w3.in_features:
-        return "w12/w3 are not Linear(D, 2H) / Linear(H, D)"
-    return None
-
-
-def _block_reason(m, patched_children):
-    attn, mlp, ada = getattr(m, "attn", None), getattr(m, "mlp", None), getattr(m, "adaLN_modulation", None)
-    qkv = getattr(attn, "qkv", None)
-    if not isinstance(qkv, nn.Linear):
-        return "attn has no qkv Linear"
-    dim = qkv.in_features
-    wo_shift = getattr(m, "wo_shift", False) is True
-    for why in (_block_norm_reason(getattr(m, "norm1", None), dim, "norm1"),
-                _block_norm_reason(getattr(m, "norm2", None), dim, "norm2"), _adaln(ada, dim, 4 if wo_shift else 6)):
-        if why:
-            return why
-    if attn not in patched_children or mlp not in patched_children:
-        return "its attn or mlp could not be patched"
-    return None
-
-
-def _final_reason(m):
-    lin = getattr(m, "linear", None)
-    if not isinstance(lin, nn.Linear):
-        return "linear is not a Linear"
-    dim = lin.in_features
-    return _block_norm_reason(getattr(m, "norm_final", None), dim, "norm_final") or \
-        _adaln(getattr(m, "adaLN_modulation", None), dim, 2)
-
-
-# Submodules each kind may have (anything else, e.g. timm's scale-norm `norm` in attention,
-# is an operation our forward would drop) and whether direct parameters are allowed (none:
-# BEiT-style q_bias / v_bias would be dropped too).
-_CHILDREN = {
-    "attention": {"qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop"},
-    "mlp": {"fc1", "act", "drop1", "norm", "fc2", "drop2", "drop"},
-    "swiglu_mlp": {"w12", "w3"},
-    "block": {"norm1", "attn", "norm2", "mlp", "adaLN_modulation"},
-    "final_layer": {"norm_final", "linear", "adaLN_modulation"},
-}
-
-
-def _structure_reason(m, kind):
-    extra = sorted(set(dict(m.named_children())) - _CHILDREN[kind])
-    if extra:
-        return f"unexpected submodules {extra} (our forward would skip them)"
-    params = [n for n, _ in m.named_parameters(recurse=False)]
-    if params:
-        return f"unexpected parameters {params} (our forward would skip them)"
-    return None
-
-
-def _hooks_reason(m):
-    # Our forward calls F.linear and the fused ops directly, so hooks on the submodules it
-    # bypasses would not run (legacy weight_norm and pruning recompute weights in pre-hooks).
-    for name, sub in m.named_modules():
-        if name and (sub._forward_pre_hooks or sub._forward_hooks):
-            return f"{name} has forward hooks, which the fused forward would bypass"
-    return None
-
-
-_SELF_CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 6e-2}
-
-
-def _undecorated(fn):
-    """The function under a `@torch.compile` decorator (LightningDiT compiles its forwards): the
-    self-check compares formulas, and compiling a copy of every block on the CPU would take minutes."""
-    return getattr(fn, "_torchdynamo_orig_callable", fn)
-
-
 def _takes_second_input(fn, n_inputs):
     """Whether forward(self, *inputs) also takes a rope argument after its n_inputs inputs."""
     try:
-        return len(inspect.signature(_undecorated(fn)).parameters) > n_inputs + 1
+        return len(inspect.signature(rules.undecorated(fn)).parameters) > n_inputs + 1
     except (TypeError, ValueError):
         return False
 
@@ -282,7 +129,7 @@ def _self_check_reason(m, kind, original_forward, rope=None):
     p = next(m.parameters(), None)
     if p is None or p.device.type == "meta":
         return None
-    original_forward = _undecorated(original_forward)
+    original_forward = rules.undecorated(original_forward)
     dtype, device = p.dtype, p.device
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)  # noqa
@@ -322,47 +169,9 @@ def _self_check_reason(m, kind, original_forward, rope=None):
                 m.__class__ = base
         err = (ours.double() - ref.double()).abs().max().item()
         scale = max(ref.double().abs().max().item(), 1.0)
-        if not err <= _SELF_CHECK_TOL.get(dtype, 1e-4) * scale:
+        if not err <= rules.SELF_CHECK_TOL.get(dtype, 1e-4) * scale:
             what = " with the model's rotary embedding" if len(args) > (1 if kind == "attention" else 2) else ""
             return f"its own forward and ours differ on a random input{what} (max error {err:.3g}); not patched"
-    return None
-
-
-def _rope_reason(m):
-    """A rotary embedding module (freqs_cos, freqs_sin buffers) must compute LightningDiT's
-    t * cos + rotate_half(t) * sin (interleaved pairs) with those tables; checked on a random input."""
-    cos, sin = getattr(m, "freqs_cos", None), getattr(m, "freqs_sin", None)
-    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dim() == 2
-            and cos.shape == sin.shape and cos.shape[1] % 2 == 0):
-        return "freqs_cos / freqs_sin are not two (N, head_dim) tables with an even head_dim"
-    g = torch.Generator(device="cpu").manual_seed(0)
-    t = torch.randn(2, 2, *cos.shape, generator=g).to(device=cos.device, dtype=cos.dtype)
-    pairs = t.double().reshape(*t.shape[:-1], -1, 2)
-    rot = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).reshape(t.shape)
-    ref = t.double() * cos.double() + rot * sin.double()
-    with torch.no_grad():
-        try:
-            out = _undecorated(type(m).forward)(m, t)
-        except Exception as e:
-            return f"self-check failed to run: {type(e).__name__}: {e}"
-    err = (out.double() - ref).abs().max().item()
-    if not err <= _SELF_CHECK_TOL.get(cos.dtype, 1e-4) * max(ref.abs().max().item(), 1.0):
-        return f"its forward is not t * freqs_cos + rotate_half(t) * freqs_sin (max error {err:.3g})"
-    return None
-
-
-def _looks_like(m):
-    has = lambda *names: all(hasattr(m, n) for n in names)  # noqa: E731
-    if has("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
-        return "block"
-    if has("qkv", "proj"):
-        return "attention"
-    if has("fc1", "fc2"):
-        return "mlp"
-    if has("w12", "w3"):
-        return "swiglu_mlp"
-    if has("norm_final", "linear", "adaLN_modulation"):
-        return "final_layer"
     return None
 
 
@@ -428,14 +237,14 @@ def patch(model: nn.Module) -> PatchReport:
         raise TypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
     report = PatchReport()
     done = set()
-    candidates = [(name, m, _looks_like(m)) for name, m in model.named_modules()]
+    candidates = [(name, m, rules.looks_like(m)) for name, m in model.named_modules()]
     # Rotary embeddings first: the attention and block self-checks run with them. One that is
     # not LightningDiT's rotation leaves every attention alone (our attention would rotate q
     # and k with its tables instead of calling it).
     ropes, bad_rope = [], None
     for name, m in model.named_modules():
         if hasattr(m, "freqs_cos") and hasattr(m, "freqs_sin"):
-            why = _rope_reason(m)
+            why = rules.rope_reason(m)
             if why:
                 report.skipped[name] = why
                 bad_rope = bad_rope or name
@@ -456,9 +265,9 @@ def patch(model: nn.Module) -> PatchReport:
             if kind == "attention" and bad_rope is not None:
                 report.skipped[name] = f"the model's rotary embedding {bad_rope} is not recognised"
                 continue
-            why = {"attention": _attention_reason, "mlp": _mlp_reason, "swiglu_mlp": _swiglu_reason,
-                   "final_layer": _final_reason}[kind](m) if kind != "block" else _block_reason(m, done)
-            why = why or _structure_reason(m, kind) or _hooks_reason(m)
+            why = {"attention": rules.attention_reason, "mlp": rules.mlp_reason, "swiglu_mlp": rules.swiglu_reason,
+                   "final_layer": rules.final_reason}[kind](m) if kind != "block" else rules.block_reason(m, done)
+            why = why or rules.structure_reason(m, kind) or rules.hooks_reason(m)
             undo = None
             if not why and kind == "attention":
                 why, undo = _prepare_attention(name, m, report)
