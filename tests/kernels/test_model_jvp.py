@@ -129,7 +129,11 @@ def test_fallback_for_unknown_models_warns_once(device):
     assert not tan.requires_grad and out.requires_grad
 
 
-def test_compiled_training_step_matches_eager(monkeypatch):
+LIGHTNING = dict(use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=True)
+
+
+@pytest.mark.parametrize("blocks", ["dit", "lightning"])
+def test_compiled_training_step_matches_eager(monkeypatch, blocks):
     # The timestep embedding is computed in fp32 (the reference codebases' convention), and
     # Inductor rounds that fp32 arithmetic differently (6e-8); float64 here compares formulas.
     import dmf.model
@@ -140,7 +144,11 @@ def test_compiled_training_step_matches_eager(monkeypatch):
     monkeypatch.setattr(dnn, "timestep_embedding", f64)
     monkeypatch.setattr(dmf.model, "timestep_embedding", f64)
     torch._dynamo.reset()
-    ours, _ = models("cpu", depth=3, dmf_depth=2, qk_norm=True)  # float64: compare formulas, not rounding
+    if blocks == "dit":
+        ours, _ = models("cpu", depth=3, dmf_depth=2, qk_norm=True)  # float64: compare formulas, not rounding
+    else:  # RMSNorm-adaLN without shift, SwiGLU, RoPE inside the attention, RMSNorm qk-norm
+        ours = randomize_params(DMFT(**dict(KW, hidden_size=64, num_heads=2), depth=3, dmf_depth=2, **LIGHTNING)
+                                .double())
     x, t, r, y, v = batch("cpu")
 
     def step(x, t, r, v):
