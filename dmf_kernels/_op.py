@@ -24,7 +24,7 @@ What the builder adds, so that no op writes it again:
   eager or compiled) the raw jvp op runs once and its results are re-wrapped as dual tensors
   whose tangents raise if a gradient reaches them (see _forward_ad.py);
 - `jvp`: tangents may be None (zero; the kernel skips that work); when all are None the primal
-  op runs instead. Primal outputs stay differentiable, tangents are not recorded by autograd.
+  op runs instead. Called by keyword, any tangent may be left out. Primal outputs stay differentiable, tangents are not recorded by autograd.
 
 Optional inputs (`optional=`, e.g. rms_adaln_modulate's shift and weight): the input may be None,
 which the op defines (a zero shift, a unit weight); a None input has no tangent (giving one raises)
@@ -215,8 +215,14 @@ class Op:
     def _make_jvp(self, zero_tangents):
         n_in = len(self.inputs)
         order = self._jvp_order
+        jvp_names = list(self._jvp_sig.parameters)
+        tangent_names = {f"{n}_dot" for n in self.inputs}
 
         def jvp(*args, **kwargs):
+            if kwargs:  # by keyword any tangent may be left out (None), also one before a primal
+                for n in jvp_names[len(args):]:
+                    if n in tangent_names and n not in kwargs:
+                        kwargs[n] = None
             args = self._bind(self._jvp_sig, args, kwargs, self._jvp_defaults)
             values = [None] * len(args)
             for pos, src in enumerate(order):
