@@ -102,9 +102,9 @@ def test_rms_adaln_modulate_jvp_keywords_f64(device, combo, tangents):
     x, shift, scale, weight = mod_inputs(2, 17, 72, "BD", device, *combo)
     xd, shd, scd, wd = (None if t is None else rand(*t.shape, device=device, seed=60 + i)
                         for i, t in enumerate((x, shift, scale, weight)))
-    keep = {"all": "xswc", "x": "x", "params": "swc", "weight": "w", "none": ""}[tangents]
-    xd, shd, scd, wd = (t if k in keep else None for t, k in zip((xd, shd, scd, wd), "xswc"))
-    # note "c" is scale, "w" weight, "s" shift
+    # letters: x, s(hift), c (scale), w(eight)
+    keep = {"all": "xscw", "x": "x", "params": "scw", "weight": "w", "none": ""}[tangents]
+    xd, shd, scd, wd = (t if k in keep else None for t, k in zip((xd, shd, scd, wd), "xscw"))
     zero = lambda t, like: None if like is None else (torch.zeros_like(like) if t is None else t)  # noqa: E731
     f, prim, _ = present(ref.rms_adaln_modulate, [x, shift, scale, weight], MOD_NAMES)
     tans = [zero(t, p) for t, p in zip((xd, shd, scd, wd), (x, shift, scale, weight)) if p is not None]
