@@ -1,4 +1,5 @@
-"""adaln_modulate and gated_residual_adaln vs eager PyTorch and torch.compile.
+"""adaln_modulate, gated_residual_adaln and rms_adaln_modulate (LightningDiT's RMSNorm adaLN) vs
+eager PyTorch and torch.compile.
 
 Shapes: DiT-B (D = 768) and DiT-XL (D = 1152) at N = 256 and 1024 tokens; shift/scale/gate
 of shape (B, D) as a DiT block's adaLN projection produces them. The fwd+jvp case gives
@@ -33,6 +34,18 @@ def cases(device, dtype, quick):
         yield from standard_cases(
             "adaln_modulate", shape, dtype, adaln_inputs, dk.adaln_modulate, ref.adaln_modulate,
             lambda p, t: dk.jvp.adaln_modulate(p[0], t[0], p[1], t[1], p[2], t[2]))
+
+        def rms_inputs(B=B, N=N, D=D):  # LightningDiT's adaLN: RMSNorm with a weight, shift and scale
+            x = torch.randn(B, N, D, device=device, dtype=dtype)
+            shift, scale = (0.5 * torch.randn(B, D, device=device, dtype=dtype) for _ in range(2))
+            weight = 1.0 + 0.1 * torch.randn(D, device=device, dtype=dtype)
+            prim = [x, shift, scale, weight]
+            return prim, [torch.randn_like(t) for t in prim]
+
+        yield from standard_cases(
+            "rms_adaln_modulate", shape, dtype, rms_inputs, dk.rms_adaln_modulate, ref.rms_adaln_modulate,
+            lambda p, t: dk.jvp.rms_adaln_modulate(x=p[0], x_dot=t[0], shift=p[1], shift_dot=t[1], scale=p[2],
+                                                   scale_dot=t[2], weight=p[3], weight_dot=t[3]))
 
         def residual_inputs(B=B, N=N, D=D):
             x, y = (torch.randn(B, N, D, device=device, dtype=dtype) for _ in range(2))

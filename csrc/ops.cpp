@@ -47,6 +47,22 @@ TORCH_LIBRARY(dmf_kernels, m) {
   m.def("rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("rms_norm_jvp(Tensor x, Tensor? x_dot, Tensor weight, Tensor? weight_dot, float eps) "
         "-> (Tensor, Tensor, Tensor)");
+  // norm_mod, RMS kind (issue 15): shift and weight optional (None: 0 and 1); the _bwd returns
+  // undefined (None) gradients for absent ones. Statistics: rstd only (the mean is 0).
+  m.def("rms_adaln_modulate_fwd(Tensor x, Tensor? shift, Tensor scale, Tensor? weight, float eps) "
+        "-> (Tensor, Tensor)");
+  m.def("rms_adaln_modulate_bwd(Tensor grad_out, Tensor x, Tensor? shift, Tensor scale, Tensor? weight, "
+        "Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("rms_adaln_modulate_jvp(Tensor x, Tensor? x_dot, Tensor? shift, Tensor? shift_dot, Tensor scale, "
+        "Tensor? scale_dot, Tensor? weight, Tensor? weight_dot, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("gated_residual_rms_adaln_fwd(Tensor x, Tensor gate, Tensor y, Tensor? shift, Tensor scale, "
+        "Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("gated_residual_rms_adaln_bwd(Tensor grad_x_out, Tensor grad_h, Tensor x_out, Tensor gate, Tensor y, "
+        "Tensor? shift, Tensor scale, Tensor? weight, Tensor rstd) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_residual_rms_adaln_jvp(Tensor x, Tensor? x_dot, Tensor gate, Tensor? gate_dot, Tensor y, "
+        "Tensor? y_dot, Tensor? shift, Tensor? shift_dot, Tensor scale, Tensor? scale_dot, Tensor? weight, "
+        "Tensor? weight_dot, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dmf_kernels, CPU, m) { DMF_REGISTER_ALL_OPS(m) }

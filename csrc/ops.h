@@ -41,6 +41,28 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& x,
 std::tuple<Tensor, Tensor, Tensor> rms_norm_jvp(const Tensor& x, const optional<Tensor>& x_dot, const Tensor& weight,
                                                 const optional<Tensor>& weight_dot, double eps);
 
+// norm_mod, RMS kind (csrc/ops/norm_mod.cpp)
+std::tuple<Tensor, Tensor> rms_adaln_modulate_fwd(const Tensor& x, const optional<Tensor>& shift,
+                                                  const Tensor& scale, const optional<Tensor>& weight, double eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor> rms_adaln_modulate_bwd(const Tensor& grad_out, const Tensor& x,
+                                                                  const optional<Tensor>& shift, const Tensor& scale,
+                                                                  const optional<Tensor>& weight, const Tensor& rstd);
+std::tuple<Tensor, Tensor, Tensor> rms_adaln_modulate_jvp(
+    const Tensor& x, const optional<Tensor>& x_dot, const optional<Tensor>& shift, const optional<Tensor>& shift_dot,
+    const Tensor& scale, const optional<Tensor>& scale_dot, const optional<Tensor>& weight,
+    const optional<Tensor>& weight_dot, double eps);
+std::tuple<Tensor, Tensor, Tensor> gated_residual_rms_adaln_fwd(const Tensor& x, const Tensor& gate, const Tensor& y,
+                                                                const optional<Tensor>& shift, const Tensor& scale,
+                                                                const optional<Tensor>& weight, double eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_rms_adaln_bwd(
+    const Tensor& grad_x_out, const Tensor& grad_h, const Tensor& x_out, const Tensor& gate, const Tensor& y,
+    const optional<Tensor>& shift, const Tensor& scale, const optional<Tensor>& weight, const Tensor& rstd);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_rms_adaln_jvp(
+    const Tensor& x, const optional<Tensor>& x_dot, const Tensor& gate, const optional<Tensor>& gate_dot,
+    const Tensor& y, const optional<Tensor>& y_dot, const optional<Tensor>& shift, const optional<Tensor>& shift_dot,
+    const Tensor& scale, const optional<Tensor>& scale_dot, const optional<Tensor>& weight,
+    const optional<Tensor>& weight_dot, double eps);
+
 }  // namespace dmf
 
 // Registers every op above for one dispatch key: TORCH_LIBRARY_IMPL(dmf_kernels, KEY, m) { DMF_REGISTER_ALL_OPS(m) }
@@ -56,4 +78,10 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_jvp(const Tensor& x, const optional<
   m.impl("gated_residual_jvp", &dmf::gated_residual_jvp);                   \
   m.impl("rms_norm_fwd", &dmf::rms_norm_fwd);                               \
   m.impl("rms_norm_bwd", &dmf::rms_norm_bwd);                               \
-  m.impl("rms_norm_jvp", &dmf::rms_norm_jvp);
+  m.impl("rms_norm_jvp", &dmf::rms_norm_jvp);                               \
+  m.impl("rms_adaln_modulate_fwd", &dmf::rms_adaln_modulate_fwd);           \
+  m.impl("rms_adaln_modulate_bwd", &dmf::rms_adaln_modulate_bwd);           \
+  m.impl("rms_adaln_modulate_jvp", &dmf::rms_adaln_modulate_jvp);           \
+  m.impl("gated_residual_rms_adaln_fwd", &dmf::gated_residual_rms_adaln_fwd); \
+  m.impl("gated_residual_rms_adaln_bwd", &dmf::gated_residual_rms_adaln_bwd); \
+  m.impl("gated_residual_rms_adaln_jvp", &dmf::gated_residual_rms_adaln_jvp);

@@ -1,7 +1,8 @@
 """dmf-kernels: fused kernels for forward-mode JVP through diffusion transformers.
 
 Differentiable ops (backward and forward-mode AD through fused kernels):
-    adaln_modulate, gated_residual_adaln, gated_residual, rms_norm, gelu_tanh, attention
+    adaln_modulate, gated_residual_adaln, gated_residual, rms_norm, gelu_tanh, attention,
+    rms_adaln_modulate, gated_residual_rms_adaln
 Explicit jvp forms (primal + tangent in one pass): dmf_kernels.jvp.<op>, also dmf_kernels.<op>.jvp
 DiT modules with a jvp forward: dmf_kernels.nn
 Whole models: dmf_kernels.model_jvp (the drop-in for torch.func.jvp), dmf_kernels.patch
@@ -16,6 +17,7 @@ from .gated_residual import gated_residual
 from .gelu import gelu_tanh
 from .norm_mod import adaln_modulate, gated_residual_adaln
 from .rms_norm import rms_norm
+from .norm_mod import rms_adaln_modulate, gated_residual_rms_adaln
 from . import jvp, nn, reference  # noqa: E402  (after the ops they wrap)
 from .patch import patch
 
@@ -37,4 +39,6 @@ __all__ = [
     "reference",
     "build_info",
     "RAW_OPS",
+    "rms_adaln_modulate",
+    "gated_residual_rms_adaln",
 ]

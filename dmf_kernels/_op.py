@@ -24,7 +24,13 @@ What the builder adds, so that no op writes it again:
   eager or compiled) the raw jvp op runs once and its results are re-wrapped as dual tensors
   whose tangents raise if a gradient reaches them (see _forward_ad.py);
 - `jvp`: tangents may be None (zero; the kernel skips that work); when all are None the primal
-  op runs instead. Primal outputs stay differentiable, tangents are not recorded by autograd.
+  op runs instead. Called by keyword, any tangent may be left out. Primal outputs stay differentiable, tangents are not recorded by autograd.
+
+Optional inputs (`optional=`, e.g. rms_adaln_modulate's shift and weight): the input may be None,
+which the op defines (a zero shift, a unit weight); a None input has no tangent (giving one raises)
+and no gradient. Its schema type is `Tensor?`; in the public signatures it defaults to None when
+no required input follows it. Fake kernels pass None through (a `_bwd` returns None for the
+gradient of a None input, the C++ op an undefined tensor).
 
 The link to C++ is by name: the argument names of the raw ops' schemas must be the declared
 input names, their tangents `<name>_dot` and the params; `Op` checks this at import.
@@ -84,6 +90,7 @@ class Op:
         fwd: the raw primal op (or, for an aten primal such as gelu, any differentiable callable).
         jvp: the raw one-pass jvp op.
         inputs: tensor inputs that may carry tangents, in call order.
+        optional: the inputs that may be None (see the module docstring).
         params: non-tensor arguments after them, with defaults.
         outputs: the differentiable outputs the public function returns.
         stats: further outputs of fwd/jvp (statistics for the backward), never differentiable.
@@ -99,9 +106,12 @@ class Op:
     """
 
     def __init__(self, name, *, fwd, jvp, inputs, outputs, saved, backward, params=None, stats=(), bwd=None,
-                 grads_like=None, resolve=None, zero_tangents=True, doc=""):
+                 grads_like=None, resolve=None, zero_tangents=True, optional=(), doc=""):
         self.name, self.raw_fwd, self.raw_jvp = name, fwd, jvp
         self.inputs, self.outputs, self.stats = tuple(inputs), tuple(outputs), tuple(stats)
+        self.optional = tuple(optional)
+        if not set(self.optional) <= set(self.inputs):
+            raise TypeError(f"Op {name}: optional {self.optional} must be among the inputs {self.inputs}")
         self.params = dict(params or {})
         self.saved, self.backward, self.resolve, self.zero_tangents = tuple(saved), backward, resolve, zero_tangents
         n_in, n_out = len(self.inputs), len(self.outputs)
@@ -117,13 +127,17 @@ class Op:
         self._is_raw_fwd = isinstance(fwd, torch._ops.OpOverloadPacket)
         if self._is_raw_fwd and _schema_names(fwd) != list(self.inputs) + list(self.params):
             raise TypeError(f"Op {name}: {fwd} takes {_schema_names(fwd)}, declared {values}")
-        # Public signatures: fn(inputs..., params=defaults); jvp in the raw jvp op's argument order,
-        # tangents after the last primal defaulting to None.
+        # Public signatures: fn(inputs..., params=defaults), optional inputs after the last required
+        # one defaulting to None; jvp in the raw jvp op's argument order, tangents and optional
+        # inputs after the last required primal defaulting to None.
         P = inspect.Parameter
+        required = [n for n in self.inputs if n not in self.optional]
+        last_required = max(self.inputs.index(n) for n in required)
         self._fn_sig = _Signature(
-            [P(n, P.POSITIONAL_OR_KEYWORD) for n in self.inputs]
+            [P(n, P.POSITIONAL_OR_KEYWORD) if i <= last_required else P(n, P.POSITIONAL_OR_KEYWORD, default=None)
+             for i, n in enumerate(self.inputs)]
             + [P(n, P.POSITIONAL_OR_KEYWORD, default=d) for n, d in self.params.items()])
-        last_primal = max(jvp_names.index(n) for n in self.inputs)
+        last_primal = max(jvp_names.index(n) for n in required)
         self._jvp_sig = _Signature([
             P(n, P.POSITIONAL_OR_KEYWORD) if i <= last_primal else
             P(n, P.POSITIONAL_OR_KEYWORD, default=self.params.get(n)) for i, n in enumerate(jvp_names)])
@@ -159,6 +173,9 @@ class Op:
         None tangents. The tangents are not recorded by autograd."""
         if self.resolve is not None:
             params = self.resolve(primals, params)
+        for n, p, t in zip(self.inputs, primals, tangents):
+            if p is None and t is not None:
+                raise ValueError(f"dmf_kernels.{self.name}: {n}_dot given without {n} (a None {n} has no tangent)")
         if all(t is None for t in tangents):
             # The public function, not the raw op: it still detects forward-mode tangents that the
             # caller did not unpack (under torch.compile a module's own check can miss them).
@@ -198,8 +215,14 @@ class Op:
     def _make_jvp(self, zero_tangents):
         n_in = len(self.inputs)
         order = self._jvp_order
+        jvp_names = list(self._jvp_sig.parameters)
+        tangent_names = {f"{n}_dot" for n in self.inputs}
 
         def jvp(*args, **kwargs):
+            if kwargs:  # by keyword any tangent may be left out (None), also one before a primal
+                for n in jvp_names[len(args):]:
+                    if n in tangent_names and n not in kwargs:
+                        kwargs[n] = None
             args = self._bind(self._jvp_sig, args, kwargs, self._jvp_defaults)
             values = [None] * len(args)
             for pos, src in enumerate(order):
@@ -233,7 +256,7 @@ class Op:
 
         def bwd_fake(*args):
             named = dict(zip(_schema_names(bwd), args))
-            return tuple(named[n].new_empty(named[n].shape) for n in grads_like)
+            return tuple(None if named[n] is None else named[n].new_empty(named[n].shape) for n in grads_like)
 
         n_out = len(self.outputs)
         CPP_OPS.extend(raw.default._schema.name.split("::")[1] for raw in (fwd, bwd, jvp))

@@ -39,3 +39,20 @@ def attention(q, k, v, scale=None):
     SDPA formulation PyTorch can take forward-mode derivatives of."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+
+
+def rms_adaln_modulate(x, shift, scale, weight=None, eps=1e-6):
+    """LightningDiT's adaLN with RMSNorm: `RMSNorm(x)` computes in fp32 then `.type_as(x) * weight`,
+    the modulation runs in x's dtype; shift None is its wo_shift form (x * (1 + scale)). fp64
+    stays fp64 (the tests' ground truth)."""
+    acc = x if x.dtype == torch.float64 else x.float()
+    h = (acc * torch.rsqrt(acc.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    if weight is not None:
+        h = h * weight
+    out = h * (1 + _bcast(scale, x))
+    return out if shift is None else out + _bcast(shift, x)
+
+
+def gated_residual_rms_adaln(x, gate, y, shift, scale, weight=None, eps=1e-6):
+    x_out = gated_residual(x, gate, y)
+    return x_out, rms_adaln_modulate(x_out, shift, scale, weight, eps)

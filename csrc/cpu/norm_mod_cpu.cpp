@@ -1,6 +1,9 @@
-// CPU kernels of the LayerNorm-and-modulate family (adaln_modulate, gated_residual_adaln):
+// CPU kernels of the LayerNorm-and-modulate family (adaln_modulate, gated_residual_adaln) and its
+// RMS kind (rms_adaln_modulate, gated_residual_rms_adaln: mean 0, optional weight and shift):
 // one task per block of rows, each row staged once in an L1-resident fp32 (fp64) buffer,
 // statistics by the exact two-pass formula over that buffer, fp32 accumulation throughout.
+#include <type_traits>
+
 #include "cpu_common.h"
 
 namespace dmf {
@@ -26,11 +29,14 @@ inline const T* input_row(const NormModFwdParams& p, int64_t r) {
   return xo;
 }
 
+// rms: the mean is 0 by definition and ss is sum(x^2).
 template <typename T, typename A>
-inline void row_stats(const T* __restrict__ src, int64_t D, double eps, A& mean, A& rstd) {
+inline void row_stats(const T* __restrict__ src, int64_t D, double eps, bool rms, A& mean, A& rstd) {
   A s = 0;
+  if (!rms) {
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < D; ++j) s += static_cast<A>(src[j]);
+    for (int64_t j = 0; j < D; ++j) s += static_cast<A>(src[j]);
+  }
   mean = s / static_cast<A>(D);
   A ss = 0;
 #pragma omp simd reduction(+ : ss)
@@ -45,20 +51,31 @@ template <typename T, typename A>
 void fwd_impl(const NormModFwdParams& p) {
   const int64_t D = p.dim;
   at::parallel_for(0, p.rows, row_grain(D), [&](int64_t begin, int64_t end) {
+    // Absent shift (rms only) reads zeros; the LayerNorm path never takes this.
+    const std::vector<T> zero_row(p.shift.ptr == nullptr ? D : 0, T(0));
+    const T* __restrict__ w = mod_row<T>(p.weight, 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t g = r / p.rows_per_group;
       const T* __restrict__ src = input_row<T, A>(p, r);
       A mean, rstd;
-      row_stats(src, D, p.eps, mean, rstd);
-      static_cast<A*>(p.mean)[r] = mean;
+      row_stats(src, D, p.eps, p.rms, mean, rstd);
+      if (!p.rms) static_cast<A*>(p.mean)[r] = mean;
       static_cast<A*>(p.rstd)[r] = rstd;
-      const T* __restrict__ sh = mod_row<T>(p.shift, g);
+      const T* __restrict__ sh = p.shift.ptr != nullptr ? mod_row<T>(p.shift, g) : zero_row.data();
       const T* __restrict__ sc = mod_row<T>(p.scale, g);
       T* __restrict__ o = static_cast<T*>(p.out) + r * D;
+      if (w == nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j)
-        o[j] = static_cast<T>((static_cast<A>(src[j]) - mean) * rstd * (A(1) + static_cast<A>(sc[j])) +
-                              static_cast<A>(sh[j]));
+        for (int64_t j = 0; j < D; ++j)
+          o[j] = static_cast<T>((static_cast<A>(src[j]) - mean) * rstd * (A(1) + static_cast<A>(sc[j])) +
+                                static_cast<A>(sh[j]));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j)
+          o[j] = static_cast<T>((static_cast<A>(src[j]) - mean) * rstd * static_cast<A>(w[j]) *
+                                    (A(1) + static_cast<A>(sc[j])) +
+                                static_cast<A>(sh[j]));
+      }
     }
   });
 }
@@ -66,13 +83,18 @@ void fwd_impl(const NormModFwdParams& p) {
 // One row of the JVP after the statistics: a single fused pass forms xh, the primal output,
 // the tangent of the normalised input and both reductions; a second pass writes out_dot.
 // Templated on what the row needs so each variant is one branch-free, vectorisable loop.
-template <typename T, typename A, bool WRITE_PRIMAL, bool RESIDUAL>
+// WEIGHT: the rms kind with a weight w; the normalised input is then multiplied by w before
+// the modulation (xh * w * (1 + scale) + shift), and the tangent gains xh * w_dot * (1 + scale).
+template <typename T, typename A, bool WRITE_PRIMAL, bool RESIDUAL, bool WEIGHT>
 inline void jvp_row(const NormModJvpParams& q, int64_t r, int64_t g, const T* __restrict__ src,
                     A* __restrict__ td, A mean, A rstd, const T* __restrict__ zero_row) {
   const NormModFwdParams& p = q.p;
   const int64_t D = p.dim;
   const T* __restrict__ sc = mod_row<T>(p.scale, g);
-  const T* __restrict__ sh = WRITE_PRIMAL ? mod_row<T>(p.shift, g) : zero_row;
+  const T* __restrict__ sh = WRITE_PRIMAL && p.shift.ptr != nullptr ? mod_row<T>(p.shift, g) : zero_row;
+  const T* __restrict__ w = WEIGHT ? mod_row<T>(p.weight, 0) : zero_row;
+  const T* wdp = WEIGHT ? mod_row<T>(q.weight_dot, 0) : nullptr;
+  const T* __restrict__ wd = wdp != nullptr ? wdp : zero_row;
   T* __restrict__ o = WRITE_PRIMAL ? static_cast<T*>(p.out) + r * D : nullptr;
   const T* __restrict__ xd = q.x_dot != nullptr ? static_cast<const T*>(q.x_dot) + r * D : zero_row;
   const T* __restrict__ gr = RESIDUAL ? mod_row<T>(p.gate, g) : zero_row;
@@ -85,7 +107,10 @@ inline void jvp_row(const NormModJvpParams& q, int64_t r, int64_t g, const T* __
 #pragma omp simd reduction(+ : m1, m2)
   for (int64_t j = 0; j < D; ++j) {
     const A h = (static_cast<A>(src[j]) - mean) * rstd;
-    if constexpr (WRITE_PRIMAL) o[j] = static_cast<T>(h * (A(1) + static_cast<A>(sc[j])) + static_cast<A>(sh[j]));
+    if constexpr (WRITE_PRIMAL) {
+      const A e = WEIGHT ? static_cast<A>(w[j]) * (A(1) + static_cast<A>(sc[j])) : A(1) + static_cast<A>(sc[j]);
+      o[j] = static_cast<T>(h * e + static_cast<A>(sh[j]));
+    }
     A t = static_cast<A>(xd[j]);
     if constexpr (RESIDUAL) {
       t += static_cast<A>(gd[j]) * static_cast<A>(yr[j]) + static_cast<A>(gr[j]) * static_cast<A>(yd[j]);
@@ -95,10 +120,11 @@ inline void jvp_row(const NormModJvpParams& q, int64_t r, int64_t g, const T* __
     m1 += t;
     m2 += h * t;
   }
-  m1 /= static_cast<A>(D);
+  m1 = p.rms ? A(0) : m1 / static_cast<A>(D);  // rms: no mean, so no mean(td) term
   m2 /= static_cast<A>(D);
   // out_dot = xh_dot * (1 + scale) + xh * scale_dot + shift_dot,
-  // xh_dot = (td - mean(td) - xh * mean(xh * td)) * rstd.
+  // xh_dot = (td - mean(td) - xh * mean(xh * td)) * rstd; with a weight, (1 + scale) becomes
+  // w * (1 + scale) and scale_dot becomes w * scale_dot + w_dot * (1 + scale).
   const T* shdp = mod_row<T>(q.shift_dot, g);
   const T* scdp = mod_row<T>(q.scale_dot, g);
   const T* __restrict__ shd = shdp != nullptr ? shdp : zero_row;
@@ -107,8 +133,14 @@ inline void jvp_row(const NormModJvpParams& q, int64_t r, int64_t g, const T* __
 #pragma omp simd
   for (int64_t j = 0; j < D; ++j) {
     const A h = (static_cast<A>(src[j]) - mean) * rstd;
-    od[j] = static_cast<T>((td[j] - m1 - h * m2) * rstd * (A(1) + static_cast<A>(sc[j])) +
-                           h * static_cast<A>(scd[j]) + static_cast<A>(shd[j]));
+    const A s1 = A(1) + static_cast<A>(sc[j]);
+    if constexpr (WEIGHT) {
+      const A wv = static_cast<A>(w[j]);
+      od[j] = static_cast<T>((td[j] - m1 - h * m2) * rstd * wv * s1 +
+                             h * (wv * static_cast<A>(scd[j]) + static_cast<A>(wd[j]) * s1) + static_cast<A>(shd[j]));
+    } else {
+      od[j] = static_cast<T>((td[j] - m1 - h * m2) * rstd * s1 + h * static_cast<A>(scd[j]) + static_cast<A>(shd[j]));
+    }
   }
 }
 
@@ -117,6 +149,7 @@ void jvp_impl(const NormModJvpParams& q) {
   const NormModFwdParams& p = q.p;
   const int64_t D = p.dim;
   const bool residual = p.gate.ptr != nullptr;
+  const bool weighted = p.weight.ptr != nullptr;
   at::parallel_for(0, p.rows, row_grain(D), [&](int64_t begin, int64_t end) {
     std::vector<A> td(D);
     const std::vector<T> zero_row(D, T(0));  // stands in for absent tangents
@@ -126,20 +159,26 @@ void jvp_impl(const NormModJvpParams& q) {
       A mean, rstd;
       if (q.stats_given) {
         src = static_cast<const T*>(p.x) + r * D;
-        mean = static_cast<const A*>(p.mean)[r];
+        mean = p.rms ? A(0) : static_cast<const A*>(p.mean)[r];
         rstd = static_cast<const A*>(p.rstd)[r];
       } else {
         src = input_row<T, A>(p, r);
-        row_stats(src, D, p.eps, mean, rstd);
-        static_cast<A*>(p.mean)[r] = mean;
+        row_stats(src, D, p.eps, p.rms, mean, rstd);
+        if (!p.rms) static_cast<A*>(p.mean)[r] = mean;
         static_cast<A*>(p.rstd)[r] = rstd;
       }
-      if (q.stats_given) {
-        if (residual) jvp_row<T, A, false, true>(q, r, g, src, td.data(), mean, rstd, zero_row.data());
-        else jvp_row<T, A, false, false>(q, r, g, src, td.data(), mean, rstd, zero_row.data());
+      auto row = [&](auto primal, auto res, auto w) {
+        jvp_row<T, A, decltype(primal)::value, decltype(res)::value, decltype(w)::value>(q, r, g, src, td.data(), mean,
+                                                                                       rstd, zero_row.data());
+      };
+      using F = std::false_type;
+      using Tr = std::true_type;
+      if (weighted) {
+        if (q.stats_given) residual ? row(F{}, Tr{}, Tr{}) : row(F{}, F{}, Tr{});
+        else residual ? row(Tr{}, Tr{}, Tr{}) : row(Tr{}, F{}, Tr{});
       } else {
-        if (residual) jvp_row<T, A, true, true>(q, r, g, src, td.data(), mean, rstd, zero_row.data());
-        else jvp_row<T, A, true, false>(q, r, g, src, td.data(), mean, rstd, zero_row.data());
+        if (q.stats_given) residual ? row(F{}, Tr{}, F{}) : row(F{}, F{}, F{});
+        else residual ? row(Tr{}, Tr{}, F{}) : row(Tr{}, F{}, F{});
       }
     }
   });
@@ -167,25 +206,43 @@ void bwd_impl(const NormModBwdParams& p) {
       std::fill(ps, ps + 3 * D, A(0));
       const T* __restrict__ sc = mod_row<T>(p.scale, g);
       const T* __restrict__ gate = mod_row<T>(p.gate, g);
+      const T* __restrict__ w = mod_row<T>(p.weight, 0);
       for (int64_t r = r0; r < r1; ++r) {
-        const A mean = static_cast<const A*>(p.mean)[r];
+        const A mean = p.rms ? A(0) : static_cast<const A*>(p.mean)[r];
         const A rstd = static_cast<const A*>(p.rstd)[r];
         const T* __restrict__ xr = static_cast<const T*>(p.x) + r * D;
         const T* __restrict__ gr = static_cast<const T*>(p.grad_out) + r * D;
         A c1 = 0, c2 = 0;
+        // pc is sum(g * xh) in both kinds (the weight is applied in the binding, params.h);
+        // the gradient of the normalised input is g * (1 + scale), times w when weighted.
+        if (w == nullptr) {
 #pragma omp simd reduction(+ : c1, c2)
-        for (int64_t j = 0; j < D; ++j) {
-          const A gv = static_cast<A>(gr[j]);
-          const A h = (static_cast<A>(xr[j]) - mean) * rstd;
-          const A ghv = gv * (A(1) + static_cast<A>(sc[j]));
-          xh[j] = h;
-          gh[j] = ghv;
-          ps[j] += gv;
-          pc[j] += gv * h;
-          c1 += ghv;
-          c2 += ghv * h;
+          for (int64_t j = 0; j < D; ++j) {
+            const A gv = static_cast<A>(gr[j]);
+            const A h = (static_cast<A>(xr[j]) - mean) * rstd;
+            const A ghv = gv * (A(1) + static_cast<A>(sc[j]));
+            xh[j] = h;
+            gh[j] = ghv;
+            ps[j] += gv;
+            pc[j] += gv * h;
+            c1 += ghv;
+            c2 += ghv * h;
+          }
+        } else {
+#pragma omp simd reduction(+ : c1, c2)
+          for (int64_t j = 0; j < D; ++j) {
+            const A gv = static_cast<A>(gr[j]);
+            const A h = (static_cast<A>(xr[j]) - mean) * rstd;
+            const A ghv = gv * static_cast<A>(w[j]) * (A(1) + static_cast<A>(sc[j]));
+            xh[j] = h;
+            gh[j] = ghv;
+            ps[j] += gv;
+            pc[j] += gv * h;
+            c1 += ghv;
+            c2 += ghv * h;
+          }
         }
-        c1 /= static_cast<A>(D);
+        c1 = p.rms ? A(0) : c1 / static_cast<A>(D);  // rms: no mean, so no mean(gh) term
         c2 /= static_cast<A>(D);
         T* __restrict__ dx = static_cast<T*>(p.grad_x) + r * D;
         if (!residual) {
@@ -205,7 +262,7 @@ void bwd_impl(const NormModBwdParams& p) {
           pg[j] += d * static_cast<A>(yr[j]);
         }
       }
-      std::copy(ps, ps + D, static_cast<A*>(p.part_shift) + item * D);
+      if (p.part_shift != nullptr) std::copy(ps, ps + D, static_cast<A*>(p.part_shift) + item * D);
       std::copy(pc, pc + D, static_cast<A*>(p.part_scale) + item * D);
       if (residual) std::copy(pg, pg + D, static_cast<A*>(p.part_gate) + item * D);
     }

@@ -28,10 +28,18 @@ struct ModParam {
 // The LayerNorm-and-modulate family:
 //   x_out = x + gate * res            (only when gate.ptr != nullptr: gated_residual_adaln)
 //   out   = LN(x_out) * (1 + scale) + shift
+// and its RMS kind (rms_adaln_modulate, gated_residual_rms_adaln; LightningDiT's adaLN):
+//   out   = x_out / sqrt(mean(x_out^2) + eps) * weight * (1 + scale) + shift
+// For rms the row mean is 0 by definition: `mean` is neither written nor read (nullptr), and
+// the mean(tangent) / mean(gradient) terms of the LayerNorm rules vanish. `weight` is one row
+// (row_stride 0; nullptr: 1) and shift.ptr may be nullptr (0: LightningDiT's wo_shift). The
+// flags are uniform per launch, so the LayerNorm path only gains untaken uniform branches.
 struct NormModFwdParams {
   DType dtype = DType::kFloat32;
   int64_t rows = 0, dim = 0, rows_per_group = 1;
   double eps = 1e-6;
+  bool rms = false;
+  ModParam weight;  // rms only, (dim,), may be absent
   const void* x = nullptr;
   ModParam gate;
   const void* res = nullptr;
@@ -53,6 +61,7 @@ struct NormModJvpParams {
   const void* res_dot = nullptr;
   void* x_out_dot = nullptr;  // written when p.gate.ptr (residual form)
   ModParam shift_dot, scale_dot;
+  ModParam weight_dot;  // rms only, row_stride 0
   void* out_dot = nullptr;
 };
 
@@ -60,9 +69,15 @@ struct NormModJvpParams {
 // are written in the input dtype; the per-group parameter gradients are written as
 // deterministic partial sums over chunks of `chunk_rows` rows in acc type, shape
 // (groups * chunks_per_group, dim); the op wrapper sums the chunks in a fixed order.
+// rms: `mean` is nullptr; part_scale holds sum(g * xh) without the weight, since within one
+// partial (rows of one group) scale is constant, so the binding forms
+// dscale = part_scale * weight and dweight = sum over partials of part_scale * (1 + scale):
+// no third accumulator in the kernel's registers. part_shift may be nullptr (no shift).
 struct NormModBwdParams {
   DType dtype = DType::kFloat32;
   int64_t rows = 0, dim = 0, rows_per_group = 1, chunk_rows = 1;
+  bool rms = false;
+  ModParam weight;  // rms only, (dim,), may be absent
   const void* grad_out = nullptr;
   const void* grad_x_out = nullptr;  // residual form: gradient arriving at x_out, may be nullptr
   const void* x = nullptr;

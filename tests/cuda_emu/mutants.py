@@ -94,6 +94,13 @@ MUTANTS = [
            "csrc/cuda/gated_residual_kernels.cu",
            "const int64_t items = ceil_div(p.rows, p.rows_per_group) *", "const int64_t items = (p.rows / p.rows_per_group) *",
            "selftest", "FAIL gated_residual forward"),
+    # norm_mod's RMS kind skips the mean's team reduction under a branch that must be uniform.
+    Mutant("rms_skip_divergent", "the rms kind's skipped mean reduction made lane-dependent: a team reduction "
+           "(barrier / shuffles) reached by some lanes of the team only",
+           "csrc/cuda/norm_mod_kernels.cu",
+           "  if (!rms) {  // uniform per launch", "  if (!rms || lane == 0) {  // uniform per launch",
+           "rms_adaln_modulate_class and (team16 or team0)",
+           "deadlock|different __syncthreads|is not in its mask|exited|kernel err|non-finite"),
 ]
 
 

@@ -134,6 +134,38 @@ def test_rms_norm_class(dtype, cls, dim):
     run_all(dk.rms_norm, ref.rms_norm, inputs, tangents(inputs), dtype, ["x", "weight"])
 
 
+# norm_mod's RMS kind (issue 15): the same kernels with the rms flag, a weight row (row_stride 0)
+# and an absent shift (no shift loads, no shift partials), in every launch class.
+@pytest.mark.parametrize("dtype,cls,dim", ROW_CASES)
+def test_rms_adaln_modulate_class(dtype, cls, dim):
+    inputs = [rand(B, tokens(dim), dim, scale=2.0, offset=0.7, seed=1), rand(B, dim, scale=0.5, seed=3),
+              rand(dim, scale=0.2, offset=1.0, seed=6)]
+
+    def fused(x, scale, weight):  # LightningDiT's wo_shift form
+        return dk.rms_adaln_modulate(x, None, scale, weight)
+
+    def eager(x, scale, weight):
+        return ref.rms_adaln_modulate(x, None, scale, weight)
+
+    run_all(fused, eager, inputs, tangents(inputs), dtype, ["x", "scale", "weight"])
+
+
+@pytest.mark.parametrize("dtype,cls,dim", ROW_CASES)
+def test_gated_residual_rms_adaln_class(dtype, cls, dim):
+    n = tokens(dim)
+    inputs = [rand(B, n, dim, scale=2.0, offset=0.7, seed=1), rand(B, dim, scale=0.5, seed=4),
+              rand(B, n, dim, seed=5), rand(B, dim, scale=0.5, seed=2), rand(B, dim, scale=0.5, seed=3),
+              rand(dim, scale=0.2, offset=1.0, seed=6)]
+
+    def fused(x, gate, y, shift, scale, weight):
+        return dk.gated_residual_rms_adaln(x, gate, y, shift, scale, weight)[1]
+
+    def eager(x, gate, y, shift, scale, weight):
+        return ref.gated_residual_rms_adaln(x, gate, y, shift, scale, weight)[1]
+
+    run_all(fused, eager, inputs, tangents(inputs), dtype, ["x", "gate", "y", "shift", "scale", "weight"])
+
+
 # gated_residual: column tiles of up to 512 threads x VEC columns; one tile, several tiles,
 # vectorised or not; per-sample and full-shape gates.
 @pytest.mark.parametrize("dtype", list(VEC), ids=lambda d: str(d)[6:])

@@ -18,6 +18,8 @@ def raw_op_args(device, dtype=torch.float32, B=2, N=5, D=12):
     _, mean, rstd = ops.adaln_modulate_fwd(x, sh, sc, 1e-6)
     xo, _, rmean, rrstd = ops.gated_residual_adaln_fwd(x, gate, y, sh, sc, 1e-6)
     _, qrstd = ops.rms_norm_fwd(x, w, 1e-6)
+    _, mrstd = ops.rms_adaln_modulate_fwd(x, sh, sc, w, 1e-6)
+    mxo, _, grstd = ops.gated_residual_rms_adaln_fwd(x, gate, y, None, sc, w, 1e-6)
     return {
         "adaln_modulate_fwd": (x, sh, sc, 1e-6),
         "adaln_modulate_bwd": (g, x, sc, mean, rstd),
@@ -31,6 +33,13 @@ def raw_op_args(device, dtype=torch.float32, B=2, N=5, D=12):
         "rms_norm_fwd": (x, w, 1e-6),
         "rms_norm_bwd": (g, x, w, qrstd),
         "rms_norm_jvp": (x, xd, w, wd, 1e-6),
+        # norm_mod, RMS kind: optional shift/weight, both present and absent
+        "rms_adaln_modulate_fwd": (x, sh, sc, w, 1e-6),
+        "rms_adaln_modulate_bwd": (g, x, sh, sc, w, mrstd),
+        "rms_adaln_modulate_jvp": (x, xd, None, None, sc, scd, w, wd, 1e-6),
+        "gated_residual_rms_adaln_fwd": (x, gate, y, None, sc, w, 1e-6),
+        "gated_residual_rms_adaln_bwd": (g, y, mxo, gate, y, None, sc, None, grstd),
+        "gated_residual_rms_adaln_jvp": (x, xd, gate, gated, y, None, sh, shd, sc, None, w, None, 1e-6),
     }
 
 
