@@ -47,6 +47,14 @@ TORCH_LIBRARY(dmf_kernels, m) {
   m.def("rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("rms_norm_jvp(Tensor x, Tensor? x_dot, Tensor weight, Tensor? weight_dot, float eps) "
         "-> (Tensor, Tensor, Tensor)");
+  // issue 15: swiglu (h = silu(x[..., :H]) * x[..., H:]) and rope (interleaved pairs; cos and sin
+  // are constant tables: no tangent, no gradient)
+  m.def("swiglu_fwd(Tensor x) -> Tensor");
+  m.def("swiglu_bwd(Tensor grad_h, Tensor x) -> Tensor");
+  m.def("swiglu_jvp(Tensor x, Tensor? x_dot) -> (Tensor, Tensor)");
+  m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rope_bwd(Tensor grad_out, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rope_jvp(Tensor x, Tensor? x_dot, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dmf_kernels, CPU, m) { DMF_REGISTER_ALL_OPS(m) }

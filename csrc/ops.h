@@ -41,6 +41,15 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& x,
 std::tuple<Tensor, Tensor, Tensor> rms_norm_jvp(const Tensor& x, const optional<Tensor>& x_dot, const Tensor& weight,
                                                 const optional<Tensor>& weight_dot, double eps);
 
+// issue 15: swiglu, rope
+Tensor swiglu_fwd(const Tensor& x);
+Tensor swiglu_bwd(const Tensor& grad_h, const Tensor& x);
+std::tuple<Tensor, Tensor> swiglu_jvp(const Tensor& x, const optional<Tensor>& x_dot);
+Tensor rope_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin);
+Tensor rope_bwd(const Tensor& grad_out, const Tensor& cos, const Tensor& sin);
+std::tuple<Tensor, Tensor> rope_jvp(const Tensor& x, const optional<Tensor>& x_dot, const Tensor& cos,
+                                    const Tensor& sin);
+
 }  // namespace dmf
 
 // Registers every op above for one dispatch key: TORCH_LIBRARY_IMPL(dmf_kernels, KEY, m) { DMF_REGISTER_ALL_OPS(m) }
@@ -56,4 +65,11 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_jvp(const Tensor& x, const optional<
   m.impl("gated_residual_jvp", &dmf::gated_residual_jvp);                   \
   m.impl("rms_norm_fwd", &dmf::rms_norm_fwd);                               \
   m.impl("rms_norm_bwd", &dmf::rms_norm_bwd);                               \
-  m.impl("rms_norm_jvp", &dmf::rms_norm_jvp);
+  m.impl("rms_norm_jvp", &dmf::rms_norm_jvp);                               \
+  /* issue 15: swiglu, rope */                                              \
+  m.impl("swiglu_fwd", &dmf::swiglu_fwd);                                   \
+  m.impl("swiglu_bwd", &dmf::swiglu_bwd);                                   \
+  m.impl("swiglu_jvp", &dmf::swiglu_jvp);                                   \
+  m.impl("rope_fwd", &dmf::rope_fwd);                                       \
+  m.impl("rope_bwd", &dmf::rope_bwd);                                       \
+  m.impl("rope_jvp", &dmf::rope_jvp);

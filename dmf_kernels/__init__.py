@@ -2,6 +2,7 @@
 
 Differentiable ops (backward and forward-mode AD through fused kernels):
     adaln_modulate, gated_residual_adaln, gated_residual, rms_norm, gelu_tanh, attention
+    issue 15: swiglu, rope
 Explicit jvp forms (primal + tangent in one pass): dmf_kernels.jvp.<op>, also dmf_kernels.<op>.jvp
 DiT modules with a jvp forward: dmf_kernels.nn
 Whole models: dmf_kernels.model_jvp (the drop-in for torch.func.jvp), dmf_kernels.patch
@@ -16,6 +17,8 @@ from .gated_residual import gated_residual
 from .gelu import gelu_tanh
 from .norm_mod import adaln_modulate, gated_residual_adaln
 from .rms_norm import rms_norm
+from .rope import rope  # issue 15
+from .swiglu import swiglu  # issue 15
 from . import jvp, nn, reference  # noqa: E402  (after the ops they wrap)
 from .patch import patch
 
@@ -37,4 +40,7 @@ __all__ = [
     "reference",
     "build_info",
     "RAW_OPS",
+    # issue 15
+    "rope",
+    "swiglu",
 ]

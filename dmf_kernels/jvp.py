@@ -12,6 +12,8 @@ from .gated_residual import gated_residual as _gated_residual
 from .gelu import gelu_tanh as _gelu_tanh
 from .norm_mod import adaln_modulate as _adaln_modulate, gated_residual_adaln as _gated_residual_adaln
 from .rms_norm import rms_norm as _rms_norm
+from .rope import rope as _rope  # issue 15
+from .swiglu import swiglu as _swiglu  # issue 15
 
 adaln_modulate = _adaln_modulate.jvp
 attention = _attention.jvp
@@ -19,5 +21,8 @@ gated_residual_adaln = _gated_residual_adaln.jvp
 gated_residual = _gated_residual.jvp
 gelu_tanh = _gelu_tanh.jvp
 rms_norm = _rms_norm.jvp
+rope = _rope.jvp  # issue 15
+swiglu = _swiglu.jvp  # issue 15
 
 __all__ = ["adaln_modulate", "attention", "gated_residual_adaln", "gated_residual", "gelu_tanh", "rms_norm"]
+__all__ += ["rope", "swiglu"]  # issue 15
