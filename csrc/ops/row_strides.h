@@ -10,6 +10,8 @@ namespace ops_common {
 // Fills `rs` with t's row layout over its leading dims (all but the last `row_dims` dims,
 // whose elements form one row: they must be contiguous among themselves), or returns false.
 inline bool fold_rows(const Tensor& t, int64_t row_dims, RowStrides& rs) {
+  rs = RowStrides{};
+  if (t.numel() == 0) return true;  // no rows to read (an empty batch's strides may be anything)
   const int64_t n = t.dim();
   // the row itself: unit stride, and the last row_dims dims dense
   int64_t expect = 1;

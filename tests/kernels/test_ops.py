@@ -18,6 +18,8 @@ def raw_op_args(device, dtype=torch.float32, B=2, N=5, D=12):
     _, mean, rstd = ops.adaln_modulate_fwd(x, sh, sc, 1e-6)
     xo, _, rmean, rrstd = ops.gated_residual_adaln_fwd(x, gate, y, sh, sc, 1e-6)
     _, qrstd = ops.rms_norm_fwd(x, w, 1e-6)
+    x2, x2d = r(B, N, 2 * D, seed=14), r(B, N, 2 * D, seed=15)  # issue 15
+    cos, sin = r(N, D, seed=16), r(N, D, seed=17)
     return {
         "adaln_modulate_fwd": (x, sh, sc, 1e-6),
         "adaln_modulate_bwd": (g, x, sc, mean, rstd),
@@ -31,6 +33,13 @@ def raw_op_args(device, dtype=torch.float32, B=2, N=5, D=12):
         "rms_norm_fwd": (x, w, 1e-6),
         "rms_norm_bwd": (g, x, w, qrstd),
         "rms_norm_jvp": (x, xd, w, wd, 1e-6),
+        # issue 15: swiglu (x of (B, N, 2D) -> h of (B, N, D)), rope ((N, D) tables)
+        "swiglu_fwd": (x2, ),
+        "swiglu_bwd": (g, x2),
+        "swiglu_jvp": (x2, x2d),
+        "rope_fwd": (x, cos, sin),
+        "rope_bwd": (g, cos, sin),
+        "rope_jvp": (x, xd, cos, sin),
     }
 
 
