@@ -56,7 +56,9 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const RopeParams p) {
   const int64_t D = p.dim, nvec = D / VEC;  // D is even, VEC divides it
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= p.rows * nvec) return;
-  const int64_t r = t / nvec, c = (t - r * nvec) * VEC;
+  // (t % nvec) * VEC, not (t - r * nvec) * VEC: with the latter nvcc loses that c is a multiple of
+  // VEC and splits the 16-byte stores into scalar ones (loads stay vectors)
+  const int64_t r = t / nvec, c = (t % nvec) * VEC;
   const int64_t tab = (r % p.seq) * D + c;
   A cv[VEC], sv[VEC], x[VEC], o[VEC];
   load_n<A, VEC, VECTOR>(static_cast<const A*>(p.cos) + tab, cv);

@@ -26,7 +26,9 @@ __global__ void __launch_bounds__(kThreads) swiglu_fwd_jvp_kernel(const SwigluPa
   const int64_t H = p.dim, nvec = H / VEC;  // VEC divides H (vec_ok) or is 1
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= p.rows * nvec) return;
-  const int64_t r = t / nvec, c = (t - r * nvec) * VEC;
+  // (t % nvec) * VEC, not (t - r * nvec) * VEC: with the latter nvcc loses that c is a multiple of
+  // VEC and splits the 16-byte stores into scalar ones (loads stay vectors)
+  const int64_t r = t / nvec, c = (t % nvec) * VEC;
   const T* xa = static_cast<const T*>(p.x) + row_offset(p.x_rows, r) + c;
   A a[VEC], b[VEC], s[VEC], o[VEC];
   load_vec<T, VEC>(xa, a);
@@ -61,7 +63,9 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(const SwigluParams
   const int64_t H = p.dim, nvec = H / VEC;
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= p.rows * nvec) return;
-  const int64_t r = t / nvec, c = (t - r * nvec) * VEC;
+  // (t % nvec) * VEC, not (t - r * nvec) * VEC: with the latter nvcc loses that c is a multiple of
+  // VEC and splits the 16-byte stores into scalar ones (loads stay vectors)
+  const int64_t r = t / nvec, c = (t % nvec) * VEC;
   const T* xa = static_cast<const T*>(p.x) + row_offset(p.x_rows, r) + c;
   A a[VEC], b[VEC], g[VEC], da[VEC], db[VEC];
   load_vec<T, VEC>(xa, a);
