@@ -11,7 +11,7 @@ import torch
 from .harness import copy_bandwidth, device_name, pin_cpu_allocator, run_cases, write_results
 
 SUITES = ["bench_adaln", "bench_gated_residual", "bench_rms_norm", "bench_attention", "bench_dit", "bench_dmf_train",
-          "bench_lightningdit"]
+          "bench_swiglu", "bench_rope", "bench_lightningdit"]
 
 
 def main(argv=None):

@@ -47,7 +47,7 @@ TORCH_LIBRARY(dmf_kernels, m) {
   m.def("rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("rms_norm_jvp(Tensor x, Tensor? x_dot, Tensor weight, Tensor? weight_dot, float eps) "
         "-> (Tensor, Tensor, Tensor)");
-  // norm_mod, RMS kind (issue 15): shift and weight optional (None: 0 and 1); the _bwd returns
+  // norm_mod, RMS kind: shift and weight optional (None: 0 and 1); the _bwd returns
   // undefined (None) gradients for absent ones. Statistics: rstd only (the mean is 0).
   m.def("rms_adaln_modulate_fwd(Tensor x, Tensor? shift, Tensor scale, Tensor? weight, float eps) "
         "-> (Tensor, Tensor)");
@@ -63,6 +63,14 @@ TORCH_LIBRARY(dmf_kernels, m) {
   m.def("gated_residual_rms_adaln_jvp(Tensor x, Tensor? x_dot, Tensor gate, Tensor? gate_dot, Tensor y, "
         "Tensor? y_dot, Tensor? shift, Tensor? shift_dot, Tensor scale, Tensor? scale_dot, Tensor? weight, "
         "Tensor? weight_dot, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // swiglu (h = silu(x[..., :H]) * x[..., H:]) and rope (interleaved pairs; cos and sin
+  // are constant tables: no tangent, no gradient)
+  m.def("swiglu_fwd(Tensor x) -> Tensor");
+  m.def("swiglu_bwd(Tensor grad_h, Tensor x) -> Tensor");
+  m.def("swiglu_jvp(Tensor x, Tensor? x_dot) -> (Tensor, Tensor)");
+  m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rope_bwd(Tensor grad_out, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rope_jvp(Tensor x, Tensor? x_dot, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dmf_kernels, CPU, m) { DMF_REGISTER_ALL_OPS(m) }

@@ -62,6 +62,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_rms_adaln_jvp(
     const Tensor& y, const optional<Tensor>& y_dot, const optional<Tensor>& shift, const optional<Tensor>& shift_dot,
     const Tensor& scale, const optional<Tensor>& scale_dot, const optional<Tensor>& weight,
     const optional<Tensor>& weight_dot, double eps);
+// swiglu, rope
+Tensor swiglu_fwd(const Tensor& x);
+Tensor swiglu_bwd(const Tensor& grad_h, const Tensor& x);
+std::tuple<Tensor, Tensor> swiglu_jvp(const Tensor& x, const optional<Tensor>& x_dot);
+Tensor rope_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin);
+Tensor rope_bwd(const Tensor& grad_out, const Tensor& cos, const Tensor& sin);
+std::tuple<Tensor, Tensor> rope_jvp(const Tensor& x, const optional<Tensor>& x_dot, const Tensor& cos,
+                                    const Tensor& sin);
 
 }  // namespace dmf
 
@@ -84,4 +92,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_rms_adaln_jvp(
   m.impl("rms_adaln_modulate_jvp", &dmf::rms_adaln_modulate_jvp);           \
   m.impl("gated_residual_rms_adaln_fwd", &dmf::gated_residual_rms_adaln_fwd); \
   m.impl("gated_residual_rms_adaln_bwd", &dmf::gated_residual_rms_adaln_bwd); \
-  m.impl("gated_residual_rms_adaln_jvp", &dmf::gated_residual_rms_adaln_jvp);
+  m.impl("gated_residual_rms_adaln_jvp", &dmf::gated_residual_rms_adaln_jvp); \
+  m.impl("swiglu_fwd", &dmf::swiglu_fwd);                                   \
+  m.impl("swiglu_bwd", &dmf::swiglu_bwd);                                   \
+  m.impl("swiglu_jvp", &dmf::swiglu_jvp);                                   \
+  m.impl("rope_fwd", &dmf::rope_fwd);                                       \
+  m.impl("rope_bwd", &dmf::rope_bwd);                                       \
+  m.impl("rope_jvp", &dmf::rope_jvp);

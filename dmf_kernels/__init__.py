@@ -2,7 +2,7 @@
 
 Differentiable ops (backward and forward-mode AD through fused kernels):
     adaln_modulate, gated_residual_adaln, gated_residual, rms_norm, gelu_tanh, attention,
-    rms_adaln_modulate, gated_residual_rms_adaln
+    rms_adaln_modulate, gated_residual_rms_adaln, swiglu, rope
 Explicit jvp forms (primal + tangent in one pass): dmf_kernels.jvp.<op>, also dmf_kernels.<op>.jvp
 DiT modules with a jvp forward: dmf_kernels.nn
 Whole models: dmf_kernels.model_jvp (the drop-in for torch.func.jvp), dmf_kernels.patch
@@ -15,9 +15,10 @@ from ._model_jvp import model_jvp
 from .attention import attention
 from .gated_residual import gated_residual
 from .gelu import gelu_tanh
-from .norm_mod import adaln_modulate, gated_residual_adaln
+from .norm_mod import adaln_modulate, gated_residual_adaln, gated_residual_rms_adaln, rms_adaln_modulate
 from .rms_norm import rms_norm
-from .norm_mod import rms_adaln_modulate, gated_residual_rms_adaln
+from .rope import rope
+from .swiglu import swiglu
 from . import jvp, nn, reference  # noqa: E402  (after the ops they wrap)
 from .patch import patch
 
@@ -41,4 +42,6 @@ __all__ = [
     "RAW_OPS",
     "rms_adaln_modulate",
     "gated_residual_rms_adaln",
+    "rope",
+    "swiglu",
 ]

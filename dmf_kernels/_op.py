@@ -39,10 +39,21 @@ import inspect
 from types import SimpleNamespace
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ._forward_ad import dual_inputs, make_duals
 
 CPP_OPS = []  # names of the C++ raw ops declared so far (dmf_kernels.RAW_OPS)
+
+
+class _TensorParam:
+    def __repr__(self):
+        return "TENSOR"
+
+
+# The default of a tensor param in `Op(params=...)`: a required tensor argument that is a constant
+# of the op (rope's cos / sin tables): no tangent, no gradient, saved with save_for_backward.
+TENSOR = _TensorParam()
 
 
 def _call(raw, function, tensors, args):
@@ -91,7 +102,9 @@ class Op:
         jvp: the raw one-pass jvp op.
         inputs: tensor inputs that may carry tangents, in call order.
         optional: the inputs that may be None (see the module docstring).
-        params: non-tensor arguments after them, with defaults.
+        params: non-tensor arguments after them, with defaults; a default `TENSOR` declares a
+            required constant tensor (rope's cos / sin tables): it carries no tangent (a dual one
+            raises) and gets no gradient (one that requires grad raises: it would silently get none).
         outputs: the differentiable outputs the public function returns.
         stats: further outputs of fwd/jvp (statistics for the backward), never differentiable.
         saved: names of inputs, outputs, stats and params the backward needs.
@@ -102,17 +115,24 @@ class Op:
         resolve: (primals, params) -> params, e.g. attention's default scale 1/sqrt(D).
         zero_tangents: whether `jvp` with every tangent None returns zero tangents (the C++
             ops' documented behaviour) or None (gelu: nothing computed).
+        out_shape: x -> the shape of each output (and tangent) for the fake kernels of a C++ op whose
+            outputs are not shaped like its first input x (swiglu: (..., 2H) -> (..., H)).
         doc: the public function's docstring, with shapes.
     """
 
     def __init__(self, name, *, fwd, jvp, inputs, outputs, saved, backward, params=None, stats=(), bwd=None,
-                 grads_like=None, resolve=None, zero_tangents=True, optional=(), doc=""):
+                 grads_like=None, resolve=None, zero_tangents=True, optional=(), out_shape=None, doc=""):
         self.name, self.raw_fwd, self.raw_jvp = name, fwd, jvp
         self.inputs, self.outputs, self.stats = tuple(inputs), tuple(outputs), tuple(stats)
         self.optional = tuple(optional)
         if not set(self.optional) <= set(self.inputs):
             raise TypeError(f"Op {name}: optional {self.optional} must be among the inputs {self.inputs}")
         self.params = dict(params or {})
+        self.tensor_params = tuple(n for n, d in self.params.items() if d is TENSOR)
+        self._tensor_param_at = [i for i, n in enumerate(self.params) if n in self.tensor_params]
+        if list(self.params)[:len(self.tensor_params)] != list(self.tensor_params):
+            raise TypeError(f"Op {name}: TENSOR params must come before the params with defaults")
+        self.out_shape = out_shape
         self.saved, self.backward, self.resolve, self.zero_tangents = tuple(saved), backward, resolve, zero_tangents
         n_in, n_out = len(self.inputs), len(self.outputs)
         tangent_names = [f"{n}_dot" for n in self.inputs]
@@ -132,12 +152,16 @@ class Op:
         # inputs after the last required primal defaulting to None.
         P = inspect.Parameter
         required = [n for n in self.inputs if n not in self.optional]
-        last_required = max(self.inputs.index(n) for n in required)
+        # (with TENSOR params after the inputs, every input stays positional)
+        last_required = len(self.inputs) - 1 if self.tensor_params else max(self.inputs.index(n) for n in required)
         self._fn_sig = _Signature(
             [P(n, P.POSITIONAL_OR_KEYWORD) if i <= last_required else P(n, P.POSITIONAL_OR_KEYWORD, default=None)
              for i, n in enumerate(self.inputs)]
-            + [P(n, P.POSITIONAL_OR_KEYWORD, default=d) for n, d in self.params.items()])
-        last_primal = max(jvp_names.index(n) for n in required)
+            + [P(n, P.POSITIONAL_OR_KEYWORD) for n in self.tensor_params]
+            + [P(n, P.POSITIONAL_OR_KEYWORD, default=d) for n, d in self.params.items() if d is not TENSOR])
+        # required up to the last required primal or tensor param (rope.jvp(x, x_dot, cos, sin):
+        # x_dot too, it may be None but must be given)
+        last_primal = max(jvp_names.index(n) for n in required + list(self.tensor_params))
         self._jvp_sig = _Signature([
             P(n, P.POSITIONAL_OR_KEYWORD) if i <= last_primal else
             P(n, P.POSITIONAL_OR_KEYWORD, default=self.params.get(n)) for i, n in enumerate(jvp_names)])
@@ -168,6 +192,23 @@ class Op:
             return list(bound.args)
         return list(args) + defaults[len(args):]
 
+    def _check_tensor_params(self, params):
+        """A TENSOR param is a constant: a forward-mode tangent on it, or a gradient it would need,
+        is not computed, so either raises here instead of being silently dropped."""
+        for i in self._tensor_param_at:
+            n, t = list(self.params)[i], params[i]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"dmf_kernels.{self.name}: {n} must be a Tensor, got {type(t).__name__}")
+            if fwAD.unpack_dual(t).tangent is not None:
+                raise RuntimeError(
+                    f"dmf_kernels.{self.name}: {n} carries a forward-mode tangent, but "
+                    f"{' and '.join(self.tensor_params)} are constant tables of the op (no tangent, no gradient); "
+                    f"pass them outside torch.func.jvp's primals / without make_dual")
+            if t.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"dmf_kernels.{self.name}: {n} requires grad, but {' and '.join(self.tensor_params)} are constant "
+                    f"tables of the op (no gradient is computed for them); pass {n}.detach()")
+
     def jvp_or_primal(self, primals, tangents, params):
         """(outputs, tangents of the outputs); all tangents None runs the primal op and returns
         None tangents. The tangents are not recorded by autograd."""
@@ -195,6 +236,8 @@ class Op:
         def fn(*args, **kwargs):
             args = self._bind(self._fn_sig, args, kwargs, defaults)
             tensors, params = args[:n_in], args[n_in:]
+            if self._tensor_param_at:
+                self._check_tensor_params(params)
             dual = dual_inputs(*tensors)
             if dual is None:
                 if self.resolve is not None:
@@ -227,6 +270,8 @@ class Op:
             values = [None] * len(args)
             for pos, src in enumerate(order):
                 values[src] = args[pos]
+            if self._tensor_param_at:
+                self._check_tensor_params(values[2 * n_in:])
             outs, outs_dot = self.jvp_or_primal(values[:n_in], values[n_in:2 * n_in], values[2 * n_in:])
             if zero_tangents and outs_dot[0] is None:
                 outs_dot = [torch.zeros_like(o) for o in outs]
@@ -246,17 +291,20 @@ class Op:
     def _register_fakes(self, fwd, jvp, bwd, grads_like):
         """Fake kernels of a C++ op: _fwd/_jvp outputs like x and one statistic per row (fp32,
         fp64 for fp64); _bwd outputs shaped like the bwd arguments named in grads_like."""
+        out_shape = self.out_shape or (lambda x: x.shape)
+
         def rows_fake(raw, n_rows):
             def fake(x, *args):
                 stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-                outs = [x.new_empty(x.shape) for _ in range(n_rows)]
+                outs = [x.new_empty(out_shape(x)) for _ in range(n_rows)]
                 outs += [x.new_empty(x.shape[:-1], dtype=stat) for _ in range(_n_returns(raw) - n_rows)]
                 return outs[0] if len(outs) == 1 else tuple(outs)
             return fake
 
         def bwd_fake(*args):
             named = dict(zip(_schema_names(bwd), args))
-            return tuple(None if named[n] is None else named[n].new_empty(named[n].shape) for n in grads_like)
+            outs = tuple(None if named[n] is None else named[n].new_empty(named[n].shape) for n in grads_like)
+            return outs[0] if len(outs) == 1 else outs
 
         n_out = len(self.outputs)
         CPP_OPS.extend(raw.default._schema.name.split("::")[1] for raw in (fwd, bwd, jvp))
@@ -267,8 +315,8 @@ class Op:
         qual = raw.default._schema.name
         arg_names = _schema_names(raw)
         primal_at = [out_names.index(o) for o in self.outputs]
-        saved_tensors = [n for n in self.saved if n not in self.params]
-        saved_params = [n for n in self.saved if n in self.params]
+        saved_tensors = [n for n in self.saved if n not in self.params or n in self.tensor_params]
+        saved_params = [n for n in self.saved if n in self.params and n not in self.tensor_params]
         grad_at = {n: arg_names.index(n) for n in self.inputs}
         op_name = self.name
 

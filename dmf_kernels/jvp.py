@@ -13,6 +13,8 @@ from .gelu import gelu_tanh as _gelu_tanh
 from .norm_mod import adaln_modulate as _adaln_modulate, gated_residual_adaln as _gated_residual_adaln
 from .rms_norm import rms_norm as _rms_norm
 from .norm_mod import rms_adaln_modulate as _rms_adaln_modulate, gated_residual_rms_adaln as _gated_residual_rms_adaln
+from .rope import rope as _rope
+from .swiglu import swiglu as _swiglu
 
 adaln_modulate = _adaln_modulate.jvp
 attention = _attention.jvp
@@ -22,6 +24,8 @@ gelu_tanh = _gelu_tanh.jvp
 rms_norm = _rms_norm.jvp
 rms_adaln_modulate = _rms_adaln_modulate.jvp
 gated_residual_rms_adaln = _gated_residual_rms_adaln.jvp
+rope = _rope.jvp
+swiglu = _swiglu.jvp
 
-__all__ = ["adaln_modulate", "attention", "gated_residual_adaln", "gated_residual", "gelu_tanh", "rms_norm"]
-__all__ += ["rms_adaln_modulate", "gated_residual_rms_adaln"]
+__all__ = ["adaln_modulate", "attention", "gated_residual_adaln", "gated_residual", "gelu_tanh", "rms_norm",
+           "rms_adaln_modulate", "gated_residual_rms_adaln", "rope", "swiglu"]

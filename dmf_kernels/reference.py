@@ -56,3 +56,19 @@ def rms_adaln_modulate(x, shift, scale, weight=None, eps=1e-6):
 def gated_residual_rms_adaln(x, gate, y, shift, scale, weight=None, eps=1e-6):
     x_out = gated_residual(x, gate, y)
     return x_out, rms_adaln_modulate(x_out, shift, scale, weight, eps)
+# LightningDiT's SwiGLUFFN activation and its rotary embedding (EVA's rotate_half).
+def swiglu(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return F.silu(x1) * x2
+
+
+def rotate_half(x):
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def rope(x, cos, sin):
+    """VisionRotaryEmbeddingFast.forward: t * freqs_cos + rotate_half(t) * freqs_sin. With fp32
+    tables and a bf16 t the official code returns fp32 (type promotion); here the result is cast
+    back to x's dtype, like dmf_kernels.rope."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)

@@ -12,6 +12,13 @@ void gated_residual_bwd_cpu(const GatedResidualParams&);
 void rms_norm_fwd_cpu(const RmsNormParams&);
 void rms_norm_jvp_cpu(const RmsNormParams&);
 void rms_norm_bwd_cpu(const RmsNormParams&);
+// swiglu, rope
+void swiglu_fwd_cpu(const SwigluParams&);
+void swiglu_jvp_cpu(const SwigluParams&);
+void swiglu_bwd_cpu(const SwigluParams&);
+void rope_fwd_cpu(const RopeParams&);
+void rope_jvp_cpu(const RopeParams&);
+void rope_bwd_cpu(const RopeParams&);
 }  // namespace cpu
 
 const Backend& cpu_backend() {
@@ -19,6 +26,9 @@ const Backend& cpu_backend() {
       cpu::norm_mod_fwd_cpu,       cpu::norm_mod_jvp_cpu,       cpu::norm_mod_bwd_cpu,
       cpu::gated_residual_fwd_cpu, cpu::gated_residual_jvp_cpu, cpu::gated_residual_bwd_cpu,
       cpu::rms_norm_fwd_cpu,       cpu::rms_norm_jvp_cpu,       cpu::rms_norm_bwd_cpu,
+      // swiglu, rope
+      cpu::swiglu_fwd_cpu, cpu::swiglu_jvp_cpu, cpu::swiglu_bwd_cpu,
+      cpu::rope_fwd_cpu, cpu::rope_jvp_cpu, cpu::rope_bwd_cpu,
   };
   return table;
 }

@@ -22,6 +22,13 @@ cudaError_t gated_residual_bwd(const GatedResidualParams& p, cudaStream_t stream
 cudaError_t rms_norm_fwd(const RmsNormParams& p, cudaStream_t stream);
 cudaError_t rms_norm_jvp(const RmsNormParams& p, cudaStream_t stream);
 cudaError_t rms_norm_bwd(const RmsNormParams& p, cudaStream_t stream);
+// swiglu, rope (elementwise: any D)
+cudaError_t swiglu_fwd(const SwigluParams& p, cudaStream_t stream);
+cudaError_t swiglu_jvp(const SwigluParams& p, cudaStream_t stream);
+cudaError_t swiglu_bwd(const SwigluParams& p, cudaStream_t stream);
+cudaError_t rope_fwd(const RopeParams& p, cudaStream_t stream);
+cudaError_t rope_jvp(const RopeParams& p, cudaStream_t stream);
+cudaError_t rope_bwd(const RopeParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dmf

@@ -48,11 +48,21 @@ struct LauncherTable {
   static void rms_norm_fwd(const RmsNormParams& p) { run<RmsNormParams, cuda::rms_norm_fwd>(p, p.dim, "rms_norm forward"); }
   static void rms_norm_jvp(const RmsNormParams& p) { run<RmsNormParams, cuda::rms_norm_jvp>(p, p.dim, "rms_norm jvp"); }
   static void rms_norm_bwd(const RmsNormParams& p) { run<RmsNormParams, cuda::rms_norm_bwd>(p, p.dim, "rms_norm backward"); }
+  // swiglu, rope (elementwise, flat launches: any D)
+  static void swiglu_fwd(const SwigluParams& p) { run<SwigluParams, cuda::swiglu_fwd>(p, 0, "swiglu forward"); }
+  static void swiglu_jvp(const SwigluParams& p) { run<SwigluParams, cuda::swiglu_jvp>(p, 0, "swiglu jvp"); }
+  static void swiglu_bwd(const SwigluParams& p) { run<SwigluParams, cuda::swiglu_bwd>(p, 0, "swiglu backward"); }
+  static void rope_fwd(const RopeParams& p) { run<RopeParams, cuda::rope_fwd>(p, 0, "rope forward"); }
+  static void rope_jvp(const RopeParams& p) { run<RopeParams, cuda::rope_jvp>(p, 0, "rope jvp"); }
+  static void rope_bwd(const RopeParams& p) { run<RopeParams, cuda::rope_bwd>(p, 0, "rope backward"); }
 
   static const Backend& table() {
     static const Backend t{norm_mod_fwd,       norm_mod_jvp,       norm_mod_bwd,
                            gated_residual_fwd, gated_residual_jvp, gated_residual_bwd,
-                           rms_norm_fwd,       rms_norm_jvp,       rms_norm_bwd};
+                           rms_norm_fwd,       rms_norm_jvp,       rms_norm_bwd,
+                           // swiglu, rope
+                           swiglu_fwd, swiglu_jvp, swiglu_bwd,
+                           rope_fwd, rope_jvp, rope_bwd};
     return t;
   }
 };

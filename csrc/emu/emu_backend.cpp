@@ -72,6 +72,18 @@ struct EmuEnv {
     }
     poison(p.out_dot, p.rows * p.dim, es);
   }
+  // swiglu, rope
+  static void before_launch(const SwigluParams& p) {
+    const size_t es = elem_size(p.dtype);
+    poison(p.h, p.rows * p.dim, es);
+    poison(p.h_dot, p.rows * p.dim, es);
+    poison(p.grad_x, p.rows * 2 * p.dim, es);
+  }
+  static void before_launch(const RopeParams& p) {
+    const size_t es = elem_size(p.dtype);
+    poison(p.out, p.rows * p.dim, es);
+    poison(p.out_dot, p.rows * p.dim, es);
+  }
 };
 
 }  // namespace

@@ -17,6 +17,13 @@ struct Backend {
   void (*rms_norm_fwd)(const RmsNormParams&);
   void (*rms_norm_jvp)(const RmsNormParams&);
   void (*rms_norm_bwd)(const RmsNormParams&);
+  // swiglu, rope
+  void (*swiglu_fwd)(const SwigluParams&);
+  void (*swiglu_jvp)(const SwigluParams&);
+  void (*swiglu_bwd)(const SwigluParams&);
+  void (*rope_fwd)(const RopeParams&);
+  void (*rope_jvp)(const RopeParams&);
+  void (*rope_bwd)(const RopeParams&);
 };
 
 const Backend& cpu_backend();

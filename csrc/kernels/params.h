@@ -130,6 +130,54 @@ struct RmsNormParams {
   void* part_weight = nullptr;  // acc type, (chunks, dim)
 };
 
+// Issue 15's row ops read their input rows in place through a RowStrides: row r of the
+// flattened leading dims sits at row_offset(s, r) elements from the base (unit stride along
+// the row). Up to three leading groups of any stride, so e.g. q = qkv.permute(...)[0] of shape
+// (B, H, N, D) or the first chunk of a wider projection need no copy. A contiguous (rows, cols)
+// tensor is {n1 = 1, n2 = rows, s0 = 0, s1 = 0, s2 = cols}.
+struct RowStrides {
+  int64_t n1 = 1, n2 = 1;        // sizes of the two inner groups (the outer one is rows / (n1 * n2))
+  int64_t s0 = 0, s1 = 0, s2 = 0;  // strides of the outer, middle and inner group, in elements
+};
+
+// swiglu: x (rows, 2H) -> h (rows, H) = silu(x[:, :H]) * x[:, H:], the halves read in place.
+// jvp: h_dot = silu'(a) a_dot b + silu(a) b_dot from x_dot (nullptr: zero, h_dot = 0).
+// bwd: grad_x (rows, 2H) = [g b silu'(a), g silu(a)] from grad_h (rows, H) and x.
+// h, h_dot, grad_h and grad_x are contiguous; x and x_dot are read through their RowStrides.
+struct SwigluParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, dim = 0;  // dim = H, half of x's last dim
+  const void* x = nullptr;
+  RowStrides x_rows;
+  const void* x_dot = nullptr;
+  RowStrides x_dot_rows;
+  void* h = nullptr;      // fwd / jvp
+  void* h_dot = nullptr;  // jvp
+  const void* grad_h = nullptr;  // bwd
+  void* grad_x = nullptr;        // bwd
+};
+
+// rope (interleaved pairs, LightningDiT / EVA rotate_half): for the pair (x0, x1) = (x[2i],
+// x[2i+1]) of row r at position n = r % seq:
+//   out = (x0 c0 - x1 s0, x1 c1 + x0 s1)          c = cos[n], s = sin[n] (tables (seq, dim))
+// and with `transpose` (the backward: dx from grad_out, read through x / x_rows)
+//   out = (x0 c0 + x1 s1, x1 c1 - x0 s0).
+// x_dot (jvp, nullptr: none) gets the same rotation into out_dot. Tables are contiguous in acc
+// type (float; double for fp64 x); out / out_dot contiguous (rows, dim).
+struct RopeParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, seq = 0, dim = 0;
+  bool transpose = false;
+  const void* x = nullptr;
+  RowStrides x_rows;
+  const void* x_dot = nullptr;
+  RowStrides x_dot_rows;
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  void* out = nullptr;
+  void* out_dot = nullptr;
+};
+
 #if defined(__CUDACC__)
 #define DMF_HOST_DEVICE __host__ __device__
 #else
@@ -137,5 +185,11 @@ struct RmsNormParams {
 #endif
 
 DMF_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Element offset of row r (see RowStrides).
+DMF_HOST_DEVICE inline int64_t row_offset(const RowStrides& s, int64_t r) {
+  const int64_t inner = r % s.n2, t = r / s.n2;
+  return (t / s.n1) * s.s0 + (t % s.n1) * s.s1 + inner * s.s2;
+}
 
 }  // namespace dmf

@@ -101,6 +101,28 @@ MUTANTS = [
            "  if (!rms) {  // uniform per launch", "  if (!rms || lane == 0) {  // uniform per launch",
            "rms_adaln_modulate_class and (team16 or team0)",
            "deadlock|different __syncthreads|is not in its mask|exited|kernel err|non-finite"),
+    # swiglu, rope
+    Mutant("swiglu_half_index", "swiglu's second half read one element early (b = x[H - 1 + j]: an off-by-one "
+           "half index)",
+           "csrc/cuda/swiglu_kernels.cu",
+           "  load_vec<T, VEC>(xa + H, b);\n#pragma unroll\n  for (int k = 0; k < VEC; ++k) s[k] = sigmoid(a[k]);",
+           "  load_vec<T, VEC>(xa + H - 1, b);\n#pragma unroll\n  for (int k = 0; k < VEC; ++k) s[k] = sigmoid(a[k]);",
+           "swiglu_class", "kernel err|non-finite|misaligned address"),
+    Mutant("swiglu_flat_index", "swiglu's flat thread index split with H instead of H / VEC vectors per row "
+           "(rows past the first VEC-th never written)",
+           "csrc/cuda/swiglu_kernels.cu",
+           "  const int64_t H = p.dim, nvec = H / VEC;  // VEC divides H (vec_ok) or is 1\n",
+           "  const int64_t H = p.dim, nvec = H;\n",
+           "swiglu_class", "kernel err|non-finite"),
+    Mutant("rope_pair_partner", "rope's pair partner taken as the next element (k + 1) % VEC instead of k ^ 1",
+           "csrc/cuda/rope_kernels.cu",
+           "    const int q = k ^ 1;\n", "    const int q = (k + 1) % VEC;\n",
+           "rope_class", "kernel err|non-finite"),
+    Mutant("rope_table_column", "rope's table offset without the thread's column (every thread reads the first "
+           "vector of its position's cos / sin row)",
+           "csrc/cuda/rope_kernels.cu",
+           "  const int64_t tab = (r % p.seq) * D + c;\n", "  const int64_t tab = (r % p.seq) * D;\n",
+           "rope_class", "kernel err|non-finite"),
 ]
 
 

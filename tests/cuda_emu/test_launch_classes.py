@@ -134,7 +134,7 @@ def test_rms_norm_class(dtype, cls, dim):
     run_all(dk.rms_norm, ref.rms_norm, inputs, tangents(inputs), dtype, ["x", "weight"])
 
 
-# norm_mod's RMS kind (issue 15): the same kernels with the rms flag, a weight row (row_stride 0)
+# norm_mod's RMS kind: the same kernels with the rms flag, a weight row (row_stride 0)
 # and an absent shift (no shift loads, no shift partials), in every launch class.
 @pytest.mark.parametrize("dtype,cls,dim", ROW_CASES)
 def test_rms_adaln_modulate_class(dtype, cls, dim):
@@ -202,3 +202,50 @@ def test_empty_input_launches_nothing():
     launches = cuda_emu.launch_count()
     out = dk.adaln_modulate(torch.empty(0, 5, 72), torch.randn(72), torch.randn(72))
     assert out.shape == (0, 5, 72) and cuda_emu.launch_count() == launches
+
+
+# ------------------------------------------------------------------ swiglu, rope
+# Both are flat elementwise launches (256-thread blocks over rows * D / VEC vectors, the last
+# block partial). Classes: 16-byte vectors or scalar (VEC = 1 for swiglu, one pair for rope),
+# rows read in place through strided views, and a misaligned view that must take the scalar path.
+
+
+@pytest.mark.parametrize("dtype", list(VEC), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("form", ["vec-H72", "scalar-H4099", "strided-H72", "misaligned-H64"])
+def test_swiglu_class(dtype, form):
+    H = int(form.split("-H")[1])
+    n = tokens(H)
+    if form.startswith("strided"):  # the first 2H columns of a wider (B, N, 3H) projection, rows permuted
+        x = rand(n, B, 3 * H, scale=2.0, seed=1).transpose(0, 1)[..., :2 * H]
+    elif form.startswith("misaligned"):  # strides allow vectors, rows start one element past 16 bytes
+        x = rand(B, n, 2 * H + 8, scale=2.0, seed=1)[..., 1:1 + 2 * H]
+    else:
+        x = rand(B, n, 2 * H, scale=2.0, seed=1)
+    run_all(dk.swiglu, ref.swiglu, [x], tangents([x]), dtype, ["x"])
+
+
+def rope_tables(N, D, dtype):
+    cos, sin = rand(N, D, scale=0.7, offset=0.3, seed=11), rand(N, D, scale=0.7, seed=12)
+    return (cos, sin) if dtype == torch.float64 else (cos.float(), sin.float())
+
+
+@pytest.mark.parametrize("dtype", list(VEC), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("form", ["vec-D64", "vec-D72", "pairs-D66", "qview-D64", "misaligned-D64"])
+def test_rope_class(dtype, form):
+    D = int(form.split("-D")[1])
+    if form.startswith("qview"):  # q of a fused qkv projection (B, N, 3, H, D) -> (B, H, N, D)
+        x = rand(B, N, 3, 2, D, seed=1).permute(2, 0, 3, 1, 4)[0]
+    elif form.startswith("misaligned"):  # strides allow vectors, rows start one element past 16 bytes
+        x = rand(B, 2, N, D + 8, seed=1)[..., 1:1 + D]
+    else:
+        x = rand(B, 2, N, D, seed=1)
+    cos, sin = rope_tables(N, D, dtype)
+
+    def fused(t):
+        return dk.rope(t, cos, sin)
+
+    def eager(t):
+        c, s = (cos.double(), sin.double()) if t.dtype == torch.float64 else (cos, sin)
+        return (t * c + ref.rotate_half(t) * s).to(t.dtype)
+
+    run_all(fused, eager, [x], tangents([x]), dtype, ["x"])

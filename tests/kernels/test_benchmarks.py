@@ -58,3 +58,16 @@ def test_results_files(tmp_path, monkeypatch):
     meta = json.loads(paths[0].read_text())["meta"]
     assert meta["device"] == "cpu" and "build_info" in meta
     assert "| adaln_modulate | fwd |" in paths[1].read_text()
+
+
+def test_issue15_suites_build_and_run(monkeypatch):
+    # swiglu, rope (same check as test_every_suite_builds_and_runs_a_case)
+    from benchmarks import bench_rope, bench_swiglu
+
+    for suite, shapes in {bench_swiglu: [(1, 3, 24)], bench_rope: [(1, 2, 3, 16)]}.items():
+        monkeypatch.setattr(suite, "shapes", lambda device, quick, s=shapes: s)
+        cases = [c for c in suite.cases("cpu", torch.float32, True) if c.provider in ("dmf", "eager")]
+        assert {c.mode for c in cases} == {"fwd", "bwd", "fwd+jvp"}
+        rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+        assert not [r for r in rows if r.get("ms") is None]
+        assert all(r["vs_eager"] is not None and r["bytes_moved"] > 0 for r in rows if r["provider"] == "dmf")

@@ -20,6 +20,8 @@ def raw_op_args(device, dtype=torch.float32, B=2, N=5, D=12):
     _, qrstd = ops.rms_norm_fwd(x, w, 1e-6)
     _, mrstd = ops.rms_adaln_modulate_fwd(x, sh, sc, w, 1e-6)
     mxo, _, grstd = ops.gated_residual_rms_adaln_fwd(x, gate, y, None, sc, w, 1e-6)
+    x2, x2d = r(B, N, 2 * D, seed=14), r(B, N, 2 * D, seed=15)
+    cos, sin = r(N, D, seed=16), r(N, D, seed=17)
     return {
         "adaln_modulate_fwd": (x, sh, sc, 1e-6),
         "adaln_modulate_bwd": (g, x, sc, mean, rstd),
@@ -40,6 +42,13 @@ def raw_op_args(device, dtype=torch.float32, B=2, N=5, D=12):
         "gated_residual_rms_adaln_fwd": (x, gate, y, None, sc, w, 1e-6),
         "gated_residual_rms_adaln_bwd": (g, y, mxo, gate, y, None, sc, None, grstd),
         "gated_residual_rms_adaln_jvp": (x, xd, gate, gated, y, None, sh, shd, sc, None, w, None, 1e-6),
+        # swiglu (x of (B, N, 2D) -> h of (B, N, D)), rope ((N, D) tables)
+        "swiglu_fwd": (x2, ),
+        "swiglu_bwd": (g, x2),
+        "swiglu_jvp": (x2, x2d),
+        "rope_fwd": (x, cos, sin),
+        "rope_bwd": (g, cos, sin),
+        "rope_jvp": (x, xd, cos, sin),
     }
 
 
