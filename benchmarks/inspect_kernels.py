@@ -44,13 +44,22 @@ REF_ROWS = 16384
 # ---------------------------------------------------------------- Triton
 
 
+_STANDALONE = "_dmf_kernels_triton_only"
+
+
 def _load_triton_module(name):
-    # Load the module file alone: importing the package would load the compiled extension,
-    # built against the main venv.
-    spec = importlib.util.spec_from_file_location(name, ROOT / "dmf_kernels" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    # Load the Triton module files alone: importing dmf_kernels would load the compiled
+    # extension, built against the main venv. They live in a stand-in package whose __init__
+    # never runs, so their relative imports (the launchers import the kernel files) resolve
+    # to the files beside them and to nothing else.
+    import types
+
+    if _STANDALONE not in sys.modules:
+        pkg = types.ModuleType(_STANDALONE)
+        pkg.__path__ = [str(ROOT / "dmf_kernels")]
+        sys.modules[_STANDALONE] = pkg
+    sys.modules.pop(f"{_STANDALONE}.{name}", None)  # a fresh copy: callers patch its launch hooks
+    return importlib.import_module(f"{_STANDALONE}.{name}")
 
 
 def _load_attention_triton():
