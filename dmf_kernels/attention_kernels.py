@@ -93,13 +93,49 @@ def _store_rows(base, value, rows, stride_row, cols, stride_col, row_mask, HEAD_
 
 
 @triton.jit
+def _rope_tables(COS, SIN, rows, cols, row_mask, HEAD_D: tl.constexpr, MASK_ROWS: tl.constexpr,
+                 COLS_FULL: tl.constexpr, TRANS: tl.constexpr):
+    # Tiles of the rotary tables (N, HEAD_D), fp32 and contiguous: cos, and sin with
+    # rotate_half's sign folded in (-sin on even columns, +sin on odd ones), as [rows, cols]
+    # like _load_rows or, with TRANS, [cols, rows] like _load_cols.
+    sign = tl.where((cols % 2) == 0, -1.0, 1.0)
+    if TRANS:
+        c = _load_cols(COS, rows, HEAD_D, cols, 1, row_mask, HEAD_D, MASK_ROWS, COLS_FULL)
+        s = _load_cols(SIN, rows, HEAD_D, cols, 1, row_mask, HEAD_D, MASK_ROWS, COLS_FULL) * sign[:, None]
+    else:
+        c = _load_rows(COS, rows, HEAD_D, cols, 1, row_mask, HEAD_D, MASK_ROWS, COLS_FULL)
+        s = _load_rows(SIN, rows, HEAD_D, cols, 1, row_mask, HEAD_D, MASK_ROWS, COLS_FULL) * sign[None, :]
+    return c, s
+
+
+@triton.jit
+def _rope(x, partner, c, s):
+    # rope(x) = x * cos + rotate_half(x) * sin on interleaved pairs (x0, x1) -> (-x1, x0) of a
+    # loaded tile, given the tile of pair partners (the same rows, columns cols ^ 1: read
+    # again, an L1/L2 hit, instead of shuffling registers) and _rope_tables' tiles. fp32 math,
+    # rounded to x's dtype for the tensor-core products.
+    return (x.to(tl.float32) * c + partner.to(tl.float32) * s).to(x.dtype)
+
+
+@triton.jit
+def _rope_back(g, c, s, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # The transpose of _rope for an fp32 gradient tile [ROWS, COLS] (an accumulator, with no
+    # copy in memory to re-read): dx = g * cos + swap(g * s), swap exchanging the two columns
+    # of each pair, done in registers.
+    a, b = tl.split(tl.reshape(g * s, [ROWS, COLS // 2, 2]))
+    return g * c + tl.reshape(tl.join(b, a), [ROWS, COLS])
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, COS, SIN,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     H, NQ, NK, qk_scale,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
+    # ROPE: q and k tiles rotated after loading (COS, SIN: (N, HEAD_D) fp32 tables, NQ = NK = N).
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = bh // H
@@ -116,10 +152,16 @@ def _attn_fwd_kernel(
     k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
     v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
     q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
+    if ROPE:
+        rc, rs = _rope_tables(COS, SIN, offs_m, d0, m_mask, HEAD_D, True, False, False)
+        q0 = _rope(q0, _load_rows(q_base, offs_m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
         d1 = D0 + tl.arange(0, D1)
         q1 = _load_rows(q_base, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
+        if ROPE:
+            rc, rs = _rope_tables(COS, SIN, offs_m, d1, m_mask, HEAD_D, True, False, False)
+            q1 = _rope(q1, _load_rows(q_base, offs_m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -127,11 +169,17 @@ def _attn_fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
-        s = tl.dot(q0, _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True),
-                   input_precision=DOT_PRECISION)
+        k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
+        if ROPE:
+            rc, rs = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
+            k0 = _rope(k0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), rc, rs)
+        s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         if HAS_D1:
-            s += tl.dot(q1, _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL),
-                        input_precision=DOT_PRECISION)
+            k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
+            if ROPE:
+                rc, rs = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
+                k1 = _rope(k1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), rc, rs)
+            s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
         if MASK_N:
             s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
         else:
@@ -166,7 +214,7 @@ def _guarded_dot(t, v, FP16_GUARD: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _attn_jvp_kernel(
-    Q, K, V, QD, KD, VD, O, OD, LSE,
+    Q, K, V, QD, KD, VD, O, OD, LSE, COS, SIN,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sqdb, sqdh, sqdn, sqdd, skdb, skdh, skdn, skdd, svdb, svdh, svdn, svdd,
     sob, soh, son, sod,
@@ -174,7 +222,10 @@ def _attn_jvp_kernel(
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr, FP16_GUARD: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
+    # ROPE: q, k, q_dot, k_dot tiles rotated after loading (the rotation is linear with constant
+    # tables, so the tangents rotate with the primals and the JVP below is unchanged).
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = bh // H
@@ -198,14 +249,24 @@ def _attn_jvp_kernel(
     kd_base = KD + _bh_offset(b, h, skdb, skdh, ALIGN8)
     vd_base = VD + _bh_offset(b, h, svdb, svdh, ALIGN8)
     q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
+    if ROPE:
+        rc, rs = _rope_tables(COS, SIN, offs_m, d0, m_mask, HEAD_D, True, False, False)
+        q0 = _rope(q0, _load_rows(q_base, offs_m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
     if HAS_QD:
         qd0 = _load_rows(qd_base, offs_m, sqdn, d0, sqdd, m_mask, HEAD_D)
+        if ROPE:
+            qd0 = _rope(qd0, _load_rows(qd_base, offs_m, sqdn, d0 ^ 1, sqdd, m_mask, HEAD_D), rc, rs)
     acc_o0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     acc_t0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
         q1 = _load_rows(q_base, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
+        if ROPE:
+            rc, rs = _rope_tables(COS, SIN, offs_m, d1, m_mask, HEAD_D, True, False, False)
+            q1 = _rope(q1, _load_rows(q_base, offs_m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
         if HAS_QD:
             qd1 = _load_rows(qd_base, offs_m, sqdn, d1, sqdd, m_mask, HEAD_D)
+            if ROPE:
+                qd1 = _rope(qd1, _load_rows(qd_base, offs_m, sqdn, d1 ^ 1, sqdd, m_mask, HEAD_D), rc, rs)
         acc_o1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
         acc_t1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -216,21 +277,32 @@ def _attn_jvp_kernel(
         n = start_n + offs_n
         n_mask = n < NK
         k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
+        if ROPE:
+            rc, rs = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
+            k0 = _rope(k0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), rc, rs)
         s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         sd = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_QD:
             sd += tl.dot(qd0, k0, input_precision=DOT_PRECISION)
         if HAS_KD:
-            sd += tl.dot(q0, _load_cols(kd_base, n, skdn, d0, skdd, n_mask, HEAD_D, MASK_N, True),
-                         input_precision=DOT_PRECISION)
+            kd0 = _load_cols(kd_base, n, skdn, d0, skdd, n_mask, HEAD_D, MASK_N, True)
+            if ROPE:
+                kd0 = _rope(kd0, _load_cols(kd_base, n, skdn, d0 ^ 1, skdd, n_mask, HEAD_D, MASK_N, True), rc, rs)
+            sd += tl.dot(q0, kd0, input_precision=DOT_PRECISION)
         if HAS_D1:
             k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
+            if ROPE:
+                rc, rs = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
+                k1 = _rope(k1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), rc, rs)
             s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
             if HAS_QD:
                 sd += tl.dot(qd1, k1, input_precision=DOT_PRECISION)
             if HAS_KD:
-                sd += tl.dot(q1, _load_cols(kd_base, n, skdn, d1, skdd, n_mask, HEAD_D, MASK_N, D1_FULL),
-                             input_precision=DOT_PRECISION)
+                kd1 = _load_cols(kd_base, n, skdn, d1, skdd, n_mask, HEAD_D, MASK_N, D1_FULL)
+                if ROPE:
+                    kd1 = _rope(kd1, _load_cols(kd_base, n, skdn, d1 ^ 1, skdd, n_mask, HEAD_D, MASK_N, D1_FULL),
+                                rc, rs)
+                sd += tl.dot(q1, kd1, input_precision=DOT_PRECISION)
         if MASK_N:
             s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
             sd = tl.where(n_mask[None, :], sd * qk_scale, 0.0)  # S_dot

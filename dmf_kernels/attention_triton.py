@@ -133,8 +133,17 @@ def _empty(*shape, device, dtype):
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
-    """o (B, H, NQ, D) like q, contiguous; lse (B, H, NQ) float32."""
+def _rope_args(rope, q):
+    """(COS, SIN, ROPE) kernel arguments: rope = (cos, sin), tables (N, D) of any float dtype,
+    as fp32 contiguous copies on q's device; None gives placeholders that are never read."""
+    if rope is None:
+        return q, q, False
+    return (*(t.to(device=q.device, dtype=torch.float32).contiguous() for t in rope), True)
+
+
+def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, num_stages=2, rope=None):
+    """o (B, H, NQ, D) like q, contiguous; lse (B, H, NQ) float32. rope = (cos, sin): q and k
+    rotated (rotary embedding, tables (N, D), NQ = NK = N) before the scores."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
@@ -145,19 +154,21 @@ def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, nu
     if o.numel() == 0:
         return o, lse
     grid = _grid(triton.cdiv(NQ, bm), B * H)
+    *rope_ptrs, has_rope = _rope_args(rope, q)
     with _device(q):
         _attn_fwd_kernel[grid](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            q, k, v, o, lse, *rope_ptrs, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, NQ, NK, scale, ALIGN8=_align8(q, k, v, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
             BLOCK_M=bm, BLOCK_N=bn, MASK_N=NK % bn != 0, D1_FULL=_d1_full(D),
-            DOT_PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+            DOT_PRECISION=_precision(q.dtype), ROPE=has_rope, num_warps=num_warps, num_stages=num_stages,
         )
     return o, lse
 
 
-def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=None, num_warps=None, num_stages=2):
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=None, num_warps=None, num_stages=2,
+                  rope=None):
     """One pass: o, o_dot (B, H, NQ, D) contiguous, lse (B, H, NQ) float32. A None tangent is
-    zero and its products are skipped."""
+    zero and its products are skipped. rope = (cos, sin): q, k, q_dot, k_dot rotated."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
@@ -170,26 +181,28 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
         return o, o_dot, lse
     qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
     grid = _grid(triton.cdiv(NQ, bm), B * H)
+    *rope_ptrs, has_rope = _rope_args(rope, q)
     with _device(q):
         _attn_jvp_kernel[grid](
-            q, k, v, qd, kd, vd, o, o_dot, lse,
+            q, k, v, qd, kd, vd, o, o_dot, lse, *rope_ptrs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
             H, NQ, NK, scale,
             HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
             ALIGN8=_align8(q, k, v, qd, kd, vd, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm,
             BLOCK_N=bn, MASK_N=NK % bn != 0, D1_FULL=_d1_full(D), DOT_PRECISION=_precision(q.dtype),
-            FP16_GUARD=q.dtype == torch.float16,
+            FP16_GUARD=q.dtype == torch.float16, ROPE=has_rope,
             num_warps=num_warps, num_stages=num_stages,
         )
     return o, o_dot, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=None, num_stages=2,
-                  dq_blocks=None):
+                  dq_blocks=None, rope=None):
     """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage). The dK/dV and dQ
     kernels have their own default tiles (_default_blocks "bwd_dkdv", "bwd_dq"); block_m,
     block_n, num_warps given here override both, dq_blocks = (BLOCK_M, BLOCK_N, num_warps)
-    the dQ kernel's alone (benchmarks/tune_attention.py tunes the two separately)."""
+    the dQ kernel's alone (benchmarks/tune_attention.py tunes the two separately). rope =
+    (cos, sin): the forward's rotation; dq and dk are with respect to the unrotated q and k."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
@@ -209,16 +222,17 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
     with _device(q):
         _attn_bwd_preprocess_kernel[_grid(triton.cdiv(NQ, q_cfg[0]), B * H)](
             o, do, delta, *_strides(o), *_strides(do), H, NQ, ALIGN8=align8, HEAD_D=D, BLOCK_D=bd, BLOCK_M=q_cfg[0])
+    *rope_ptrs, has_rope = _rope_args(rope, q)
     common = dict(ALIGN8=align8, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, DOT_PRECISION=_precision(q.dtype),
-                  D1_FULL=_d1_full(D), num_stages=num_stages)
+                  D1_FULL=_d1_full(D), ROPE=has_rope, num_stages=num_stages)
     with _device(q):
         bm, bn, nw = kv_cfg
         _attn_bwd_dkdv_kernel[_grid(triton.cdiv(NK, bn), B * H)](
-            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+            q, k, v, do, lse, delta, dk, dv, *rope_ptrs, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
             H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, MASK_M=NQ % bm != 0, num_warps=nw, **common)
         bm, bn, nw = q_cfg
         _attn_bwd_dq_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
-            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            q, k, v, do, lse, delta, dq, *rope_ptrs, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, MASK_N=NK % bn != 0, num_warps=nw, **common)
     return dq, dk, dv
 
