@@ -13,7 +13,12 @@ O(N^2) of the math path.
   exact; no online rescaling is needed). Its lse feeds the flash backward.
 The blockwise forward/backward stay as the float64 path on CUDA tensors (aten's flash
 kernel is CPU-only) and as the reference the tests compare the flash path with. Computation
-is in fp32 for fp16/bf16 inputs (fp64 for fp64)."""
+is in fp32 for fp16/bf16 inputs (fp64 for fp64).
+- Rotary embedding (rope = rope_tables(...)): q and k (and q_dot, k_dot) are rotated once at
+  the top, in the compute dtype, and the paths above run on the rotated tensors; the JVP
+  folds the scale into the query blocks' tables. The backward recomputes the rotation and
+  rotates dq, dk back at the end (the transpose, rope_back). Plain tensor code inside the
+  custom ops: no autograd nodes."""
 import torch
 
 # Rows per query block: bounds the [B, H, block, NK] score tiles (about 3 live at once).
@@ -42,8 +47,37 @@ def _upcast(*ts):
     return [t.float() for t in ts]
 
 
-def attention_fwd(q, k, v, scale, block=None):
+def rope_tables(cos, sin, dtype, device):
+    """(cos, sin_signed) in the compute dtype: sin_signed carries rotate_half's sign (-sin on
+    even columns, +sin on odd), so rope(x) = x * cos + swap(x) * sin_signed with swap
+    exchanging the entries of each pair: (x0, x1) -> (x1, x0)."""
+    sign = torch.tensor([-1.0, 1.0], dtype=dtype, device=device).repeat(cos.shape[-1] // 2)
+    return cos.to(device=device, dtype=dtype).contiguous(), (sin.to(device=device, dtype=dtype) * sign).contiguous()
+
+
+def _swap(x):
+    x = x.unflatten(-1, (-1, 2))
+    return torch.stack((x[..., 1], x[..., 0]), dim=-1).flatten(-2)
+
+
+def rope_apply(x, tables):
+    """x * cos + rotate_half(x) * sin (LightningDiT), tables (N, D) broadcast over x's leading dims."""
+    cos, sin_signed = tables
+    return torch.addcmul(x * cos, _swap(x), sin_signed)
+
+
+def rope_back(g, tables):
+    """The transpose of rope_apply: g * cos + swap(g * sin_signed) (per pair with equal angles:
+    (g0 cos + g1 sin, g1 cos - g0 sin))."""
+    cos, sin_signed = tables
+    return (g * cos).add_(_swap(g * sin_signed))
+
+
+def attention_fwd(q, k, v, scale, block=None, rope=None):
     """o (B, H, NQ, D) contiguous, lse (B, H, NQ) in fp32 (fp64 for fp64)."""
+    if rope is not None:
+        o, lse = attention_fwd(rope_apply(_acc(q), rope), rope_apply(_acc(k), rope), _acc(v), scale, block)
+        return o.to(q.dtype), lse
     if block is None and _flash_ok(q):
         if q.dtype == torch.float16:  # aten's fp16 kernel is slower than fp32 (module docstring)
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_upcast(q, k, v), scale=scale)
@@ -66,7 +100,7 @@ def attention_fwd_blockwise(q, k, v, scale, block=None):
     return o, lse
 
 
-def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None):
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None, rope=None):
     """o, o_dot, lse with S_dot = c (Q_dot K^T + Q K_dot^T), P = softmax(S),
     O_dot = P V_dot + (P * S_dot) V - rowsum(P * S_dot) O. None tangents are zero.
 
@@ -80,17 +114,28 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None):
     o_dot = torch.empty_like(o)
     lse = torch.empty(B, H, NQ, device=q.device, dtype=_stat_dtype(q.dtype))
     BH = B * H
-    ka, va = _acc(k).reshape(BH, NK, D), _acc(v).reshape(BH, NK, D)
+    if rope is not None:  # the scale goes into the query blocks' tables
+        qtab = tuple(t * scale for t in rope)
+
+    def keys(t):
+        t = _acc(t).reshape(BH, NK, D)
+        return t if rope is None else rope_apply(t, rope)
+
+    def query_rows(t, i, j):  # scale * (rotated) rows i:j of q or q_dot, (BH, j - i, D)
+        t = _acc(t[:, :, i:j]).reshape(BH, j - i, D)
+        return t * scale if rope is None else rope_apply(t, (qtab[0][i:j], qtab[1][i:j]))
+
+    ka, va = keys(k), _acc(v).reshape(BH, NK, D)
     kt = ka.transpose(1, 2)
     if q_dot is not None and k_dot is not None:
-        kk = torch.cat([ka, _acc(k_dot).reshape(BH, NK, D)], dim=-1).transpose(1, 2)  # [K | K_dot]^T
+        kk = torch.cat([ka, keys(k_dot)], dim=-1).transpose(1, 2)  # [K | K_dot]^T
     elif k_dot is not None:
-        kk = _acc(k_dot).reshape(BH, NK, D).transpose(1, 2)
+        kk = keys(k_dot).transpose(1, 2)
     else:
         kk = kt
     vda = None if v_dot is None else _acc(v_dot).reshape(BH, NK, D)
     for i, j in _blocks(NQ, block):
-        qb = _acc(q[:, :, i:j]).reshape(BH, j - i, D) * scale
+        qb = query_rows(q, i, j)
         s = torch.bmm(qb, kt)                                   # (BH, bq, NK) scaled scores
         m = s.amax(-1, keepdim=True)
         p = s.sub_(m).exp_()                                    # in place: s is not needed again
@@ -101,9 +146,9 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None):
             odb = torch.zeros_like(ob)
         else:
             if q_dot is not None and k_dot is not None:
-                lhs = torch.cat([_acc(q_dot[:, :, i:j]).reshape(BH, j - i, D) * scale, qb], dim=-1)
+                lhs = torch.cat([query_rows(q_dot, i, j), qb], dim=-1)
             elif q_dot is not None:
-                lhs = _acc(q_dot[:, :, i:j]).reshape(BH, j - i, D) * scale
+                lhs = query_rows(q_dot, i, j)
             else:
                 lhs = qb
             t = torch.bmm(lhs, kk).mul_(p)                      # P * S_dot
@@ -116,8 +161,12 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None):
     return o, o_dot, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, block=None):
+def attention_bwd(do, q, k, v, o, lse, scale, block=None, rope=None):
     """dq, dk, dv (contiguous) from the saved o and lse."""
+    if rope is not None:
+        dq, dk, dv = attention_bwd(_acc(do), rope_apply(_acc(q), rope), rope_apply(_acc(k), rope), _acc(v), _acc(o),
+                                   lse, scale, block)
+        return rope_back(dq, rope).to(q.dtype), rope_back(dk, rope).to(k.dtype), dv.to(v.dtype)
     if block is None and _flash_ok(q):
         low = q.dtype in (torch.float16, torch.bfloat16)   # fp32 is faster and more exact (docstring)
         args = _upcast(do, q, k, v, o) if low else (do, q, k, v, o)
