@@ -188,6 +188,9 @@ def _attention_backward(s, g):
 
 def _default_scale(primals, params):
     scale, rope_cos, rope_sin = params
+    for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if t is not None and not isinstance(t, Tensor):  # before the dispatcher's own cast error
+            raise TypeError(f"attention: {name} must be a Tensor or None, got {type(t).__name__}")
     if scale is None:
         q = primals[0]
         if not isinstance(q, Tensor):
