@@ -171,14 +171,14 @@ def _attn_fwd_kernel(
         n_mask = n < NK
         k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
         if ROPE:
-            rc, rs = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
-            k0 = _rope(k0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), rc, rs)
+            tc, ts = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
+            k0 = _rope(k0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), tc, ts)
         s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         if HAS_D1:
             k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
             if ROPE:
-                rc, rs = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
-                k1 = _rope(k1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), rc, rs)
+                tc, ts = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
+                k1 = _rope(k1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), tc, ts)
             s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
         if MASK_N:
             s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
@@ -278,8 +278,8 @@ def _attn_jvp_kernel(
         n_mask = n < NK
         k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
         if ROPE:
-            rc, rs = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
-            k0 = _rope(k0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), rc, rs)
+            tc, ts = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
+            k0 = _rope(k0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), tc, ts)
         s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         sd = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_QD:
@@ -287,13 +287,13 @@ def _attn_jvp_kernel(
         if HAS_KD:
             kd0 = _load_cols(kd_base, n, skdn, d0, skdd, n_mask, HEAD_D, MASK_N, True)
             if ROPE:
-                kd0 = _rope(kd0, _load_cols(kd_base, n, skdn, d0 ^ 1, skdd, n_mask, HEAD_D, MASK_N, True), rc, rs)
+                kd0 = _rope(kd0, _load_cols(kd_base, n, skdn, d0 ^ 1, skdd, n_mask, HEAD_D, MASK_N, True), tc, ts)
             sd += tl.dot(q0, kd0, input_precision=DOT_PRECISION)
         if HAS_D1:
             k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
             if ROPE:
-                rc, rs = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
-                k1 = _rope(k1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), rc, rs)
+                tc, ts = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
+                k1 = _rope(k1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), tc, ts)
             s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
             if HAS_QD:
                 sd += tl.dot(qd1, k1, input_precision=DOT_PRECISION)
@@ -301,7 +301,7 @@ def _attn_jvp_kernel(
                 kd1 = _load_cols(kd_base, n, skdn, d1, skdd, n_mask, HEAD_D, MASK_N, D1_FULL)
                 if ROPE:
                     kd1 = _rope(kd1, _load_cols(kd_base, n, skdn, d1 ^ 1, skdd, n_mask, HEAD_D, MASK_N, D1_FULL),
-                                rc, rs)
+                                tc, ts)
                 sd += tl.dot(q1, kd1, input_precision=DOT_PRECISION)
         if MASK_N:
             s = tl.where(n_mask[None, :], s * scale2, float("-inf"))

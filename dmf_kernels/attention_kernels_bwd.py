@@ -79,16 +79,16 @@ def _attn_bwd_dkdv_kernel(
         m_mask = m < NQ
         qT0 = _load_cols(q_base, m, sqn, d0, sqd, m_mask, HEAD_D, MASK_M, True)
         if ROPE:
-            rc, rs = _rope_tables(COS, SIN, m, d0, m_mask, HEAD_D, MASK_M, True, True)
-            qT0 = _rope(qT0, _load_cols(q_base, m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D, MASK_M, True), rc, rs)
+            tc, ts = _rope_tables(COS, SIN, m, d0, m_mask, HEAD_D, MASK_M, True, True)
+            qT0 = _rope(qT0, _load_cols(q_base, m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D, MASK_M, True), tc, ts)
         doT0 = _load_cols(do_base, m, sdon, d0, sdod, m_mask, HEAD_D, MASK_M, True)
         sT = tl.dot(k0, qT0, input_precision=DOT_PRECISION)
         dpT = tl.dot(v0, doT0, input_precision=DOT_PRECISION)
         if HAS_D1:
             qT1 = _load_cols(q_base, m, sqn, d1, sqd, m_mask, HEAD_D, MASK_M, D1_FULL)
             if ROPE:
-                rc, rs = _rope_tables(COS, SIN, m, d1, m_mask, HEAD_D, MASK_M, D1_FULL, True)
-                qT1 = _rope(qT1, _load_cols(q_base, m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D, MASK_M, D1_FULL), rc, rs)
+                tc, ts = _rope_tables(COS, SIN, m, d1, m_mask, HEAD_D, MASK_M, D1_FULL, True)
+                qT1 = _rope(qT1, _load_cols(q_base, m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D, MASK_M, D1_FULL), tc, ts)
             doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D, MASK_M, D1_FULL)
             sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
             dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
@@ -166,16 +166,16 @@ def _attn_bwd_dq_kernel(
         n_mask = n < NK
         kT0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
         if ROPE:
-            rc, rs = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
-            kT0 = _rope(kT0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), rc, rs)
+            tc, ts = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
+            kT0 = _rope(kT0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), tc, ts)
         s = tl.dot(q0, kT0, input_precision=DOT_PRECISION)
         dp = tl.dot(do0, _load_cols(v_base, n, svn, d0, svd, n_mask, HEAD_D, MASK_N, True),
                     input_precision=DOT_PRECISION)
         if HAS_D1:
             kT1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
             if ROPE:
-                rc, rs = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
-                kT1 = _rope(kT1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), rc, rs)
+                tc, ts = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
+                kT1 = _rope(kT1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), tc, ts)
             s += tl.dot(q1, kT1, input_precision=DOT_PRECISION)
             dp += tl.dot(do1, _load_cols(v_base, n, svn, d1, svd, n_mask, HEAD_D, MASK_N, D1_FULL),
                          input_precision=DOT_PRECISION)

@@ -30,13 +30,31 @@ def head_split(head_dim):
 # ---------------------------------------------------------------- launchers
 
 
-def _default_blocks(kind, head_dim, interpret, capability=(9, 0)):
+# Rotary embedding: each rotated tile costs its pair-partner tile and two fp32 table tiles in
+# registers (242-255 registers where the plain kernels use 150-240). Where the plain tiles
+# then spill (inspect_kernels.py's "+rope" rows, triton 3.6), more warps or smaller tiles:
+# (kind, head_dim, sm80) -> (BLOCK_M, BLOCK_N, num_warps).
+_ROPE_TILES = {
+    ("jvp", 96, False): (64, 32, 8),  # 4 warps spill 24 bytes
+    ("bwd_dkdv", 72, False): (64, 64, 8), ("bwd_dkdv", 80, False): (64, 64, 8),  # 4 warps: 264-276 bytes
+    ("fwd", 128, True): (64, 64, 8),  # 4 warps: 12 bytes
+    ("jvp", 128, True): (32, 32, 8),  # 64x32 w8: 668 bytes
+    ("bwd_dkdv", 72, True): (16, 32, 4), ("bwd_dkdv", 80, True): (16, 32, 4),  # 16x64: 24-36 bytes
+    ("bwd_dkdv", 96, True): (16, 32, 4),  # 16x64: 324 bytes
+    ("bwd_dq", 96, True): (64, 32, 8),  # 64x32 w4: 96 bytes
+    ("bwd_dq", 128, True): (32, 64, 8),  # 64x64 w8: 232 bytes
+}
+
+
+def _default_blocks(kind, head_dim, interpret, capability=(9, 0), rope=False):
     """(BLOCK_M, BLOCK_N, num_warps) per kernel, head dim and architecture: the largest tiles
     that compile without spills for 16-bit inputs (benchmarks/results/inspect_sm_*.md,
     triton 3.6; `make inspect` fails CI if one starts to spill)."""
     if interpret:  # the CPU interpreter's cost grows with tile size: small tiles, few programs
         return 16, 16, 4
     sm80 = capability[0] < 9  # mma.sync instead of wgmma: accumulators stay in registers
+    if rope and (kind, head_dim, sm80) in _ROPE_TILES:
+        return _ROPE_TILES[(kind, head_dim, sm80)]
     if kind == "jvp":
         # Two [BLOCK_M, D] accumulators plus Q and Q_dot in registers: 221 registers at D=72 on
         # sm_90a; at D=128 fp16 4 warps spill 24 bytes, 8 do not. On sm_80, 4 warps spill
@@ -147,7 +165,7 @@ def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, nu
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn, nw = _default_blocks("fwd", D, _interpreting(), _capability(q))
+    bm, bn, nw = _default_blocks("fwd", D, _interpreting(), _capability(q), rope is not None)
     bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
@@ -172,7 +190,7 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn, nw = _default_blocks("jvp", D, _interpreting(), _capability(q))
+    bm, bn, nw = _default_blocks("jvp", D, _interpreting(), _capability(q), rope is not None)
     bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     o_dot = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
@@ -207,7 +225,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
     NK = k.shape[2]
     d0, d1 = head_split(D)
     cap, interp = _capability(q), _interpreting()
-    kv_cfg, q_cfg = (tuple(x or d for x, d in zip((block_m, block_n, num_warps), _default_blocks(kind, D, interp, cap)))
+    kv_cfg, q_cfg = (tuple(x or d for x, d in zip((block_m, block_n, num_warps), _default_blocks(kind, D, interp, cap, rope is not None)))
                      for kind in ("bwd_dkdv", "bwd_dq"))
     if dq_blocks is not None:
         q_cfg = tuple(dq_blocks)

@@ -111,7 +111,7 @@ def test_triton_attention_block_size_independent(tdev):
             torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
-def _gpu_default_tiles():
+def _gpu_default_tiles(rope=False):
     """Each distinct (kind, BLOCK_M, BLOCK_N) the launchers pick on sm_80 / sm_90a, with a head
     dim that picks it: the interpreter checks the tile shapes a GPU will run."""
     from dmf_kernels import attention_triton as at
@@ -120,7 +120,7 @@ def _gpu_default_tiles():
     for cap in ((8, 0), (9, 0)):
         for D in (64, 72, 80, 96, 128):
             for kind in ("fwd", "jvp", "bwd_dkdv", "bwd_dq"):
-                bm, bn, _ = at._default_blocks(kind, D, False, cap)
+                bm, bn, _ = at._default_blocks(kind, D, False, cap, rope)
                 seen.setdefault((kind, bm, bn), D)
     return [(kind, bm, bn, D) for (kind, bm, bn), D in sorted(seen.items())]
 
@@ -369,7 +369,8 @@ def test_triton_attention_rope_kernels(tdev, shape):
             assert_three_way(a, b, c, dtype, f"d{n} {dtype}")
 
 
-@pytest.mark.parametrize("bm,bn", [(16, 16), (64, 32), (64, 64)], ids=str)
+@pytest.mark.parametrize("bm,bn", sorted({(16, 16)} | {(bm, bn) for _, bm, bn, _ in _gpu_default_tiles(rope=True)}),
+                         ids=str)
 def test_triton_attention_rope_tiles_and_tangent_subsets(tdev, bm, bn):
     # The GPU's tile shapes (the backward's in-register back-rotation reshapes the
     # accumulator tiles), partial tiles both ways, each tangent alone; fp32 against float64.
