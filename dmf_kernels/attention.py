@@ -165,7 +165,8 @@ def _(q, k, v, q_dot, k_dot, v_dot, scale, rope_cos=None, rope_sin=None):
 
 @torch.library.custom_op("dmf_kernels::attention_bwd", mutates_args=())
 def _attention_bwd(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
-                   rope_cos: Optional[Tensor] = None, rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                   rope_cos: Optional[Tensor] = None,
+                   rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv from the saved o and lse (with rope: w.r.t. the unrotated q and k)."""
     _check(q, k, v, op="attention_bwd")
     if grad_o.shape != o.shape:

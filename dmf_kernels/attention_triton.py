@@ -225,7 +225,8 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
     NK = k.shape[2]
     d0, d1 = head_split(D)
     cap, interp = _capability(q), _interpreting()
-    kv_cfg, q_cfg = (tuple(x or d for x, d in zip((block_m, block_n, num_warps), _default_blocks(kind, D, interp, cap, rope is not None)))
+    kv_cfg, q_cfg = (tuple(x or d for x, d in zip((block_m, block_n, num_warps),
+                                                  _default_blocks(kind, D, interp, cap, rope is not None)))
                      for kind in ("bwd_dkdv", "bwd_dq"))
     if dq_blocks is not None:
         q_cfg = tuple(dq_blocks)
@@ -246,11 +247,13 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
     with _device(q):
         bm, bn, nw = kv_cfg
         _attn_bwd_dkdv_kernel[_grid(triton.cdiv(NK, bn), B * H)](
-            q, k, v, do, lse, delta, dk, dv, *rope_ptrs, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+            q, k, v, do, lse, delta, dk, dv, *rope_ptrs,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
             H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, MASK_M=NQ % bm != 0, num_warps=nw, **common)
         bm, bn, nw = q_cfg
         _attn_bwd_dq_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
-            q, k, v, do, lse, delta, dq, *rope_ptrs, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            q, k, v, do, lse, delta, dq, *rope_ptrs,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, MASK_N=NK % bn != 0, num_warps=nw, **common)
     return dq, dk, dv
 

@@ -46,3 +46,12 @@ def test_results_files(tmp_path, monkeypatch):
     meta = json.loads(paths[0].read_text())["meta"]
     assert meta["device"] == "cpu" and "build_info" in meta
     assert "| adaln_modulate | fwd |" in paths[1].read_text()
+
+
+def test_attention_rope_rows_build_and_run(monkeypatch):
+    monkeypatch.setattr(bench_attention, "shapes", lambda device, quick: [(1, 2, 8, 16)])
+    cases = [c for c in bench_attention.cases("cpu", torch.float32, True) if c.provider in ("dmf_rope", "eager_rope")]
+    assert {(c.mode, c.provider) for c in cases} == {(m, p) for m in ("fwd", "bwd", "fwd+jvp")
+                                                     for p in ("dmf_rope", "eager_rope")}
+    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+    assert not [r for r in rows if r.get("ms") is None]
