@@ -2,11 +2,13 @@
 (o, o_dot, lse), and the tile helpers the backward kernels (attention_kernels_bwd.py) share.
 Launch configuration: attention_triton.py.
 
-Layout (B, H, N, D) like F.scaled_dot_product_attention, any strides (a permuted view of a
-fused qkv projection is read in place). q and kv lengths may differ; any N >= 1 (tails
-are masked). Head dims 16..128 are split into a power-of-two part and a remainder padded
-to at least 16 (72 = 64 + 16 with 8 masked, 80 = 64 + 16, 96 = 64 + 32): a head dim of 72
-costs 80 columns of work instead of the 128 a power-of-two pad would.
+Tiles: (B, H, N, D) layout with any strides; a head dim is a power-of-two block of columns
+(D0) plus a padded remainder (D1), see head_split in attention_triton.py.
+
+Rotary embedding (ROPE constexpr, off: no code): q, k, q_dot, k_dot tiles are rotated right
+after loading, rope(x) = x * cos + rotate_half(x) * sin on interleaved pairs, with the pair
+partners read again at columns cols ^ 1 (the same cache lines) and the (N, D) fp32 tables
+tiled by row block. Both blocks D0, D1 start at even columns, so a pair never straddles them.
 
 JVP (../shared/notes/jvp-math.md): O_dot = P V_dot + (P * S_dot) V - mu O with
 mu = rowsum(P * S_dot). One pass with online softmax (sCM, appendix F) keeps acc_o = p V
