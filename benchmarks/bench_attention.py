@@ -3,7 +3,13 @@ math path, eager and compiled (fwd+jvp: the only way PyTorch can take a forward-
 derivative of attention). DiT-B/2 (H = 12, D = 64) and DiT-XL/2 (H = 16, D = 72) at
 N = 256 and 1024 with about 64k tokens per batch on a GPU (small batches on CPU, where
 "dmf" is the blockwise PyTorch path). TFLOP/s count 4 B H N^2 D for the forward, 2.5x that
-for the backward and 3x for the JVP (six products per tile instead of two)."""
+for the backward and 3x for the JVP (six products per tile instead of two).
+
+Rotary embedding rows (issue 15): provider "dmf_rope" is dmf_kernels.attention with
+LightningDiT-style (N, D) tables, q and k rotated inside the kernels; "eager_rope" the math
+path after rotating q and k with reference.rope. Against "dmf" they give rope's cost.
+On CPU the extra shape B8 H12 N256 D64 is the one the issue's budget (fwd+jvp with rope at
+most 10% slower than without) is measured at."""
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -22,7 +28,13 @@ def shapes(device, quick):
     if device == "cuda":
         return [(256, 12, 256, 64), (256, 16, 256, 72), (64, 12, 1024, 64), (64, 16, 1024, 72)]
     return [(1, 16, 256, 72), (1, 16, 1024, 72)] if quick else [(2, 12, 256, 64), (2, 16, 256, 72),
-                                                               (1, 16, 1024, 72)]
+                                                               (1, 16, 1024, 72), (8, 12, 256, 64)]
+
+
+def rope_tables(N, D, device):
+    """LightningDiT-like tables: one angle per pair (interleaved), cos and sin of it."""
+    theta = torch.rand(N, D // 2, device=device, dtype=torch.float32).mul_(6.28).repeat_interleave(2, -1)
+    return theta.cos(), theta.sin()
 
 
 def sdpa(backend):
@@ -86,11 +98,18 @@ def cases(device, dtype, quick):
         else:
             fwd_providers += [("sdpa_flash", sdpa(SDPBackend.FLASH_ATTENTION))]
         fwd_providers += [("eager", ref.attention), ("compile", compiled(ref.attention))]
+        cos, sin = rope_tables(N, D, device)
+        dmf_rope = lambda q, k, v, c=cos, s=sin: dk.attention(q, k, v, None, c, s)  # noqa: E731
+        eager_rope = lambda q, k, v, c=cos, s=sin: ref.attention(q, k, v, None, c, s)  # noqa: E731
+        fwd_providers += [("dmf_rope", dmf_rope), ("eager_rope", eager_rope)]
         for prov, fn in fwd_providers:
             yield Case("attention", "fwd", prov, shape, dname, fwd(fn))
         for prov, fn in fwd_providers:
             yield Case("attention", "bwd", prov, shape, dname, bwd(fn))
         yield Case("attention", "fwd+jvp", "dmf", shape, dname, jvp(None, dual=True))
+        yield Case("attention", "fwd+jvp", "dmf_rope", shape, dname,
+                   jvp(lambda p, t, c=cos, s=sin: dk.jvp.attention(*p, *t, None, c, s)))
+        yield Case("attention", "fwd+jvp", "eager_rope", shape, dname, jvp(func_jvp(eager_rope)))
         yield Case("attention", "fwd+jvp", "dmf_func_jvp", shape, dname, jvp(func_jvp(dk.attention)))
         yield Case("attention", "fwd+jvp", "eager", shape, dname, jvp(func_jvp(ref.attention)))
         yield Case("attention", "fwd+jvp", "compile", shape, dname,

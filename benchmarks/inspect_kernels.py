@@ -44,13 +44,22 @@ REF_ROWS = 16384
 # ---------------------------------------------------------------- Triton
 
 
+_STANDALONE = "_dmf_kernels_triton_only"
+
+
 def _load_triton_module(name):
-    # Load the module file alone: importing the package would load the compiled extension,
-    # built against the main venv.
-    spec = importlib.util.spec_from_file_location(name, ROOT / "dmf_kernels" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    # Load the Triton module files alone: importing dmf_kernels would load the compiled
+    # extension, built against the main venv. They live in a stand-in package whose __init__
+    # never runs, so their relative imports (the launchers import the kernel files) resolve
+    # to the files beside them and to nothing else.
+    import types
+
+    if _STANDALONE not in sys.modules:
+        pkg = types.ModuleType(_STANDALONE)
+        pkg.__path__ = [str(ROOT / "dmf_kernels")]
+        sys.modules[_STANDALONE] = pkg
+    sys.modules.pop(f"{_STANDALONE}.{name}", None)  # a fresh copy: callers patch its launch hooks
+    return importlib.import_module(f"{_STANDALONE}.{name}")
 
 
 def _load_attention_triton():
@@ -117,6 +126,8 @@ def triton_launches(cc=90, B=REF_B, H=REF_H, N=REF_N):
                 q, k, v = _layout_tensors(torch, layout, B, H, N, D, dtype, 3)
                 qd, kd, vd = _layout_tensors(torch, layout, B, H, N, D, dtype, 3)
                 scale = D ** -0.5
+                tab = torch.empty(N, D, dtype=torch.float32, device="meta")
+                rope, tab_bytes = (tab, tab), 2 * N * D * 4  # rotary tables (cos, sin), fp32
                 calls = [
                     (lambda: at.attention_fwd(q, k, v, scale), {"_attn_fwd_kernel": 4 * row + stat}),
                     (lambda: at.attention_jvp(q, k, v, qd, kd, vd, scale), {"_attn_jvp_kernel": 8 * row + stat}),
@@ -127,11 +138,27 @@ def triton_launches(cc=90, B=REF_B, H=REF_H, N=REF_N):
                       "_attn_bwd_dkdv_kernel": 6 * row + 2 * stat,  # q k v do read, dk dv written
                       "_attn_bwd_dq_kernel": 5 * row + 2 * stat}),
                 ]
+                if not prec:  # the rope variants (rows "+rope"): 16-bit only, the hot ones
+                    calls += [
+                        (lambda: at.attention_fwd(q, k, v, scale, rope=rope),
+                         {"_attn_fwd_kernel": 4 * row + stat + tab_bytes}),
+                        (lambda: at.attention_jvp(q, k, v, qd, kd, vd, scale, rope=rope),
+                         {"_attn_jvp_kernel": 8 * row + stat + tab_bytes}),
+                        (lambda: at.attention_bwd(torch.empty(B, H, N, D, dtype=dtype, device="meta"), q, k, v,
+                                                  torch.empty(B, H, N, D, dtype=dtype, device="meta"),
+                                                  torch.empty(B, H, N, dtype=torch.float32, device="meta"), scale,
+                                                  rope=rope),  # its preprocess launch is the plain one's
+                         {"_attn_bwd_dkdv_kernel": 6 * row + 2 * stat + tab_bytes,
+                          "_attn_bwd_dq_kernel": 5 * row + 2 * stat + tab_bytes}),
+                    ]
                 for call, nbytes in calls:
                     log.clear()
                     call()
                     for name, fn, grid, args, kwargs in log:
-                        out.append(dict(kernel=name.strip("_").removesuffix("_kernel"),
+                        if name not in nbytes:
+                            continue
+                        suffix = "+rope" if kwargs.get("ROPE") else ""
+                        out.append(dict(kernel=name.strip("_").removesuffix("_kernel") + suffix,
                                         dtype=label, D=D, layout=layout, fn=fn,
                                         grid=grid, args=args, kwargs=kwargs, bytes=nbytes[name]))
     torch.set_float32_matmul_precision(old_prec)

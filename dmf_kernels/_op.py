@@ -102,9 +102,10 @@ class Op:
         jvp: the raw one-pass jvp op.
         inputs: tensor inputs that may carry tangents, in call order.
         optional: the inputs that may be None (see the module docstring).
-        params: non-tensor arguments after them, with defaults; a default `TENSOR` declares a
-            required constant tensor (rope's cos / sin tables): it carries no tangent (a dual one
-            raises) and gets no gradient (one that requires grad raises: it would silently get none).
+        params: arguments after them that carry no tangent and get no gradient (scale, eps,
+            attention's optional rope tables), with defaults; a default `TENSOR` declares a
+            required constant tensor (rope's cos / sin tables): a dual tangent on it raises, and
+            so does requires_grad (it would silently get no gradient).
         outputs: the differentiable outputs the public function returns.
         stats: further outputs of fwd/jvp (statistics for the backward), never differentiable.
         saved: names of inputs, outputs, stats and params the backward needs.
@@ -323,8 +324,11 @@ class Op:
         def setup_context(ctx, inputs, output):
             named = dict(zip(arg_names, inputs))
             named.update(zip(out_names, output if isinstance(output, tuple) else (output,)))
-            ctx.save_for_backward(*[named[n] for n in saved_tensors])
-            ctx.params = {n: named[n] for n in saved_params}
+            # A param may be a tensor (attention's rope tables): it is saved like the tensors,
+            # which is what torch.compile's tracing of the backward expects.
+            ctx.tensor_params = [n for n in saved_params if isinstance(named[n], torch.Tensor)]
+            ctx.save_for_backward(*[named[n] for n in saved_tensors + ctx.tensor_params])
+            ctx.params = {n: named[n] for n in saved_params if n not in ctx.tensor_params}
             ctx.n_inputs = len(inputs)
             ctx.set_materialize_grads(False)  # an unused output must not arrive as zeros and raise
 
@@ -341,7 +345,7 @@ class Op:
             g = [grads[k] for k in primal_at]
             if all(x is None for x in g):
                 return (None,) * ctx.n_inputs
-            saved = SimpleNamespace(**dict(zip(saved_tensors, ctx.saved_tensors)), **ctx.params)
+            saved = SimpleNamespace(**dict(zip(saved_tensors + ctx.tensor_params, ctx.saved_tensors)), **ctx.params)
             result = self.backward(saved, SimpleNamespace(**dict(zip(self.outputs, g))))
             out = [None] * ctx.n_inputs
             for n, value in result.items():

@@ -4,12 +4,17 @@
                                                     Triton kernels on CUDA (attention_triton.py),
                                                     the blockwise PyTorch path on CPU and for
                                                     float64 (attention_cpu.py)
-    attention(q, k, v, scale)                       public, declared with _op.Op like every op;
+    attention(q, k, v, scale, rope_cos, rope_sin)   public, declared with _op.Op like every op;
                                                     under forward-mode AD (torch.func.jvp,
                                                     forward_ad, jacfwd, also compiled) it runs the
                                                     one-pass jvp kernel, never a primal kernel
                                                     followed by a separate tangent kernel
-    dmf_kernels.jvp.attention(q, k, v, q_dot, k_dot, v_dot, scale)   explicit jvp form
+    dmf_kernels.jvp.attention(q, k, v, q_dot, k_dot, v_dot, scale, rope_cos, rope_sin)   explicit jvp form
+
+Rotary position embedding (rope_cos, rope_sin: (N, D) tables, LightningDiT's
+VisionRotaryEmbeddingFast): q and k are rotated inside the kernels, rope(t) = t * cos +
+rotate_half(t) * sin on interleaved pairs (x0, x1) -> (-x1, x0). The tables are constants
+(params of the op, like scale): no tangent, no gradient; q_dot and k_dot rotate with them.
 """
 import math
 from typing import Optional
@@ -78,6 +83,41 @@ def _check(q, k, v, tangents=(), op="attention"):
         check_tangent(op, name, t, primal)
 
 
+def _check_rope(q, k, rope_cos, rope_sin, op):
+    """Whether rotary embedding is on; raises on bad tables."""
+    if rope_cos is None and rope_sin is None:
+        return False
+    if rope_cos is None or rope_sin is None:
+        given, missing = ("rope_cos", "rope_sin") if rope_sin is None else ("rope_sin", "rope_cos")
+        raise ValueError(f"{op}: {given} given without {missing}; rotary embedding needs both tables")
+    B, H, NQ, D = q.shape
+    if k.shape[2] != NQ:
+        raise ValueError(f"{op}: rotary embedding (rope_cos, rope_sin) needs self-attention, NQ == NK; got "
+                         f"NQ = {NQ}, NK = {k.shape[2]}")
+    if D % 2:
+        raise ValueError(f"{op}: rotary embedding needs an even head dim (it rotates pairs of columns), got D = {D}")
+    for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if tuple(t.shape) != (NQ, D):
+            raise ValueError(f"{op}: {name} must have shape (N, D) = {(NQ, D)}, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected q's device {q.device}")
+    return True
+
+
+def _rope(q, k, rope_cos, rope_sin, op):
+    """The tables as the chosen path takes them: (cos, sin) for Triton (which converts them
+    to fp32 itself), attention_cpu.rope_tables for the PyTorch path; None without rope."""
+    if not _check_rope(q, k, rope_cos, rope_sin, op):
+        return None
+    if _use_triton(q):
+        return rope_cos, rope_sin
+    return attention_cpu.rope_tables(rope_cos, rope_sin, _stat_dtype(q), q.device)
+
+
 def _stat_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -86,81 +126,100 @@ def _stat_dtype(q):
 
 
 @torch.library.custom_op("dmf_kernels::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, rope_cos: Optional[Tensor] = None,
+                   rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """o (B, H, NQ, D), lse (B, H, NQ) in fp32 (fp64 for fp64)."""
     _check(q, k, v, op="attention_fwd")
+    rope = _rope(q, k, rope_cos, rope_sin, "attention_fwd")
     if _use_triton(q):
-        return _triton().attention_fwd(q, k, v, scale)
-    return attention_cpu.attention_fwd(q, k, v, scale)
+        return _triton().attention_fwd(q, k, v, scale, rope=rope)
+    return attention_cpu.attention_fwd(q, k, v, scale, rope=rope)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, rope_cos=None, rope_sin=None):
+    _check_rope(q, k, rope_cos, rope_sin, "attention_fwd")
     B, H, NQ, D = q.shape
     return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=_stat_dtype(q))
 
 
 @torch.library.custom_op("dmf_kernels::attention_jvp", mutates_args=())
 def _attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Optional[Tensor], k_dot: Optional[Tensor],
-                  v_dot: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                  v_dot: Optional[Tensor], scale: float, rope_cos: Optional[Tensor] = None,
+                  rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """o, o_dot, lse in one pass; None tangents are zero."""
     _check(q, k, v, (("q_dot", q_dot, q), ("k_dot", k_dot, k), ("v_dot", v_dot, v)), op="attention_jvp")
+    rope = _rope(q, k, rope_cos, rope_sin, "attention_jvp")
     if _use_triton(q):
-        return _triton().attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale)
-    return attention_cpu.attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale)
+        return _triton().attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, rope=rope)
+    return attention_cpu.attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, rope=rope)
 
 
 @_attention_jvp.register_fake
-def _(q, k, v, q_dot, k_dot, v_dot, scale):
+def _(q, k, v, q_dot, k_dot, v_dot, scale, rope_cos=None, rope_sin=None):
+    _check_rope(q, k, rope_cos, rope_sin, "attention_jvp")
     B, H, NQ, D = q.shape
     o = q.new_empty(B, H, NQ, v.shape[-1])
     return o, torch.empty_like(o), q.new_empty(B, H, NQ, dtype=_stat_dtype(q))
 
 
 @torch.library.custom_op("dmf_kernels::attention_bwd", mutates_args=())
-def _attention_bwd(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv from the saved o and lse."""
+def _attention_bwd(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
+                   rope_cos: Optional[Tensor] = None,
+                   rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv from the saved o and lse (with rope: w.r.t. the unrotated q and k)."""
     _check(q, k, v, op="attention_bwd")
     if grad_o.shape != o.shape:
         raise ValueError(f"attention_bwd: grad_o must have o's shape {tuple(o.shape)}, got {tuple(grad_o.shape)}")
+    rope = _rope(q, k, rope_cos, rope_sin, "attention_bwd")
     if _use_triton(q):
-        return _triton().attention_bwd(grad_o, q, k, v, o, lse, scale)
-    return attention_cpu.attention_bwd(grad_o, q, k, v, o, lse, scale)
+        return _triton().attention_bwd(grad_o, q, k, v, o, lse, scale, rope=rope)
+    return attention_cpu.attention_bwd(grad_o, q, k, v, o, lse, scale, rope=rope)
 
 
 @_attention_bwd.register_fake
-def _(grad_o, q, k, v, o, lse, scale):
+def _(grad_o, q, k, v, o, lse, scale, rope_cos=None, rope_sin=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_backward(s, g):
-    dq, dk, dv = torch.ops.dmf_kernels.attention_bwd(g.o, s.q, s.k, s.v, s.o, s.lse, s.scale)
+    dq, dk, dv = torch.ops.dmf_kernels.attention_bwd(g.o, s.q, s.k, s.v, s.o, s.lse, s.scale, s.rope_cos, s.rope_sin)
     return dict(q=dq, k=dk, v=dv)
 
 
 def _default_scale(primals, params):
-    (scale,) = params
+    scale, rope_cos, rope_sin = params
+    for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if t is not None and not isinstance(t, Tensor):  # before the dispatcher's own cast error
+            raise TypeError(f"attention: {name} must be a Tensor or None, got {type(t).__name__}")
     if scale is None:
         q = primals[0]
         if not isinstance(q, Tensor):
             raise TypeError(f"attention: q must be a Tensor, got {type(q).__name__}")
-        return (1.0 / math.sqrt(q.shape[-1]),)
-    return (float(scale),)
+        return (1.0 / math.sqrt(q.shape[-1]), rope_cos, rope_sin)
+    return (float(scale), rope_cos, rope_sin)
 
 
 attention = Op(
     "attention", fwd=torch.ops.dmf_kernels.attention_fwd, jvp=torch.ops.dmf_kernels.attention_jvp,
-    bwd=torch.ops.dmf_kernels.attention_bwd, inputs=("q", "k", "v"), params=dict(scale=None), outputs=("o",),
-    stats=("lse",), saved=("q", "k", "v", "o", "lse", "scale"), backward=_attention_backward,
+    bwd=torch.ops.dmf_kernels.attention_bwd, inputs=("q", "k", "v"),
+    params=dict(scale=None, rope_cos=None, rope_sin=None), outputs=("o",), stats=("lse",),
+    saved=("q", "k", "v", "o", "lse", "scale", "rope_cos", "rope_sin"), backward=_attention_backward,
     resolve=_default_scale,
-    doc="""Non-causal attention, softmax(scale * q k^T) v, like F.scaled_dot_product_attention.
+    doc="""Non-causal attention, softmax(scale * q k^T) v, like F.scaled_dot_product_attention;
+    with rotary tables softmax(scale * rope(q) rope(k)^T) v.
 
     Args:
         q: (B, H, NQ, D); k, v: (B, H, NK, D). Any strides (e.g. permuted views of a fused
             qkv projection). float16 / bfloat16 / float32 (Triton on CUDA, fp32 accumulation),
             float64 (blockwise PyTorch path). D in 16..128 on CUDA (72, 80, 96 included).
         scale: defaults to 1 / sqrt(D).
+        rope_cos, rope_sin: rotary position embedding tables (N, D), both or neither, any float
+            dtype (used in fp32; fp64 for fp64 inputs), self-attention only (NQ = NK = N), D
+            even. rope(t) = t * cos + rotate_half(t) * sin with rotate_half on interleaved
+            pairs (x0, x1) -> (-x1, x0), as LightningDiT's VisionRotaryEmbeddingFast; applied
+            to q and k inside the kernels (and to q_dot, k_dot). Constants: no gradient, no
+            tangent.
     Returns:
         o: (B, H, NQ, D), contiguous. Differentiable (backward kernels, no N x N storage).
         Under torch.func.jvp / forward_ad / jacfwd, eager or compiled, the tangent comes

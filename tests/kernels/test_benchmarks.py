@@ -60,7 +60,7 @@ def test_results_files(tmp_path, monkeypatch):
     assert "| adaln_modulate | fwd |" in paths[1].read_text()
 
 
-def test_issue15_suites_build_and_run(monkeypatch):
+def test_swiglu_rope_suites_build_and_run(monkeypatch):
     # swiglu, rope (same check as test_every_suite_builds_and_runs_a_case)
     from benchmarks import bench_rope, bench_swiglu
 
@@ -71,3 +71,12 @@ def test_issue15_suites_build_and_run(monkeypatch):
         rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
         assert not [r for r in rows if r.get("ms") is None]
         assert all(r["vs_eager"] is not None and r["bytes_moved"] > 0 for r in rows if r["provider"] == "dmf")
+
+
+def test_attention_rope_rows_build_and_run(monkeypatch):
+    monkeypatch.setattr(bench_attention, "shapes", lambda device, quick: [(1, 2, 8, 16)])
+    cases = [c for c in bench_attention.cases("cpu", torch.float32, True) if c.provider in ("dmf_rope", "eager_rope")]
+    assert {(c.mode, c.provider) for c in cases} == {(m, p) for m in ("fwd", "bwd", "fwd+jvp")
+                                                     for p in ("dmf_rope", "eager_rope")}
+    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+    assert not [r for r in rows if r.get("ms") is None]

@@ -104,3 +104,52 @@ def test_compile_dual_api(device):
     x_dot = rand(*x.shape, device=device, dtype=x.dtype, seed=60)
     compiled = torch.compile(lambda *a: fn(*a), fullgraph=True)
     close(compiled(x, x_dot, shift, None, scale, None), fn(x, x_dot, shift, None, scale, None))
+
+
+# ---------------------------------------------------------------- attention with rotary tables (issue 15)
+
+
+def test_compile_attention_rope(device):
+    q, k, v, qd, kd, vd = (rand(1, 2, 17, 16, device=device, dtype=torch.float32, seed=70 + i) for i in range(6))
+    cos, sin = rand(17, 16, device=device, dtype=torch.float32, seed=80), rand(17, 16, device=device, seed=81)
+    fn = lambda a, b, c, cs, sn: dk.attention(a, b, c, None, cs, sn)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xe = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, ref = compiled(*xs, cos, sin), fn(*xe, cos, sin)
+    close(out, ref)
+    w = rand(*ref.shape, device=device, dtype=ref.dtype, seed=82)
+    close(torch.autograd.grad(out, xs, w), torch.autograd.grad(ref, xe, w))
+
+    def func_jvp(a, b, c, ad, bd, cd, cs, sn):
+        return torch.func.jvp(lambda x, y, z: fn(x, y, z, cs, sn), (a, b, c), (ad, bd, cd))
+
+    def forward_ad(a, b, c, ad, bd, cd, cs, sn):
+        with fwAD.dual_level():
+            o = fn(fwAD.make_dual(a, ad), fwAD.make_dual(b, bd), fwAD.make_dual(c, cd), cs, sn)
+            return fwAD.unpack_dual(o).tangent
+
+    args = (q, k, v, qd, kd, vd, cos, sin)
+    (o, t), (eo, et) = torch.compile(func_jvp, fullgraph=True)(*args), func_jvp(*args)
+    close(o, eo)
+    close(t, et)
+    close(torch.compile(forward_ad, fullgraph=True)(*args), et)
+    assert et.abs().max() > 0
+    # the rotation is on: the tangent differs from attention without tables
+    assert (et - torch.func.jvp(dk.attention, (q, k, v), (qd, kd, vd))[1]).abs().max() > 1e-3
+
+
+def test_compile_attention_rope_jvp_primal_is_differentiable(device):
+    # MeanFlow's pattern with rotary tables: the tables are saved for the backward as tensors
+    q, k, v, qd, kd, vd = (rand(1, 2, 17, 16, device=device, dtype=torch.float32, seed=90 + i) for i in range(6))
+    cos, sin = rand(17, 16, device=device, dtype=torch.float32, seed=96), rand(17, 16, device=device, seed=97)
+
+    def step(a, b, c):
+        o, t = torch.func.jvp(lambda x, y, z: dk.attention(x, y, z, None, cos, sin), (a, b, c), (qd, kd, vd))
+        return (o * t.detach()).sum()
+
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    xe = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.compile(step, fullgraph=True)(*xs).backward()
+    step(*xe).backward()
+    close([t.grad for t in xs], [t.grad for t in xe])

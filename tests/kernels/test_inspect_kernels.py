@@ -109,3 +109,17 @@ def test_row_launch_mirror_equals_the_cuda_host_code(tmp_path):
     assert len(rows) == 80
     for d, v, *cpp in rows:
         assert tuple(cpp) == ik.row_launch(d, v), (d, v)
+
+def test_triton_launches_load_standalone_and_include_rope_rows():
+    # The launcher and kernel files load without the dmf_kernels package (a stand-in package
+    # for their relative imports), fresh per call (the recorders patch the launcher module).
+    ik = _tool()
+    rows = ik.triton_launches(90)
+    again = ik.triton_launches(80)
+    assert len(rows) == len(again)
+    kernels = {r["kernel"] for r in rows}
+    assert {"attn_fwd+rope", "attn_jvp+rope", "attn_bwd_dkdv+rope", "attn_bwd_dq+rope"} <= kernels
+    for r in rows:
+        if r["kernel"].startswith("attn_") and r["kernel"] != "attn_bwd_preprocess":
+            assert r["kwargs"]["ROPE"] == r["kernel"].endswith("+rope"), r["kernel"]
+            assert type(r["fn"]).__name__ == "JITFunction"

@@ -205,3 +205,16 @@ def test_gradient_into_a_tangent_raises(device):
     _, tan = torch.func.jvp(dk.adaln_modulate, (x, sh[:, 0], sc[:, 0]), (torch.ones_like(x),) + (torch.zeros(2, 6, device=device),) * 2)
     with pytest.raises(RuntimeError, match=r"adaln_modulate: gradients through forward-mode tangents are not"):
         (tan.sum() + x.sum()).backward()
+
+
+# ------------------------------------------------------------------ attention with rotary tables (issue 15)
+
+
+@pytest.mark.parametrize("name", ["attention_fwd", "attention_jvp", "attention_bwd"])
+def test_opcheck_attention_rope(device, name):
+    q, k, v, qd, kd, g = (rand(1, 2, 9, 16, device=device, dtype=torch.float32, seed=s) for s in range(6))
+    cos, sin = rand(9, 16, device=device, seed=7), rand(9, 16, device=device, dtype=torch.bfloat16, seed=8)
+    o, lse = ops.attention_fwd(q, k, v, 0.25, cos, sin)
+    args = {"attention_fwd": (q, k, v, 0.25, cos, sin), "attention_jvp": (q, k, v, qd, kd, None, 0.25, cos, sin),
+            "attention_bwd": (g, q, k, v, o, lse, 0.25, cos, sin)}[name]
+    torch.library.opcheck(getattr(ops, name).default, args)

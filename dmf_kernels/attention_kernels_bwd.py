@@ -1,0 +1,200 @@
+"""Triton kernels of the attention backward: delta = rowsum(O * dO), then dK/dV (one key
+block per program) and dQ (one query block per program), from the saved O and lse (no
+N x N storage). Tile helpers in attention_kernels.py; launchers in attention_triton.py.
+
+ROPE (rotary embedding, NQ = NK): q and k tiles are rotated after loading like in the
+forward, so the products give the gradients of the rotated q and k; dQ and dK are rotated
+back (the transpose of the rotation, _rope_back) before they are stored."""
+import triton
+import triton.language as tl
+
+from .attention_kernels import _bh_offset, _div8, _load_cols, _load_rows, _rope, _rope_back, _rope_tables, _store_rows
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, NQ,
+                                ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_M: tl.constexpr):
+    # delta = rowsum(O * dO), the softmax-backward correction.
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    son = _div8(son, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < NQ
+    o = _load_rows(O + _bh_offset(b, h, sob, soh, ALIGN8), offs_m, son, d, sod, m_mask, HEAD_D).to(tl.float32)
+    do = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d, sdod, m_mask, HEAD_D).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, 1), mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdkb, sdkh, sdkn, sdkd,
+    H, NQ, NK, qk_scale,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_M: tl.constexpr, D1_FULL: tl.constexpr,
+    ROPE: tl.constexpr,
+):
+    # One key block per program; loops over all query blocks. Works on transposed scores
+    # sT = K Q^T so dk and dv accumulate as [BLOCK_N, D] without transposes.
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
+    sdkn = _div8(sdkn, ALIGN8)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    n_mask = offs_n < NK
+    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    do_base = DO + _bh_offset(b, h, sdob, sdoh, ALIGN8)
+    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    k0 = _load_rows(k_base, offs_n, skn, d0, skd, n_mask, HEAD_D)
+    if ROPE:
+        rc, rs = _rope_tables(COS, SIN, offs_n, d0, n_mask, HEAD_D, True, False, False)
+        k0 = _rope(k0, _load_rows(k_base, offs_n, skn, d0 ^ 1, skd, n_mask, HEAD_D), rc, rs)
+    v0 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d0, svd, n_mask, HEAD_D)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if HAS_D1:
+        k1 = _load_rows(k_base, offs_n, skn, d1, skd, n_mask, HEAD_D)
+        if ROPE:
+            rc, rs = _rope_tables(COS, SIN, offs_n, d1, n_mask, HEAD_D, True, False, False)
+            k1 = _rope(k1, _load_rows(k_base, offs_n, skn, d1 ^ 1, skd, n_mask, HEAD_D), rc, rs)
+        v1 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d1, svd, n_mask, HEAD_D)
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    for start_m in range(0, NQ, BLOCK_M):
+        m = start_m + offs_m
+        m_mask = m < NQ
+        qT0 = _load_cols(q_base, m, sqn, d0, sqd, m_mask, HEAD_D, MASK_M, True)
+        if ROPE:
+            tc, ts = _rope_tables(COS, SIN, m, d0, m_mask, HEAD_D, MASK_M, True, True)
+            qT0 = _rope(qT0, _load_cols(q_base, m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D, MASK_M, True), tc, ts)
+        doT0 = _load_cols(do_base, m, sdon, d0, sdod, m_mask, HEAD_D, MASK_M, True)
+        sT = tl.dot(k0, qT0, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v0, doT0, input_precision=DOT_PRECISION)
+        if HAS_D1:
+            qT1 = _load_cols(q_base, m, sqn, d1, sqd, m_mask, HEAD_D, MASK_M, D1_FULL)
+            if ROPE:
+                tc, ts = _rope_tables(COS, SIN, m, d1, m_mask, HEAD_D, MASK_M, D1_FULL, True)
+                qT1 = _rope(qT1, _load_cols(q_base, m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D, MASK_M, D1_FULL), tc, ts)
+            doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D, MASK_M, D1_FULL)
+            sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
+            dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
+        lse = tl.load(LSE + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
+        if MASK_M:
+            pT = tl.where(m_mask[None, :], tl.exp(sT * qk_scale - lse[None, :]), 0.0)
+        else:
+            pT = tl.exp(sT * qk_scale - lse[None, :])
+        dsT = pT * (dpT - delta[None, :])
+        dv0 = tl.dot(pT.to(v0.dtype), tl.trans(doT0), dv0, input_precision=DOT_PRECISION)
+        dk0 = tl.dot(dsT.to(k0.dtype), tl.trans(qT0), dk0, input_precision=DOT_PRECISION)
+        if HAS_D1:
+            dv1 = tl.dot(pT.to(v1.dtype), tl.trans(doT1), dv1, input_precision=DOT_PRECISION)
+            dk1 = tl.dot(dsT.to(k1.dtype), tl.trans(qT1), dk1, input_precision=DOT_PRECISION)
+    if ROPE:
+        rc, rs = _rope_tables(COS, SIN, offs_n, d0, n_mask, HEAD_D, True, False, False)
+        dk0 = _rope_back(dk0, rc, rs, BLOCK_N, D0)
+        if HAS_D1:
+            rc, rs = _rope_tables(COS, SIN, offs_n, d1, n_mask, HEAD_D, True, False, False)
+            dk1 = _rope_back(dk1, rc, rs, BLOCK_N, D1)
+    dk_base = DK + _bh_offset(b, h, sdkb, sdkh, ALIGN8)  # DK and DV share strides (both allocated contiguous)
+    dv_base = DV + _bh_offset(b, h, sdkb, sdkh, ALIGN8)
+    _store_rows(dk_base, (dk0 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
+    _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
+    if HAS_D1:
+        _store_rows(dk_base, (dk1 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d1, sdkd, n_mask, HEAD_D)
+        _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, sdkn, d1, sdkd, n_mask, HEAD_D)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdqb, sdqh, sdqn, sdqd,
+    H, NQ, NK, qk_scale,
+    ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr,
+    ROPE: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    sqn = _div8(sqn, ALIGN8)
+    skn = _div8(skn, ALIGN8)
+    svn = _div8(svn, ALIGN8)
+    sdon = _div8(sdon, ALIGN8)
+    sdqn = _div8(sdqn, ALIGN8)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    m_mask = offs_m < NQ
+    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
+    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
+    if ROPE:
+        rc, rs = _rope_tables(COS, SIN, offs_m, d0, m_mask, HEAD_D, True, False, False)
+        q0 = _rope(q0, _load_rows(q_base, offs_m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
+    do0 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d0, sdod, m_mask, HEAD_D)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if HAS_D1:
+        q1 = _load_rows(q_base, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
+        if ROPE:
+            rc, rs = _rope_tables(COS, SIN, offs_m, d1, m_mask, HEAD_D, True, False, False)
+            q1 = _rope(q1, _load_rows(q_base, offs_m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
+        do1 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d1, sdod, m_mask, HEAD_D)
+        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * NQ + offs_m, mask=m_mask, other=0.0)
+    for start_n in range(0, NK, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < NK
+        kT0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
+        if ROPE:
+            tc, ts = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
+            kT0 = _rope(kT0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), tc, ts)
+        s = tl.dot(q0, kT0, input_precision=DOT_PRECISION)
+        dp = tl.dot(do0, _load_cols(v_base, n, svn, d0, svd, n_mask, HEAD_D, MASK_N, True),
+                    input_precision=DOT_PRECISION)
+        if HAS_D1:
+            kT1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
+            if ROPE:
+                tc, ts = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
+                kT1 = _rope(kT1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), tc, ts)
+            s += tl.dot(q1, kT1, input_precision=DOT_PRECISION)
+            dp += tl.dot(do1, _load_cols(v_base, n, svn, d1, svd, n_mask, HEAD_D, MASK_N, D1_FULL),
+                         input_precision=DOT_PRECISION)
+        if MASK_N:
+            p = tl.where(n_mask[None, :], tl.exp(s * qk_scale - lse[:, None]), 0.0)
+        else:
+            p = tl.exp(s * qk_scale - lse[:, None])
+        ds = (p * (dp - delta[:, None])).to(q0.dtype)
+        dq0 = tl.dot(ds, tl.trans(kT0), dq0, input_precision=DOT_PRECISION)
+        if HAS_D1:
+            dq1 = tl.dot(ds, tl.trans(kT1), dq1, input_precision=DOT_PRECISION)
+    if ROPE:
+        rc, rs = _rope_tables(COS, SIN, offs_m, d0, m_mask, HEAD_D, True, False, False)
+        dq0 = _rope_back(dq0, rc, rs, BLOCK_M, D0)
+        if HAS_D1:
+            rc, rs = _rope_tables(COS, SIN, offs_m, d1, m_mask, HEAD_D, True, False, False)
+            dq1 = _rope_back(dq1, rc, rs, BLOCK_M, D1)
+    dq_base = DQ + _bh_offset(b, h, sdqb, sdqh, ALIGN8)
+    _store_rows(dq_base, (dq0 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d0, sdqd, m_mask, HEAD_D)
+    if HAS_D1:
+        _store_rows(dq_base, (dq1 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d1, sdqd, m_mask, HEAD_D)
+
