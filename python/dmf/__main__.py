@@ -130,6 +130,8 @@ def parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mf-velocity", choices=MF_VELOCITIES, default="teacher",
                    help="the DMF stage's MF velocity: teacher (default here: the stage-1 model's) or data (official)")
+    p.add_argument("--model", default="", help="a DMFT_models name, e.g. LightningDMF-Ti/2 (default: DMFT-Ti/2; the "
+                                                "quality targets were measured on it)")
     return ap
 
 

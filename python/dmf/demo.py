@@ -82,11 +82,11 @@ def _median_step_s(run_dir: Path) -> float:
     return 1.0 / speeds[len(speeds) // 2]
 
 
-def warmup(out: Path, amp: str, seed: int, mf_velocity: str):
+def warmup(out: Path, amp: str, seed: int, mf_velocity: str, model: str = ""):
     """(flow s/step, DMF s/step) from a few steps of each stage at the demo's batch and precision."""
     w = out / "warmup"
     common = dict(batch_size=FULL["batch"], seed=seed, progress=False, log_every=1, amp=amp,
-                  ckpt_every=10 ** 9)
+                  ckpt_every=10 ** 9, model=model)
     train(TrainConfig(stage="flow", steps=WARMUP_STEPS["flow"], out=str(w / "flow"), **common))
     ckpt.convert(w / "flow" / "checkpoints" / "last.pt", w / "init.pt", log=lambda *a: None)
     train(TrainConfig(stage="dmf", steps=WARMUP_STEPS["dmf"], out=str(w / "dmf"), init=str(w / "init.pt"),
@@ -107,18 +107,20 @@ def main(args):
     out = Path(args.out)
     gpu = torch.cuda.is_available() and not args.quick
     mf_velocity = getattr(args, "mf_velocity", "teacher")
+    model_name = getattr(args, "model", "") or ""  # "": the trainer's default for digits (DMFT-Ti/2)
     out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         plan = dict(QUICK, why="--quick: every stage with tiny budgets")
     else:
         amp = amp_for(gpu, cpu_has_native_bf16())
         print("== warm-up: measuring the step times", flush=True)
-        plan = plan_from_warmup(*warmup(out, amp, args.seed, mf_velocity), amp)
+        plan = plan_from_warmup(*warmup(out, amp, args.seed, mf_velocity, model_name), amp)
         print(f"plan: flow {plan['flow_steps']} + DMF {plan['dmf_steps']} steps; {plan['why']}", flush=True)
     plan["mf_velocity"] = mf_velocity
+    plan["model"] = model_name or "DMFT-Ti/2"
     common = dict(batch_size=plan["batch"], seed=args.seed, progress=not args.quick, log_every=10,
                   ckpt_every=max(plan["flow_steps"], plan["dmf_steps"]), device="cpu" if args.quick else "",
-                  amp=plan["amp"])
+                  amp=plan["amp"], model=model_name)
 
     print("== stage 1: flow matching", flush=True)
     flow_s = _run(TrainConfig(stage="flow", steps=plan["flow_steps"], out=str(out / "flow"), **common))

@@ -37,3 +37,24 @@ def test_train_and_sample_lightning(tmp_path, capsys):
     main(["sample", "--ckpt", str(dmf), "--steps", "2", "--n", "4", "--out", str(out)])
     arr = np.load(out)["images"]
     assert arr.shape == (4, 1, 8, 8) and np.isfinite(arr).all()
+
+
+def test_demo_takes_the_model(tmp_path, monkeypatch):
+    """`dmf demo --model NAME` trains both stages with that model (the whole demo is test_dmf_demo's)."""
+    import dmf.demo
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg, resume=False):
+        seen.append((cfg.stage, cfg.model))
+        if len(seen) == 2:
+            raise Stop
+        return train(TrainConfig(**dict(vars(cfg), steps=1)))
+
+    monkeypatch.setattr(dmf.demo, "train", fake_train)
+    with pytest.raises(Stop):
+        main(["demo", "--quick", "--model", "LightningDMF-Ti/2", "--out", str(tmp_path)])
+    assert seen == [("flow", "LightningDMF-Ti/2"), ("dmf", "LightningDMF-Ti/2")]
