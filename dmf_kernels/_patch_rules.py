@@ -142,6 +142,14 @@ def structure_reason(m, kind):
     return None
 
 
+def instance_forward_reason(m):
+    """A forward set on the instance (a wrapper's `module.forward = ...`) would shadow the patched
+    class's forward: nn.Module.__call__ looks it up on the instance first."""
+    if "forward" in vars(m):
+        return "its forward is set on the instance (it would shadow ours)"
+    return None
+
+
 def hooks_reason(m):
     # Our forward calls F.linear and the fused ops directly, so hooks on the submodules it
     # bypasses would not run (legacy weight_norm and pruning recompute weights in pre-hooks).

@@ -267,7 +267,7 @@ def patch(model: nn.Module) -> PatchReport:
                 continue
             why = {"attention": rules.attention_reason, "mlp": rules.mlp_reason, "swiglu_mlp": rules.swiglu_reason,
                    "final_layer": rules.final_reason}[kind](m) if kind != "block" else rules.block_reason(m, done)
-            why = why or rules.structure_reason(m, kind) or rules.hooks_reason(m)
+            why = why or rules.structure_reason(m, kind) or rules.instance_forward_reason(m) or rules.hooks_reason(m)
             undo = None
             if not why and kind == "attention":
                 why, undo = _prepare_attention(name, m, report)

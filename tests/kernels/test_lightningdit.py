@@ -268,3 +268,13 @@ def test_rotary_embedding_module():
     assert_f64(tan, r_tan, "rope tangent")
     with pytest.raises(ValueError, match="even"):
         dnn.RotaryEmbedding2D(31, 4)
+
+
+def test_instance_level_forward_is_left_alone():
+    """A forward set on the instance would shadow the patched class's: such a module is left alone."""
+    f = dict(use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False)
+    model = small_model(f)
+    blk = model.blocks[0]
+    blk.forward = types.MethodType(rl.LightningDiTBlock.forward._torchdynamo_orig_callable, blk)
+    report = dk.patch(model)
+    assert "forward is set on the instance" in report.skipped["blocks.0"] and report.count("block") == 1
