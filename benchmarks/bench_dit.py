@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import dmf_kernels as dk
-from dmf import DMFT, DMFT_models
+from dmf import DMFT_models
 
 from .harness import Case, compiled
 
@@ -82,6 +82,28 @@ def _inputs(ours, B, device, dtype, kind):
                 y=torch.randint(0, 1000, (B,), generator=g).to(device), v=rnd(B, 4, 32, 32))
 
 
+def model_step(mode, fn, primals, tangents, params, jvp, before=None):
+    """One timed step of `mode` on fn(*primals): fwd and fwd+jvp without grad; fwd+bwd the plain
+    training step; jvp+bwd the MeanFlow step (target from du/dt, detached). `before` runs first."""
+    def step():
+        if before is not None:
+            before()
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(*primals)
+        if mode == "fwd+jvp":
+            with torch.no_grad():
+                return jvp(fn, primals, tangents)
+        if mode == "fwd+bwd":
+            out = fn(*primals)
+            loss = out.float().square().mean()
+        else:
+            out, out_dot = jvp(fn, primals, tangents)
+            loss = (out.float() - out_dot.detach().float()).square().mean()
+        return torch.autograd.grad(loss, params, allow_unused=True)  # logvar head: unused by fwd+bwd
+    return step
+
+
 def _make(name, kind, B, mode, prov, device, dtype):
     needs_jvp = "jvp" in mode
     ours, ref = build(name, device, dtype, "math" if needs_jvp else "sdpa")
@@ -100,20 +122,6 @@ def _make(name, kind, B, mode, prov, device, dtype):
         fn = functools.partial(model, y=inp["y"])
     jvp = dk.model_jvp if prov == "dmf" else torch.func.jvp
 
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                return fn(*primals)
-        if mode == "fwd+jvp":
-            with torch.no_grad():
-                return jvp(fn, primals, tangents)
-        if mode == "fwd+bwd":
-            out = fn(*primals)
-            loss = out.float().square().mean()
-        else:  # the MeanFlow step: target from du/dt, detached
-            out, out_dot = jvp(fn, primals, tangents)
-            loss = (out.float() - out_dot.detach().float()).square().mean()
-        return torch.autograd.grad(loss, params, allow_unused=True)  # logvar head: unused by fwd+bwd
-
+    step = model_step(mode, fn, primals, tangents, params, jvp)
     run = compiled(step) if prov == "compile" else step
     return run, 0, 0

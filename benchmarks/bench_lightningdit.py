@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import dmf_kernels as dk
 
+from .bench_dit import model_step
 from .harness import Case, compiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -110,21 +111,6 @@ def _make(name, kind, B, mode, prov, device, dtype):
         params = [p for p in model.parameters() if p.requires_grad]
     jvp = dk.model_jvp if prov == "dmf" else torch.func.jvp
 
-    def step():
-        _attention(math=needs_jvp)
-        if mode == "fwd":
-            with torch.no_grad():
-                return fn(*primals)
-        if mode == "fwd+jvp":
-            with torch.no_grad():
-                return jvp(fn, primals, tangents)
-        if mode == "fwd+bwd":
-            out = fn(*primals)
-            loss = out.float().square().mean()
-        else:  # the MeanFlow step: target from du/dt, detached
-            out, out_dot = jvp(fn, primals, tangents)
-            loss = (out.float() - out_dot.detach().float()).square().mean()
-        return torch.autograd.grad(loss, params, allow_unused=True)
-
+    step = model_step(mode, fn, primals, tangents, params, jvp, before=lambda: _attention(math=needs_jvp))
     run = compiled(step) if prov == "compile" else step
     return run, 0, 0

@@ -135,7 +135,7 @@ class Op:
             raise TypeError(f"Op {name}: TENSOR params must come before the params with defaults")
         self.out_shape = out_shape
         self.saved, self.backward, self.resolve, self.zero_tangents = tuple(saved), backward, resolve, zero_tangents
-        n_in, n_out = len(self.inputs), len(self.outputs)
+        n_out = len(self.outputs)
         tangent_names = [f"{n}_dot" for n in self.inputs]
         # Positions of the jvp op's arguments in primals + tangents + params, by schema name.
         values = list(self.inputs) + tangent_names + list(self.params)

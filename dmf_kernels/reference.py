@@ -34,22 +34,10 @@ def rms_norm(x, weight, eps=1e-6):
     return (x * rstd).to(x.dtype) * weight
 
 
-def rotate_half(x):
-    """LightningDiT's (EVA's) rotate_half on interleaved pairs: (x0, x1) -> (-x1, x0)."""
-    x = x.unflatten(-1, (-1, 2))
-    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
-
-
-def rope(t, cos, sin):
-    """Rotary position embedding as LightningDiT's VisionRotaryEmbeddingFast applies it; cos,
-    sin (N, D) tables, here in t's dtype (a model's buffers cast with it)."""
-    return t * cos.to(t.dtype) + rotate_half(t) * sin.to(t.dtype)
-
-
 def attention(q, k, v, scale=None, rope_cos=None, rope_sin=None):
     """The math path: softmax(scale * q k^T) v with the N x N matrix materialised. The only
     SDPA formulation PyTorch can take forward-mode derivatives of. With rope tables, q and k
-    are rotated first (rope above)."""
+    are rotated first (rope below)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if rope_cos is not None:
         q, k = rope(q, rope_cos, rope_sin), rope(k, rope_cos, rope_sin)

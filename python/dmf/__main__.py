@@ -105,7 +105,7 @@ def parser():
     p.add_argument("--device", default="")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("evaluate", help="FID and Inception Score of samples against a reference")
+    p = sub.add_parser("evaluate", help="FID, Inception Score, precision and recall of samples against a reference")
     p.add_argument("samples", help="a folder of images or an .npz (arr_0 uint8 NHWC, or images float NCHW)")
     p.add_argument("--ref", required=True, help="a folder, an .npz of images, or an .npz with mu and sigma")
     p.add_argument("--inception-weights", default=None,
@@ -113,6 +113,10 @@ def parser():
                         "machines (default: downloaded by torch-fidelity)")
     p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/dmf/fid)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-precision-recall", dest="precision_recall", action="store_false",
+                   help="skip precision/recall (a k-NN pass over samples x reference images in the 2048-d "
+                        "features: ~1e12 flops at 50k x 10k)")
+    p.add_argument("--prc-k", type=int, default=3, help="precision/recall neighbourhood size (ADM: 3)")
     p.add_argument("--device", default="")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 

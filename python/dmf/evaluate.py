@@ -111,7 +111,9 @@ def real_floor(net: DigitsNet, n: int, seed: int = 0) -> float:
 # Inception module is loaded from the installed package without its __init__ (it needs only torch).
 # The statistics are computed here: mean and covariance in float64, FID as below (exact for PSD
 # covariances, no complex sqrtm), IS as torch-fidelity computes it (10 splits, shuffle seed 2020).
-# Precision/recall: torch-fidelity computes them in VGG16 features, which need torchvision: not offered.
+# Precision and recall (Kynkaanniemi et al. 2019, k = 3) in the same 2048-d pool features, as ADM's
+# evaluator reports them beside FID (torch-fidelity's own `prc` defaults to VGG16 features, which need
+# torchvision); the k-NN rule is torch-fidelity's calculate_precision_recall_part, in row blocks.
 
 FID_DIMS = 2048
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's release file
@@ -159,114 +161,10 @@ def inception(weights=None, device="cpu"):
     return net.to(device).eval()
 
 
-def _npz_keys(path):
-    import zipfile
-
-    from .errors import DMFError
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-    except (OSError, zipfile.BadZipFile):
-        raise DMFError(f"{path}: not a readable .npz file") from None
-
-
-def _npz_batches(path, key, batch):
-    """Rows of one array of an uncompressed .npz (np.savez, ADM), `batch` at a time, without
-    reading the whole array (a 50k x 256 x 256 x 3 arr_0 is 9.8 GB)."""
-    import zipfile
-
-    from .errors import DMFError
-
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        shape, fortran, dtype = _npy_header(f)
-        if fortran:
-            raise DMFError(f"{path}: {key} is stored in Fortran order")
-        row = int(np.prod(shape[1:])) * dtype.itemsize
-        for i in range(0, shape[0], batch):
-            k = min(batch, shape[0] - i)
-            yield np.frombuffer(f.read(k * row), dtype).reshape(k, *shape[1:])
-
-
-def _to_nchw_uint8(a: np.ndarray, layout: str) -> torch.Tensor:
-    if layout == "nhwc":
-        a = a.transpose(0, 3, 1, 2)
-    if a.dtype != np.uint8:  # float images in [0, 1]
-        a = np.clip(np.floor(a.astype(np.float32) * 255 + 0.5), 0, 255).astype(np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if t.shape[1] == 1:
-        t = t.expand(-1, 3, -1, -1)
-    elif t.shape[1] == 4:
-        t = t[:, :3]
-    return t
-
-
-def image_batches(path, batch=64):
-    """(count, iterator of uint8 (b, 3, H, W) batches) of a folder of images or an .npz with
-    arr_0 (uint8 NHWC, ADM) or images (float NCHW in [0, 1])."""
-    from .errors import DMFError
-    from .prepare import IMAGE_EXTS
-
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        if not files:
-            raise DMFError(f"{path}: no images")
-
-        def gen():
-            from PIL import Image
-
-            size = None
-            for i in range(0, len(files), batch):
-                arrs = []
-                for f in files[i:i + batch]:
-                    try:
-                        with Image.open(f) as im:
-                            a = np.asarray(im.convert("RGB"))
-                    except Exception as e:
-                        raise DMFError(f"{f}: not a readable image ({type(e).__name__})") from None
-                    if size is not None and a.shape != size:
-                        raise DMFError(f"{f}: size {a.shape[:2]} differs from the others' {size[:2]}")
-                    size = a.shape
-                    arrs.append(a)
-                yield _to_nchw_uint8(np.stack(arrs), "nhwc")
-        return len(files), gen()
-    if path.suffix != ".npz" or not path.is_file():
-        raise DMFError(f"{path}: expected a folder of images or an .npz file")
-    keys = _npz_keys(path)
-    key, layout = ("arr_0", "nhwc") if "arr_0" in keys else ("images", "nchw") if "images" in keys else (None, None)
-    if key is None:
-        raise DMFError(f"{path}: no images in it (needs arr_0 (N, H, W, C) uint8 or images (N, C, H, W)); keys "
-                       f"{sorted(keys)}")
-    it = _npz_batches(path, key, batch)
-    first = next(it)
-    if first.ndim != 4 or first.shape[3 if layout == "nhwc" else 1] not in (1, 3, 4):
-        raise DMFError(f"{path}: {key} of shape {first.shape[1:]} per row is not {layout.upper()} images")
-    n = _npz_len(path, key)
-
-    def gen():
-        yield _to_nchw_uint8(first, layout)
-        for a in it:
-            yield _to_nchw_uint8(a, layout)
-    return n, gen()
-
-
-def _npz_len(path, key) -> int:
-    import zipfile
-
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        return int(_npy_header(f)[0][0])
-
-
-def _npy_header(f):
-    major, _ = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    return read(f)
-
-
 @torch.no_grad()
-def inception_stats(net, path, batch=64, device="cpu", progress=True):
-    """(mu (2048,), sigma (2048, 2048), logits_unbiased (N, 1008)) of an image set, float64."""
+def inception_features(net, path, batch=64, device="cpu", progress=True):
+    """(pool (N, 2048) float32, logits_unbiased (N, 1008) float64) of an image set."""
+    from .image_sets import image_batches
     from .optional import Progress
 
     n, batches = image_batches(path, batch)
@@ -274,15 +172,34 @@ def inception_stats(net, path, batch=64, device="cpu", progress=True):
     pool, logits = [], []
     for x in batches:
         f, lg = net(x.to(device))
-        pool.append(f.double().cpu())
+        pool.append(f.float().cpu())
         logits.append(lg.double().cpu())
         bar.update(len(x))
     bar.close()
-    feats = torch.cat(pool).numpy()
+    feats = torch.cat(pool)
     if len(feats) < 2:
         from .errors import DMFError
         raise DMFError(f"{path}: FID needs at least 2 images, got {len(feats)}")
-    return feats.mean(0), np.cov(feats, rowvar=False), torch.cat(logits)
+    return feats, torch.cat(logits)
+
+
+def precision_recall(gen: torch.Tensor, real: torch.Tensor, k: int = 3, block: int = 1024):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of gen (N, D) against real (M, D):
+    precision = the fraction of gen rows inside some real row's ball, whose radius is that row's distance
+    to its k-th nearest real neighbour (itself not counted); recall the same with the roles swapped.
+    None when a set has k rows or fewer (no k-th neighbour). Distances in float32 row blocks:
+    block x max(N, M) at a time (1024 x 50000 x 4 B = 205 MB)."""
+    gen, real = gen.float(), real.float()
+    if min(len(gen), len(real)) <= k:
+        return None, None
+
+    def radii(f):
+        return torch.cat([torch.cdist(b, f).kthvalue(k + 1, dim=1).values for b in f.split(block)])
+
+    def covered(a, b, radius_b):
+        return torch.cat([(torch.cdist(x, b) <= radius_b).any(dim=1) for x in a.split(block)]).float().mean().item()
+
+    return covered(gen, real, radii(real)), covered(real, gen, radii(gen))
 
 
 def inception_score(logits: torch.Tensor, splits=10, seed=2020):
@@ -313,18 +230,23 @@ def _identity(path: Path, weights) -> str:
     return h.hexdigest()[:24]
 
 
-def reference_stats(net, ref, weights, cache_dir, batch=64, device="cpu", progress=True, log=print):
-    """(mu, sigma) of the reference: given in an .npz (mu, sigma: ADM's reference batches carry the
-    statistics of the whole training set beside a 10k-image arr_0, and ADM's evaluator uses those;
-    so do we), or computed from its images and cached in cache_dir (keyed by the reference's files
-    and the Inception weights)."""
+def reference_stats(net, ref, weights, cache_dir, batch=64, device="cpu", progress=True, log=print,
+                    features=False):
+    """(mu, sigma, feats or None, cache path or None) of the reference. mu and sigma come from an .npz
+    that has them (ADM's reference batches carry the statistics of the whole training set beside a
+    10k-image arr_0, and ADM's evaluator uses those; so do we), else from the reference's images.
+    feats (its pool features, for precision/recall) only when `features` and it has images. What is
+    computed from images is cached in cache_dir, keyed by the reference's files and the Inception
+    weights."""
     from .errors import DMFError
+    from .image_sets import _npz_keys
 
     ref = Path(ref)
     if not ref.exists():
         raise DMFError(f"--ref {ref} does not exist")
     keys = _npz_keys(ref) if ref.suffix == ".npz" else set()
-    if ref.suffix == ".npz" and ({"mu", "sigma"} <= keys or not {"arr_0", "images"} & keys):
+    has_images = ref.suffix != ".npz" or bool({"arr_0", "images"} & keys)
+    if ref.suffix == ".npz" and ({"mu", "sigma"} <= keys or not has_images):
         if not {"mu", "sigma"} <= keys:
             raise DMFError(f"--ref {ref}: needs images (arr_0 / images) or statistics (mu, sigma), has {sorted(keys)}")
         with np.load(ref) as f:
@@ -332,18 +254,28 @@ def reference_stats(net, ref, weights, cache_dir, batch=64, device="cpu", progre
         if mu.shape != (FID_DIMS,) or sigma.shape != (FID_DIMS, FID_DIMS):
             raise DMFError(f"--ref {ref}: statistics of dimension {mu.shape} / {sigma.shape}, but the Inception "
                            f"pool features have {FID_DIMS}")
-        return mu, sigma, None
+        if not (features and has_images):
+            return mu, sigma, None, None
+        _, _, feats, cache = _cached_reference(net, ref, weights, cache_dir, batch, device, progress, log)
+        return mu, sigma, feats, cache
+    mu, sigma, feats, cache = _cached_reference(net, ref, weights, cache_dir, batch, device, progress, log)
+    return mu, sigma, feats if features else None, cache
+
+
+def _cached_reference(net, ref, weights, cache_dir, batch, device, progress, log):
     cache = Path(cache_dir) / f"{ref.name}-{_identity(ref, weights)}.npz"
     if cache.is_file():
         with np.load(cache) as f:
-            log(f"reference statistics from the cache {cache}")
-            return f["mu"], f["sigma"], cache
-    mu, sigma, _ = inception_stats(net, ref, batch, device, progress)
+            if "feats" in f:  # caches written before precision/recall hold mu and sigma only: recomputed
+                log(f"reference statistics from the cache {cache}")
+                return f["mu"], f["sigma"], torch.from_numpy(f["feats"]), cache
+    feats, _ = inception_features(net, ref, batch, device, progress)
+    mu, sigma = gaussian(feats)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
+    np.savez(tmp, mu=mu, sigma=sigma, feats=feats.numpy())
     tmp.replace(cache)
-    return mu, sigma, cache
+    return mu, sigma, feats, cache
 
 
 def default_cache_dir() -> Path:
@@ -365,12 +297,18 @@ def main(args):
         raise DMFError("--batch-size must be at least 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = inception(args.inception_weights, device)
-    mu_r, sigma_r, cache = reference_stats(net, args.ref, args.inception_weights, args.cache_dir or default_cache_dir(),
-                                           args.batch_size, device, args.progress)
-    mu, sigma, logits = inception_stats(net, samples, args.batch_size, device, args.progress)
-    fid = frechet_distance(mu, sigma, mu_r, sigma_r)
+    k = args.prc_k
+    if k < 1:
+        raise DMFError("--prc-k must be at least 1")
+    mu_r, sigma_r, feats_r, cache = reference_stats(net, args.ref, args.inception_weights,
+                                                    args.cache_dir or default_cache_dir(), args.batch_size, device,
+                                                    args.progress, features=args.precision_recall)
+    feats, logits = inception_features(net, samples, args.batch_size, device, args.progress)
+    fid = frechet_distance(*gaussian(feats), mu_r, sigma_r)
     is_mean, is_std = inception_score(logits)
-    res = dict(fid=fid, inception_score=is_mean, inception_score_std=is_std, n_samples=int(logits.shape[0]),
+    precision, recall = precision_recall(feats, feats_r, k) if feats_r is not None else (None, None)
+    res = dict(fid=fid, inception_score=is_mean, inception_score_std=is_std, precision=precision, recall=recall,
+               prc_k=k, n_samples=int(logits.shape[0]), n_ref_images=None if feats_r is None else len(feats_r),
                samples=str(samples.resolve()), ref=str(Path(args.ref).resolve()),
                ref_stats_cache=str(cache) if cache else None, inception_weights=args.inception_weights or "download",
                feature_extractor="torch-fidelity inception-v3-compat, pool 2048")
@@ -378,4 +316,10 @@ def main(args):
     out.write_text(json.dumps(res, indent=1))
     print(f"FID {fid:.4f}")
     print(f"IS {is_mean:.3f} +- {is_std:.3f} ({res['n_samples']} samples; {out})")
+    if precision is not None:
+        print(f"precision {precision:.4f} recall {recall:.4f} (k={k}, {len(feats_r)} reference images)")
+    elif args.precision_recall:
+        why = (f"needs more than {k} images in each set" if feats_r is not None
+               else "needs reference images; --ref has statistics only")
+        print(f"precision/recall not computed: {why}")
     return res

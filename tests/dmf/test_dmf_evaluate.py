@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dmf.__main__ import main  # noqa: E402
-from dmf.evaluate import frechet_distance  # noqa: E402
+from dmf.evaluate import frechet_distance, precision_recall  # noqa: E402
 from dmf_helpers import make_random_inception  # noqa: E402
 
 
@@ -89,10 +89,13 @@ def test_fid_and_is_equal_the_library(tmp_path, capsys, monkeypatch):
     tf = _library(monkeypatch)
     lib = tf.calculate_metrics(input1=_Uint8Set(gen), input2=_Uint8Set(ref), fid=True, isc=True, cuda=False,
                                verbose=False, feature_extractor_weights_path=str(weights), batch_size=6,
-                               cache=False, save_cpu_ram=True, isc_splits=4)
+                               cache=False, save_cpu_ram=True, isc_splits=4, prc=True,
+                               feature_extractor="inception-v3-compat", feature_layer_prc="2048")
     assert fid > 1e-3
     assert res["fid"] == pytest.approx(lib["frechet_inception_distance"], rel=1e-4)
     assert res["inception_score"] == pytest.approx(lib["inception_score_mean"], rel=1e-5)
+    assert (res["precision"], res["recall"]) == (lib["precision"], lib["recall"])
+    assert out.splitlines()[2].startswith("precision ")
 
     # the cache answers the second time; precomputed (mu, sigma) give the same FID (2 samples: speed)
     np.savez(tmp_path / "two.npz", images=gen[:2].transpose(0, 3, 1, 2).astype(np.float32) / 255)  # NCHW floats
@@ -102,7 +105,38 @@ def test_fid_and_is_equal_the_library(tmp_path, capsys, monkeypatch):
     with np.load(cached[0]) as f:
         np.savez(tmp_path / "stats.npz", mu=f["mu"], sigma=f["sigma"])
     main(["evaluate", str(tmp_path / "two.npz"), "--ref", str(tmp_path / "stats.npz")] + argv[4:])
-    assert capsys.readouterr().out.splitlines()[0] == out.splitlines()[1]
+    out2 = capsys.readouterr().out.splitlines()
+    assert out2[0] == out.splitlines()[1]
+    assert out2[2] == "precision/recall not computed: needs reference images; --ref has statistics only"
+    assert "needs more than 3 images" in out.splitlines()[3]          # two samples: no 3rd neighbour
+
+
+def test_precision_recall_known_sets():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 8, generator=g)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real + 100, real) == (0.0, 0.0)            # disjoint supports
+    half = torch.cat([real[:20] + 1e-3, torch.randn(20, 8, generator=g) + 100])
+    precision, _ = precision_recall(half, real)
+    assert precision == 0.5                                             # the far half lies in no real ball
+    assert precision_recall(real[:3], real) == (None, None)             # 3 rows: no 3rd neighbour
+    assert precision_recall(real[:4], real, k=3)[0] is not None
+
+
+def test_precision_recall_equal_the_library(monkeypatch):
+    """Our blocked k-NN rule equals torch-fidelity's calculate_precision_recall_full, k = 3 and 5,
+    blocks smaller than either set."""
+    tf = _library(monkeypatch)
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    g = torch.Generator().manual_seed(1)
+    gen, real = torch.randn(90, 16, generator=g) * 1.2 + 0.3, torch.randn(70, 16, generator=g)
+    for k in (3, 5):
+        ours = precision_recall(gen, real, k=k, block=16)
+        lib = calculate_precision_recall_full(gen, real, neighborhood=k, batch_size=10000)
+        assert ours == lib, (k, ours, lib)
+        assert k != 3 or (0 < min(ours) and max(ours) < 1), ours      # neither trivially 0 nor 1
+    assert tf is not None
 
 
 def test_bad_references(tmp_path, capsys):

@@ -5,7 +5,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from dmf import DMFT_models
 from dmf.__main__ import main

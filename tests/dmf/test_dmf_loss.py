@@ -2,7 +2,6 @@
 with model_jvp equals the official one sample at a time (the official broadcasting slip only
 matters for B > 1), our per-sample pairing for B > 1, gradients of the whole DMF loss equal
 with model_jvp and torch.func.jvp, time proposals and model guidance."""
-import functools
 
 import torch
 

@@ -20,7 +20,18 @@ def cases(device):
         "gated_residual_adaln": (dk.gated_residual_adaln, [x, r(B, 1, D, seed=5), y, r(B, D, seed=3), r(B, D, seed=4)]),
         "gated_residual": (dk.gated_residual, [x, r(B, D, seed=5), y]),
         "rms_norm": (dk.rms_norm, [x, r(D, seed=6)]),
+        "rms_adaln_modulate": (dk.rms_adaln_modulate, [x, r(B, D, seed=3), r(B, D, seed=4), r(D, seed=5)]),
+        "rms_adaln_modulate_wo_shift": (lambda x, sc, w: dk.rms_adaln_modulate(x, None, sc, w),
+                                        [x, r(B, D, seed=4), r(D, seed=5)]),
+        "gated_residual_rms_adaln": (dk.gated_residual_rms_adaln,
+                                     [x, r(B, 1, D, seed=6), y, r(B, D, seed=3), r(B, D, seed=4), r(D, seed=5)]),
+        "gated_residual_rms_adaln_bare": (lambda x, g, y, sc: dk.gated_residual_rms_adaln(x, g, y, None, sc),
+                                          [x, r(B, 1, D, seed=6), y, r(B, D, seed=4)]),
     }
+
+
+NAMES = ["adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm", "rms_adaln_modulate",
+         "rms_adaln_modulate_wo_shift", "gated_residual_rms_adaln", "gated_residual_rms_adaln_bare"]
 
 
 def as_tuple(x):
@@ -38,7 +49,7 @@ def fresh_dynamo():
     yield
 
 
-@pytest.mark.parametrize("name", ["adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm"])
+@pytest.mark.parametrize("name", NAMES)
 def test_compile_forward_backward(device, name):
     fn, inputs = cases(device)[name]
     compiled = torch.compile(fn, fullgraph=True)
@@ -50,7 +61,7 @@ def test_compile_forward_backward(device, name):
     close(torch.autograd.grad(as_tuple(out), xs, w), torch.autograd.grad(as_tuple(ref), xe, w))
 
 
-@pytest.mark.parametrize("name", ["adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm"])
+@pytest.mark.parametrize("name", NAMES)
 def test_compile_func_jvp(device, name):
     fn, inputs = cases(device)[name]
     tangents = [rand(*t.shape, device=device, dtype=t.dtype, seed=30 + i) for i, t in enumerate(inputs)]
@@ -66,7 +77,7 @@ def test_compile_func_jvp(device, name):
     assert all(t.abs().max() > 0 for t in as_tuple(tan))
 
 
-@pytest.mark.parametrize("name", ["adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm"])
+@pytest.mark.parametrize("name", NAMES)
 def test_compile_forward_ad(device, name):
     fn, inputs = cases(device)[name]
     x_dot = rand(*inputs[0].shape, device=device, dtype=inputs[0].dtype, seed=40)
@@ -153,3 +164,13 @@ def test_compile_attention_rope_jvp_primal_is_differentiable(device):
     torch.compile(step, fullgraph=True)(*xs).backward()
     step(*xe).backward()
     close([t.grad for t in xs], [t.grad for t in xe])
+
+
+def test_compile_rms_adaln_jvp_form(device):
+    torch._dynamo.reset()
+    x, shift, scale, w = cases(device)["rms_adaln_modulate"][1]
+    x_dot, w_dot = rand(*x.shape, device=device, dtype=x.dtype, seed=60), rand(*w.shape, device=device,
+                                                                                   dtype=x.dtype, seed=61)
+    fn = lambda x, xd, sc, w, wd: dk.jvp.rms_adaln_modulate(x=x, x_dot=xd, shift=None, scale=sc,  # noqa: E731
+                                                            weight=w, weight_dot=wd)
+    close(torch.compile(fn, fullgraph=True)(x, x_dot, scale, w, w_dot), fn(x, x_dot, scale, w, w_dot))

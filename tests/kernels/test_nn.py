@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn as tnn
 
-import dmf_kernels as dk
 from dmf_kernels import nn as dnn
 from conftest import assert_f64, rand
 from replicas import dit as rdit

@@ -4,7 +4,6 @@ combination of an absent/given shift and weight, parameter layouts, the three-wa
 fp16/bf16 against LightningDiT's own low-precision computation, compile, NaN, bad input."""
 import pytest
 import torch
-import torch.autograd.forward_ad as fwAD
 
 import dmf_kernels as dk
 from dmf_kernels import reference as ref
@@ -301,84 +300,3 @@ def test_tangent_without_primal(device):
         dk.rms_adaln_modulate(x, scale.unsqueeze(1), scale)
     with pytest.raises(TypeError):
         dk.rms_adaln_modulate(x, scale=scale)  # shift is required (None must be said)
-
-
-# ------------------------------------------------------------------ torch.compile (test_compile.py style)
-
-
-def compile_cases(device):
-    r = lambda *s, seed: rand(*s, device=device, dtype=torch.float32, seed=seed)  # noqa: E731
-    B, N, D = 2, 5, 24
-    x, y = r(B, N, D, seed=1), r(B, N, D, seed=2)
-    return {
-        "rms_adaln_modulate": (dk.rms_adaln_modulate, [x, r(B, D, seed=3), r(B, D, seed=4), r(D, seed=5)]),
-        "rms_adaln_modulate_wo_shift": (lambda x, sc, w: dk.rms_adaln_modulate(x, None, sc, w),
-                                        [x, r(B, D, seed=4), r(D, seed=5)]),
-        "gated_residual_rms_adaln": (dk.gated_residual_rms_adaln,
-                                     [x, r(B, 1, D, seed=6), y, r(B, D, seed=3), r(B, D, seed=4), r(D, seed=5)]),
-        "gated_residual_rms_adaln_bare": (lambda x, g, y, sc: dk.gated_residual_rms_adaln(x, g, y, None, sc),
-                                          [x, r(B, 1, D, seed=6), y, r(B, D, seed=4)]),
-    }
-
-
-def as_tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def close(a, b):
-    for u, v in zip(as_tuple(a), as_tuple(b)):
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
-
-
-COMPILE_NAMES = ["rms_adaln_modulate", "rms_adaln_modulate_wo_shift", "gated_residual_rms_adaln",
-                 "gated_residual_rms_adaln_bare"]
-
-
-@pytest.mark.parametrize("name", COMPILE_NAMES)
-def test_compile_forward_backward(device, name):
-    torch._dynamo.reset()
-    fn, inputs = compile_cases(device)[name]
-    compiled = torch.compile(fn, fullgraph=True)
-    xs = [t.clone().requires_grad_() for t in inputs]
-    xe = [t.clone().requires_grad_() for t in inputs]
-    out, expected = compiled(*xs), fn(*xe)
-    close(out, expected)
-    w = [rand(*o.shape, device=device, dtype=o.dtype, seed=9 + i) for i, o in enumerate(as_tuple(expected))]
-    close(torch.autograd.grad(as_tuple(out), xs, w), torch.autograd.grad(as_tuple(expected), xe, w))
-
-
-@pytest.mark.parametrize("name", COMPILE_NAMES)
-def test_compile_func_jvp_and_forward_ad(device, name):
-    torch._dynamo.reset()
-    fn, inputs = compile_cases(device)[name]
-    tangents = [rand(*t.shape, device=device, dtype=t.dtype, seed=30 + i) for i, t in enumerate(inputs)]
-
-    def run(*args):
-        k = len(args) // 2
-        return torch.func.jvp(fn, args[:k], args[k:])
-
-    out, tan = torch.compile(run, fullgraph=True)(*inputs, *tangents)
-    ref_out, ref_tan = run(*inputs, *tangents)
-    close(out, ref_out)
-    close(tan, ref_tan)
-    assert all(t.abs().max() > 0 for t in as_tuple(tan))
-
-    def run_fwad(x, x_dot, *rest):
-        with fwAD.dual_level():
-            outs = as_tuple(fn(fwAD.make_dual(x, x_dot), *rest))
-            return tuple(fwAD.unpack_dual(o).tangent for o in outs)
-
-    tan = torch.compile(run_fwad, fullgraph=True)(inputs[0], tangents[0], *inputs[1:])
-    expected = run_fwad(inputs[0], tangents[0], *inputs[1:])
-    assert all(t is not None for t in tan), "compiled forward-mode AD dropped the tangent"
-    close(tan, expected)
-
-
-def test_compile_jvp_form(device):
-    torch._dynamo.reset()
-    x, shift, scale, w = compile_cases(device)["rms_adaln_modulate"][1]
-    x_dot, w_dot = rand(*x.shape, device=device, dtype=x.dtype, seed=60), rand(*w.shape, device=device,
-                                                                                   dtype=x.dtype, seed=61)
-    fn = lambda x, xd, sc, w, wd: dk.jvp.rms_adaln_modulate(x=x, x_dot=xd, shift=None, scale=sc,  # noqa: E731
-                                                            weight=w, weight_dot=wd)
-    close(torch.compile(fn, fullgraph=True)(x, x_dot, scale, w, w_dot), fn(x, x_dot, scale, w, w_dot))

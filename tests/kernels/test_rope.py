@@ -2,7 +2,6 @@
 JVP against float64 references with random tables (not only true cos / sin: the backward is the
 transpose of the rotation, whatever the tables), strided q / k views, low precision, NaN, bad
 input and torch.compile."""
-import math
 
 import pytest
 import torch

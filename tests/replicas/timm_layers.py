@@ -1,6 +1,5 @@
 """timm.models.vision_transformer's PatchEmbed, Attention and Mlp: same attributes, parameter
 names and forward arithmetic (the fused_attn branch calls SDPA, the other the math path)."""
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
