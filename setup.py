@@ -136,11 +136,13 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton"], "bench": ["matplotlib"], "test": ["pytest", "pytest-benchmark"],
-                    # every optional dependency of the dmf package: digits set, progress bar, loss plot,
-                    # VAE latents (prepare, decoding), FID (evaluate uses only torch-fidelity's Inception,
-                    # which needs torch alone; its torchvision requirement may install a wheel that does
-                    # not load beside a CPU torch, which dmf evaluate then works around)
-                    "dmf": ["scikit-learn", "tqdm", "matplotlib", "pillow", "diffusers", "torch-fidelity"]},
+                    # the dmf package's optional dependencies: digits set, progress bar, loss plot, VAE
+                    # latents (prepare, decoding). Not torch-fidelity (evaluate): it requires torchvision,
+                    # whose newest release pins a newer torch, so pip would replace the installed torch
+                    # (a CPU build by a 5 GB CUDA one; seen with pip 26 here) under our compiled
+                    # extension. Install it with `pip install --no-deps torch-fidelity`: evaluate uses
+                    # only its Inception, which needs torch alone.
+                    "dmf": ["scikit-learn", "tqdm", "matplotlib", "pillow", "diffusers"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

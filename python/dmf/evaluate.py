@@ -128,7 +128,7 @@ def inception_class():
 
     if importlib.util.find_spec("torch_fidelity") is None:
         raise DMFError("evaluate needs torch-fidelity: pip install --no-deps torch-fidelity (its torchvision "
-                       "dependency is not used) or pip install .[dmf]")
+                       "dependency is not used, and would pull in another torch)")
     name = "torch_fidelity.feature_extractor_inceptionv3"
     try:
         return importlib.import_module(name).FeatureExtractorInceptionV3

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import DMFError
 
-FULL_SET = "pip install .[dmf]"   # every optional dependency at once (pyproject.toml)
+FULL_SET = "pip install --no-build-isolation .[dmf]"   # every optional dependency but torch-fidelity (setup.py)
 _said = set()
 
 
