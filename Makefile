@@ -42,10 +42,12 @@ $(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
 	touch $@
 
 # The Triton kernels run on the CPU only under the interpreter, which must be set before
-# triton is imported: a second pytest process for that file.
+# triton is imported: a second pytest process for those files.
+TRITON_TESTS := tests/kernels/test_attention_triton.py tests/kernels/test_attention_triton_rope.py \
+                tests/kernels/test_gelu_triton.py
 test: build cuda-emu
 	$(PY) -m pytest tests -q --ignore=tests/cuda_emu
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels/test_attention_triton.py tests/kernels/test_gelu_triton.py -q
+	TRITON_INTERPRET=1 $(PY) -m pytest $(TRITON_TESTS) -q
 	$(MAKE) test-cuda-emu
 
 # The CUDA kernels (csrc/cuda/*.cu) on the CPU: compiled by g++ against the SIMT emulation of

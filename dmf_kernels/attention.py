@@ -118,8 +118,22 @@ def _rope(q, k, rope_cos, rope_sin, op):
     return attention_cpu.rope_tables(rope_cos, rope_sin, _stat_dtype(q), q.device)
 
 
+def _run(op, q, k, rope_cos, rope_sin, *args):
+    """op(*args, rope=...) of the Triton launchers (attention_triton) or the PyTorch path
+    (attention_cpu), the tables checked and converted for it (_rope)."""
+    rope = _rope(q, k, rope_cos, rope_sin, op)
+    return getattr(_triton() if _use_triton(q) else attention_cpu, op)(*args, rope=rope)
+
+
 def _stat_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_o_lse(q, k, v, rope_cos, rope_sin, op):
+    """The fake kernels' o (B, H, NQ, Dv) and lse (B, H, NQ), after the rope checks."""
+    _check_rope(q, k, rope_cos, rope_sin, op)
+    B, H, NQ, D = q.shape
+    return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=_stat_dtype(q))
 
 
 # ---------------------------------------------------------------- custom ops
@@ -130,17 +144,12 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, rope_cos: Opti
                    rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """o (B, H, NQ, D), lse (B, H, NQ) in fp32 (fp64 for fp64)."""
     _check(q, k, v, op="attention_fwd")
-    rope = _rope(q, k, rope_cos, rope_sin, "attention_fwd")
-    if _use_triton(q):
-        return _triton().attention_fwd(q, k, v, scale, rope=rope)
-    return attention_cpu.attention_fwd(q, k, v, scale, rope=rope)
+    return _run("attention_fwd", q, k, rope_cos, rope_sin, q, k, v, scale)
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, scale, rope_cos=None, rope_sin=None):
-    _check_rope(q, k, rope_cos, rope_sin, "attention_fwd")
-    B, H, NQ, D = q.shape
-    return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=_stat_dtype(q))
+    return _fake_o_lse(q, k, v, rope_cos, rope_sin, "attention_fwd")
 
 
 @torch.library.custom_op("dmf_kernels::attention_jvp", mutates_args=())
@@ -149,18 +158,13 @@ def _attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Optional[Tensor], k_d
                   rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """o, o_dot, lse in one pass; None tangents are zero."""
     _check(q, k, v, (("q_dot", q_dot, q), ("k_dot", k_dot, k), ("v_dot", v_dot, v)), op="attention_jvp")
-    rope = _rope(q, k, rope_cos, rope_sin, "attention_jvp")
-    if _use_triton(q):
-        return _triton().attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, rope=rope)
-    return attention_cpu.attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, rope=rope)
+    return _run("attention_jvp", q, k, rope_cos, rope_sin, q, k, v, q_dot, k_dot, v_dot, scale)
 
 
 @_attention_jvp.register_fake
 def _(q, k, v, q_dot, k_dot, v_dot, scale, rope_cos=None, rope_sin=None):
-    _check_rope(q, k, rope_cos, rope_sin, "attention_jvp")
-    B, H, NQ, D = q.shape
-    o = q.new_empty(B, H, NQ, v.shape[-1])
-    return o, torch.empty_like(o), q.new_empty(B, H, NQ, dtype=_stat_dtype(q))
+    o, lse = _fake_o_lse(q, k, v, rope_cos, rope_sin, "attention_jvp")
+    return o, torch.empty_like(o), lse
 
 
 @torch.library.custom_op("dmf_kernels::attention_bwd", mutates_args=())
@@ -171,10 +175,7 @@ def _attention_bwd(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     _check(q, k, v, op="attention_bwd")
     if grad_o.shape != o.shape:
         raise ValueError(f"attention_bwd: grad_o must have o's shape {tuple(o.shape)}, got {tuple(grad_o.shape)}")
-    rope = _rope(q, k, rope_cos, rope_sin, "attention_bwd")
-    if _use_triton(q):
-        return _triton().attention_bwd(grad_o, q, k, v, o, lse, scale, rope=rope)
-    return attention_cpu.attention_bwd(grad_o, q, k, v, o, lse, scale, rope=rope)
+    return _run("attention_bwd", q, k, rope_cos, rope_sin, grad_o, q, k, v, o, lse, scale)
 
 
 @_attention_bwd.register_fake

@@ -1,14 +1,6 @@
 """Triton kernels of non-causal attention: forward (o, lse) and a one-pass forward-mode JVP
-(o, o_dot, lse), and the tile helpers the backward kernels (attention_kernels_bwd.py) share.
-Launch configuration: attention_triton.py.
-
-Tiles: (B, H, N, D) layout with any strides; a head dim is a power-of-two block of columns
-(D0) plus a padded remainder (D1), see head_split in attention_triton.py.
-
-Rotary embedding (ROPE constexpr, off: no code): q, k, q_dot, k_dot tiles are rotated right
-after loading, rope(x) = x * cos + rotate_half(x) * sin on interleaved pairs, with the pair
-partners read again at columns cols ^ 1 (the same cache lines) and the (N, D) fp32 tables
-tiled by row block. Both blocks D0, D1 start at even columns, so a pair never straddles them.
+(o, o_dot, lse). Tile loads, stores and the rotary rotation (ROPE): attention_tiles.py;
+backward: attention_kernels_bwd.py; launch configuration: attention_triton.py.
 
 JVP (../shared/notes/jvp-math.md): O_dot = P V_dot + (P * S_dot) V - mu O with
 mu = rowsum(P * S_dot). One pass with online softmax (sCM, appendix F) keeps acc_o = p V
@@ -34,99 +26,7 @@ row is divided by max(1, rowmax|.| / 2^14) before rounding and the product multi
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _div8(s, ALIGN8: tl.constexpr):
-    # Triton marks an integer argument divisible only when it is a multiple of 16, so a row
-    # stride of 72 (D = 72, or a fused-qkv head stride) reads as unaligned and every load
-    # becomes a scalar 2-byte load with no cp.async (triton 3.6, sm_90a, bf16 JVP: 160
-    # ld.global.b16, 0 cp.async, 255 registers). The launcher sets ALIGN8 when every
-    # non-last stride is a multiple of 8 elements; rounding under it is then a no-op that
-    # tells the compiler so (16-byte vectors for 16-bit dtypes, cp.async back).
-    if ALIGN8:
-        return s // 8 * 8
-    else:
-        return s
-
-
-@triton.jit
-def _bh_offset(b, h, stride_b, stride_h, ALIGN8: tl.constexpr):
-    # int64: (B - 1) * stride_b passes 2^31 for a fused qkv view at B=256, N=4096, H=16, D=72.
-    return b.to(tl.int64) * _div8(stride_b, ALIGN8) + h.to(tl.int64) * _div8(stride_h, ALIGN8)
-
-
-@triton.jit
-def _masked_load(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, COLS_FULL: tl.constexpr):
-    # Loads with only the masks that can be false: MASK_ROWS=False when every row is in range
-    # (a full tile of an evenly divided loop), COLS_FULL when every column is < HEAD_D.
-    if MASK_ROWS:
-        if COLS_FULL:
-            x = tl.load(ptrs, mask=row_ok, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
-    else:
-        if COLS_FULL:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=col_ok, other=0.0)
-    return x
-
-
-@triton.jit
-def _load_rows(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr,
-               MASK_ROWS: tl.constexpr = True, COLS_FULL: tl.constexpr = False):
-    # A [rows, cols] tile of a (N, D) matrix; masked rows and columns >= HEAD_D read 0.
-    return _masked_load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, row_mask[:, None],
-                        cols[None, :] < HEAD_D, MASK_ROWS, COLS_FULL)
-
-
-@triton.jit
-def _load_cols(base, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr,
-               MASK_ROWS: tl.constexpr = True, COLS_FULL: tl.constexpr = False):
-    # The transposed tile [cols, rows] of a (N, D) matrix, for K^T and V^T.
-    return _masked_load(base + rows[None, :] * stride_row + cols[:, None] * stride_col, row_mask[None, :],
-                        cols[:, None] < HEAD_D, MASK_ROWS, COLS_FULL)
-
-
-@triton.jit
-def _store_rows(base, value, rows, stride_row, cols, stride_col, row_mask, HEAD_D: tl.constexpr):
-    mask = row_mask[:, None] & (cols[None, :] < HEAD_D)
-    tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_col, value, mask=mask)
-
-
-@triton.jit
-def _rope_tables(COS, SIN, rows, cols, row_mask, HEAD_D: tl.constexpr, MASK_ROWS: tl.constexpr,
-                 COLS_FULL: tl.constexpr, TRANS: tl.constexpr):
-    # Tiles of the rotary tables (N, HEAD_D), fp32 and contiguous: cos, and sin with
-    # rotate_half's sign folded in (-sin on even columns, +sin on odd ones), as [rows, cols]
-    # like _load_rows or, with TRANS, [cols, rows] like _load_cols.
-    sign = tl.where((cols % 2) == 0, -1.0, 1.0)
-    if TRANS:
-        c = _load_cols(COS, rows, HEAD_D, cols, 1, row_mask, HEAD_D, MASK_ROWS, COLS_FULL)
-        s = _load_cols(SIN, rows, HEAD_D, cols, 1, row_mask, HEAD_D, MASK_ROWS, COLS_FULL) * sign[:, None]
-    else:
-        c = _load_rows(COS, rows, HEAD_D, cols, 1, row_mask, HEAD_D, MASK_ROWS, COLS_FULL)
-        s = _load_rows(SIN, rows, HEAD_D, cols, 1, row_mask, HEAD_D, MASK_ROWS, COLS_FULL) * sign[None, :]
-    return c, s
-
-
-@triton.jit
-def _rope(x, partner, c, s):
-    # rope(x) = x * cos + rotate_half(x) * sin on interleaved pairs (x0, x1) -> (-x1, x0) of a
-    # loaded tile, given the tile of pair partners (the same rows, columns cols ^ 1: read
-    # again, an L1/L2 hit, instead of shuffling registers) and _rope_tables' tiles. fp32 math,
-    # rounded to x's dtype for the tensor-core products.
-    return (x.to(tl.float32) * c + partner.to(tl.float32) * s).to(x.dtype)
-
-
-@triton.jit
-def _rope_back(g, c, s, ROWS: tl.constexpr, COLS: tl.constexpr):
-    # The transpose of _rope for an fp32 gradient tile [ROWS, COLS] (an accumulator, with no
-    # copy in memory to re-read): dx = g * cos + swap(g * s), swap exchanging the two columns
-    # of each pair, done in registers.
-    a, b = tl.split(tl.reshape(g * s, [ROWS, COLS // 2, 2]))
-    return g * c + tl.reshape(tl.join(b, a), [ROWS, COLS])
-
+from .attention_tiles import _bh_offset, _div8, _load_rope, _load_rope_with, _load_rows, _program_ids, _store_rows
 
 @triton.jit
 def _attn_fwd_kernel(
@@ -138,10 +38,7 @@ def _attn_fwd_kernel(
     ROPE: tl.constexpr,
 ):
     # ROPE: q and k tiles rotated after loading (COS, SIN: (N, HEAD_D) fp32 tables, NQ = NK = N).
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, pid_m, b, h = _program_ids(H)
     sqn = _div8(sqn, ALIGN8)
     skn = _div8(skn, ALIGN8)
     svn = _div8(svn, ALIGN8)
@@ -153,17 +50,11 @@ def _attn_fwd_kernel(
     q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
     k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
     v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
-    q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
-    if ROPE:
-        rc, rs = _rope_tables(COS, SIN, offs_m, d0, m_mask, HEAD_D, True, False, False)
-        q0 = _rope(q0, _load_rows(q_base, offs_m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
+    q0, rc, rs = _load_rope(q_base, offs_m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
         d1 = D0 + tl.arange(0, D1)
-        q1 = _load_rows(q_base, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
-        if ROPE:
-            rc, rs = _rope_tables(COS, SIN, offs_m, d1, m_mask, HEAD_D, True, False, False)
-            q1 = _rope(q1, _load_rows(q_base, offs_m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
+        q1, rc, rs = _load_rope(q_base, offs_m, sqn, d1, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -171,16 +62,10 @@ def _attn_fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
-        k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
-        if ROPE:
-            tc, ts = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
-            k0 = _rope(k0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), tc, ts)
+        k0, tc, ts = _load_rope(k_base, n, skn, d0, skd, n_mask, COS, SIN, HEAD_D, ROPE, MASK_N, True, True)
         s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         if HAS_D1:
-            k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
-            if ROPE:
-                tc, ts = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
-                k1 = _rope(k1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), tc, ts)
+            k1, tc, ts = _load_rope(k_base, n, skn, d1, skd, n_mask, COS, SIN, HEAD_D, ROPE, MASK_N, D1_FULL, True)
             s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
         if MASK_N:
             s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
@@ -228,10 +113,7 @@ def _attn_jvp_kernel(
 ):
     # ROPE: q, k, q_dot, k_dot tiles rotated after loading (the rotation is linear with constant
     # tables, so the tangents rotate with the primals and the JVP below is unchanged).
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, pid_m, b, h = _program_ids(H)
     sqn = _div8(sqn, ALIGN8)
     skn = _div8(skn, ALIGN8)
     svn = _div8(svn, ALIGN8)
@@ -250,25 +132,15 @@ def _attn_jvp_kernel(
     qd_base = QD + _bh_offset(b, h, sqdb, sqdh, ALIGN8)
     kd_base = KD + _bh_offset(b, h, skdb, skdh, ALIGN8)
     vd_base = VD + _bh_offset(b, h, svdb, svdh, ALIGN8)
-    q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
-    if ROPE:
-        rc, rs = _rope_tables(COS, SIN, offs_m, d0, m_mask, HEAD_D, True, False, False)
-        q0 = _rope(q0, _load_rows(q_base, offs_m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
+    q0, rc, rs = _load_rope(q_base, offs_m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
     if HAS_QD:
-        qd0 = _load_rows(qd_base, offs_m, sqdn, d0, sqdd, m_mask, HEAD_D)
-        if ROPE:
-            qd0 = _rope(qd0, _load_rows(qd_base, offs_m, sqdn, d0 ^ 1, sqdd, m_mask, HEAD_D), rc, rs)
+        qd0 = _load_rope_with(qd_base, offs_m, sqdn, d0, sqdd, m_mask, rc, rs, HEAD_D, ROPE)
     acc_o0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     acc_t0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
-        q1 = _load_rows(q_base, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
-        if ROPE:
-            rc, rs = _rope_tables(COS, SIN, offs_m, d1, m_mask, HEAD_D, True, False, False)
-            q1 = _rope(q1, _load_rows(q_base, offs_m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
+        q1, rc, rs = _load_rope(q_base, offs_m, sqn, d1, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
         if HAS_QD:
-            qd1 = _load_rows(qd_base, offs_m, sqdn, d1, sqdd, m_mask, HEAD_D)
-            if ROPE:
-                qd1 = _rope(qd1, _load_rows(qd_base, offs_m, sqdn, d1 ^ 1, sqdd, m_mask, HEAD_D), rc, rs)
+            qd1 = _load_rope_with(qd_base, offs_m, sqdn, d1, sqdd, m_mask, rc, rs, HEAD_D, ROPE)
         acc_o1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
         acc_t1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -278,32 +150,21 @@ def _attn_jvp_kernel(
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
-        k0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
-        if ROPE:
-            tc, ts = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
-            k0 = _rope(k0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), tc, ts)
+        k0, tc, ts = _load_rope(k_base, n, skn, d0, skd, n_mask, COS, SIN, HEAD_D, ROPE, MASK_N, True, True)
         s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         sd = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_QD:
             sd += tl.dot(qd0, k0, input_precision=DOT_PRECISION)
         if HAS_KD:
-            kd0 = _load_cols(kd_base, n, skdn, d0, skdd, n_mask, HEAD_D, MASK_N, True)
-            if ROPE:
-                kd0 = _rope(kd0, _load_cols(kd_base, n, skdn, d0 ^ 1, skdd, n_mask, HEAD_D, MASK_N, True), tc, ts)
+            kd0 = _load_rope_with(kd_base, n, skdn, d0, skdd, n_mask, tc, ts, HEAD_D, ROPE, MASK_N, True, True)
             sd += tl.dot(q0, kd0, input_precision=DOT_PRECISION)
         if HAS_D1:
-            k1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
-            if ROPE:
-                tc, ts = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
-                k1 = _rope(k1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), tc, ts)
+            k1, tc, ts = _load_rope(k_base, n, skn, d1, skd, n_mask, COS, SIN, HEAD_D, ROPE, MASK_N, D1_FULL, True)
             s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
             if HAS_QD:
                 sd += tl.dot(qd1, k1, input_precision=DOT_PRECISION)
             if HAS_KD:
-                kd1 = _load_cols(kd_base, n, skdn, d1, skdd, n_mask, HEAD_D, MASK_N, D1_FULL)
-                if ROPE:
-                    kd1 = _rope(kd1, _load_cols(kd_base, n, skdn, d1 ^ 1, skdd, n_mask, HEAD_D, MASK_N, D1_FULL),
-                                tc, ts)
+                kd1 = _load_rope_with(kd_base, n, skdn, d1, skdd, n_mask, tc, ts, HEAD_D, ROPE, MASK_N, D1_FULL, True)
                 sd += tl.dot(q1, kd1, input_precision=DOT_PRECISION)
         if MASK_N:
             s = tl.where(n_mask[None, :], s * scale2, float("-inf"))

@@ -1,14 +1,14 @@
 """Triton kernels of the attention backward: delta = rowsum(O * dO), then dK/dV (one key
 block per program) and dQ (one query block per program), from the saved O and lse (no
-N x N storage). Tile helpers in attention_kernels.py; launchers in attention_triton.py.
+N x N storage). Tile helpers in attention_tiles.py; launchers in attention_triton.py.
 
 ROPE (rotary embedding, NQ = NK): q and k tiles are rotated after loading like in the
 forward, so the products give the gradients of the rotated q and k; dQ and dK are rotated
-back (the transpose of the rotation, _rope_back) before they are stored."""
+back (the transpose of the rotation, _unrope) before they are stored."""
 import triton
 import triton.language as tl
 
-from .attention_kernels import _bh_offset, _div8, _load_cols, _load_rows, _rope, _rope_back, _rope_tables, _store_rows
+from .attention_tiles import _bh_offset, _div8, _load_cols, _load_rope, _load_rows, _program_ids, _store_rows, _unrope
 
 
 @triton.jit
@@ -16,10 +16,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sd
                                 ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_M: tl.constexpr):
     # delta = rowsum(O * dO), the softmax-backward correction.
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, pid_m, b, h = _program_ids(H)
     son = _div8(son, ALIGN8)
     sdon = _div8(sdon, ALIGN8)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -42,10 +39,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     # One key block per program; loops over all query blocks. Works on transposed scores
     # sT = K Q^T so dk and dv accumulate as [BLOCK_N, D] without transposes.
-    bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, pid_n, b, h = _program_ids(H)
     sqn = _div8(sqn, ALIGN8)
     skn = _div8(skn, ALIGN8)
     svn = _div8(svn, ALIGN8)
@@ -59,36 +53,24 @@ def _attn_bwd_dkdv_kernel(
     q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
     do_base = DO + _bh_offset(b, h, sdob, sdoh, ALIGN8)
     k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
-    k0 = _load_rows(k_base, offs_n, skn, d0, skd, n_mask, HEAD_D)
-    if ROPE:
-        rc, rs = _rope_tables(COS, SIN, offs_n, d0, n_mask, HEAD_D, True, False, False)
-        k0 = _rope(k0, _load_rows(k_base, offs_n, skn, d0 ^ 1, skd, n_mask, HEAD_D), rc, rs)
+    k0, rc, rs = _load_rope(k_base, offs_n, skn, d0, skd, n_mask, COS, SIN, HEAD_D, ROPE)
     v0 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d0, svd, n_mask, HEAD_D)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if HAS_D1:
-        k1 = _load_rows(k_base, offs_n, skn, d1, skd, n_mask, HEAD_D)
-        if ROPE:
-            rc, rs = _rope_tables(COS, SIN, offs_n, d1, n_mask, HEAD_D, True, False, False)
-            k1 = _rope(k1, _load_rows(k_base, offs_n, skn, d1 ^ 1, skd, n_mask, HEAD_D), rc, rs)
+        k1, rc, rs = _load_rope(k_base, offs_n, skn, d1, skd, n_mask, COS, SIN, HEAD_D, ROPE)
         v1 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d1, svd, n_mask, HEAD_D)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     for start_m in range(0, NQ, BLOCK_M):
         m = start_m + offs_m
         m_mask = m < NQ
-        qT0 = _load_cols(q_base, m, sqn, d0, sqd, m_mask, HEAD_D, MASK_M, True)
-        if ROPE:
-            tc, ts = _rope_tables(COS, SIN, m, d0, m_mask, HEAD_D, MASK_M, True, True)
-            qT0 = _rope(qT0, _load_cols(q_base, m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D, MASK_M, True), tc, ts)
+        qT0, tc, ts = _load_rope(q_base, m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE, MASK_M, True, True)
         doT0 = _load_cols(do_base, m, sdon, d0, sdod, m_mask, HEAD_D, MASK_M, True)
         sT = tl.dot(k0, qT0, input_precision=DOT_PRECISION)
         dpT = tl.dot(v0, doT0, input_precision=DOT_PRECISION)
         if HAS_D1:
-            qT1 = _load_cols(q_base, m, sqn, d1, sqd, m_mask, HEAD_D, MASK_M, D1_FULL)
-            if ROPE:
-                tc, ts = _rope_tables(COS, SIN, m, d1, m_mask, HEAD_D, MASK_M, D1_FULL, True)
-                qT1 = _rope(qT1, _load_cols(q_base, m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D, MASK_M, D1_FULL), tc, ts)
+            qT1, tc, ts = _load_rope(q_base, m, sqn, d1, sqd, m_mask, COS, SIN, HEAD_D, ROPE, MASK_M, D1_FULL, True)
             doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D, MASK_M, D1_FULL)
             sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
             dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
@@ -105,11 +87,9 @@ def _attn_bwd_dkdv_kernel(
             dv1 = tl.dot(pT.to(v1.dtype), tl.trans(doT1), dv1, input_precision=DOT_PRECISION)
             dk1 = tl.dot(dsT.to(k1.dtype), tl.trans(qT1), dk1, input_precision=DOT_PRECISION)
     if ROPE:
-        rc, rs = _rope_tables(COS, SIN, offs_n, d0, n_mask, HEAD_D, True, False, False)
-        dk0 = _rope_back(dk0, rc, rs, BLOCK_N, D0)
+        dk0 = _unrope(dk0, COS, SIN, offs_n, d0, n_mask, HEAD_D, BLOCK_N, D0)
         if HAS_D1:
-            rc, rs = _rope_tables(COS, SIN, offs_n, d1, n_mask, HEAD_D, True, False, False)
-            dk1 = _rope_back(dk1, rc, rs, BLOCK_N, D1)
+            dk1 = _unrope(dk1, COS, SIN, offs_n, d1, n_mask, HEAD_D, BLOCK_N, D1)
     dk_base = DK + _bh_offset(b, h, sdkb, sdkh, ALIGN8)  # DK and DV share strides (both allocated contiguous)
     dv_base = DV + _bh_offset(b, h, sdkb, sdkh, ALIGN8)
     _store_rows(dk_base, (dk0 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
@@ -129,10 +109,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr,
     ROPE: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, pid_m, b, h = _program_ids(H)
     sqn = _div8(sqn, ALIGN8)
     skn = _div8(skn, ALIGN8)
     svn = _div8(svn, ALIGN8)
@@ -146,17 +123,11 @@ def _attn_bwd_dq_kernel(
     k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
     v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
     q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
-    q0 = _load_rows(q_base, offs_m, sqn, d0, sqd, m_mask, HEAD_D)
-    if ROPE:
-        rc, rs = _rope_tables(COS, SIN, offs_m, d0, m_mask, HEAD_D, True, False, False)
-        q0 = _rope(q0, _load_rows(q_base, offs_m, sqn, d0 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
+    q0, rc, rs = _load_rope(q_base, offs_m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
     do0 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d0, sdod, m_mask, HEAD_D)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
-        q1 = _load_rows(q_base, offs_m, sqn, d1, sqd, m_mask, HEAD_D)
-        if ROPE:
-            rc, rs = _rope_tables(COS, SIN, offs_m, d1, m_mask, HEAD_D, True, False, False)
-            q1 = _rope(q1, _load_rows(q_base, offs_m, sqn, d1 ^ 1, sqd, m_mask, HEAD_D), rc, rs)
+        q1, rc, rs = _load_rope(q_base, offs_m, sqn, d1, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
         do1 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d1, sdod, m_mask, HEAD_D)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=m_mask, other=0.0)
@@ -164,18 +135,12 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, NK, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < NK
-        kT0 = _load_cols(k_base, n, skn, d0, skd, n_mask, HEAD_D, MASK_N, True)
-        if ROPE:
-            tc, ts = _rope_tables(COS, SIN, n, d0, n_mask, HEAD_D, MASK_N, True, True)
-            kT0 = _rope(kT0, _load_cols(k_base, n, skn, d0 ^ 1, skd, n_mask, HEAD_D, MASK_N, True), tc, ts)
+        kT0, tc, ts = _load_rope(k_base, n, skn, d0, skd, n_mask, COS, SIN, HEAD_D, ROPE, MASK_N, True, True)
         s = tl.dot(q0, kT0, input_precision=DOT_PRECISION)
         dp = tl.dot(do0, _load_cols(v_base, n, svn, d0, svd, n_mask, HEAD_D, MASK_N, True),
                     input_precision=DOT_PRECISION)
         if HAS_D1:
-            kT1 = _load_cols(k_base, n, skn, d1, skd, n_mask, HEAD_D, MASK_N, D1_FULL)
-            if ROPE:
-                tc, ts = _rope_tables(COS, SIN, n, d1, n_mask, HEAD_D, MASK_N, D1_FULL, True)
-                kT1 = _rope(kT1, _load_cols(k_base, n, skn, d1 ^ 1, skd, n_mask, HEAD_D, MASK_N, D1_FULL), tc, ts)
+            kT1, tc, ts = _load_rope(k_base, n, skn, d1, skd, n_mask, COS, SIN, HEAD_D, ROPE, MASK_N, D1_FULL, True)
             s += tl.dot(q1, kT1, input_precision=DOT_PRECISION)
             dp += tl.dot(do1, _load_cols(v_base, n, svn, d1, svd, n_mask, HEAD_D, MASK_N, D1_FULL),
                          input_precision=DOT_PRECISION)
@@ -188,11 +153,9 @@ def _attn_bwd_dq_kernel(
         if HAS_D1:
             dq1 = tl.dot(ds, tl.trans(kT1), dq1, input_precision=DOT_PRECISION)
     if ROPE:
-        rc, rs = _rope_tables(COS, SIN, offs_m, d0, m_mask, HEAD_D, True, False, False)
-        dq0 = _rope_back(dq0, rc, rs, BLOCK_M, D0)
+        dq0 = _unrope(dq0, COS, SIN, offs_m, d0, m_mask, HEAD_D, BLOCK_M, D0)
         if HAS_D1:
-            rc, rs = _rope_tables(COS, SIN, offs_m, d1, m_mask, HEAD_D, True, False, False)
-            dq1 = _rope_back(dq1, rc, rs, BLOCK_M, D1)
+            dq1 = _unrope(dq1, COS, SIN, offs_m, d1, m_mask, HEAD_D, BLOCK_M, D1)
     dq_base = DQ + _bh_offset(b, h, sdqb, sdqh, ALIGN8)
     _store_rows(dq_base, (dq0 * qk_scale).to(DQ.dtype.element_ty), offs_m, sdqn, d0, sdqd, m_mask, HEAD_D)
     if HAS_D1:

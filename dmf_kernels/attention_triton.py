@@ -82,6 +82,13 @@ def _default_blocks(kind, head_dim, interpret, capability=(9, 0), rope=False):
     return (128, 64, 8) if head_dim <= 64 else (64, 64, 4)  # a 128-row tile wants 8 warps
 
 
+def _blocks(kind, q, rope, block_m, block_n, num_warps):
+    """(BLOCK_M, BLOCK_N, num_warps): the ones given, the rest _default_blocks' for q's head
+    dim and device."""
+    default = _default_blocks(kind, q.shape[-1], _interpreting(), _capability(q), rope is not None)
+    return tuple(x or d for x, d in zip((block_m, block_n, num_warps), default))
+
+
 def _capability(t):
     # The architecture the kernels will be compiled for (inspect_kernels.py overrides this
     # for meta tensors to compile each target's own launch configuration).
@@ -165,8 +172,7 @@ def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, nu
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn, nw = _default_blocks("fwd", D, _interpreting(), _capability(q), rope is not None)
-    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
+    bm, bn, num_warps = _blocks("fwd", q, rope, block_m, block_n, num_warps)
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
     if o.numel() == 0:
@@ -190,8 +196,7 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    bm, bn, nw = _default_blocks("jvp", D, _interpreting(), _capability(q), rope is not None)
-    bm, bn, num_warps = block_m or bm, block_n or bn, num_warps or nw
+    bm, bn, num_warps = _blocks("jvp", q, rope, block_m, block_n, num_warps)
     o = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     o_dot = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
@@ -224,10 +229,7 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
-    cap, interp = _capability(q), _interpreting()
-    kv_cfg, q_cfg = (tuple(x or d for x, d in zip((block_m, block_n, num_warps),
-                                                  _default_blocks(kind, D, interp, cap, rope is not None)))
-                     for kind in ("bwd_dkdv", "bwd_dq"))
+    kv_cfg, q_cfg = (_blocks(kind, q, rope, block_m, block_n, num_warps) for kind in ("bwd_dkdv", "bwd_dq"))
     if dq_blocks is not None:
         q_cfg = tuple(dq_blocks)
     dq = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)

@@ -1,7 +1,7 @@
 """dmf_kernels.attention through the public API: forward, backward and JVP against the
 float64 math path, the dual API, compile, opcheck, bad input, CPU-path memory. On a CUDA
 device these run the Triton kernels; on CPU the blockwise PyTorch path (the Triton kernels
-under the interpreter are in test_attention_triton.py)."""
+under the interpreter are in test_attention_triton.py and test_attention_triton_rope.py)."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
