@@ -4,6 +4,7 @@ format torch-fidelity's FeatureExtractorInceptionV3 loads, and a subprocess runn
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,24 @@ def make_random_inception(path: Path, seed=0) -> Path:
     return path
 
 
+def package_paths():
+    """Where this test process imports dmf_kernels and dmf from: the source tree (make build) or
+    site-packages (pip install .): subprocesses import the same ones."""
+    import dmf
+    import dmf_kernels
+
+    return [str(Path(m.__file__).resolve().parents[1]) for m in (dmf_kernels, dmf)]
+
+
+# Subprocesses start outside the source tree: `python -m` / `-c` put the working directory first on
+# sys.path, where the checkout's dmf_kernels (without _C after a plain pip install) would shadow the
+# installed one.
+NEUTRAL_CWD = tempfile.gettempdir()
+
+
 def env_with_paths(**extra):
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python"),
-                                                        os.environ.get("PYTHONPATH", "")]), **extra)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([*package_paths(), os.environ.get("PYTHONPATH", "")]),
+                **extra)
 
 
 def run_dmf(args, nproc=1, timeout=600, **env):
@@ -82,4 +98,5 @@ def run_dmf(args, nproc=1, timeout=600, **env):
                "-m", "dmf", *args]
     else:
         cmd = [sys.executable, "-m", "dmf", *args]
-    return subprocess.run(cmd, env=env_with_paths(**env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env_with_paths(**env), cwd=NEUTRAL_CWD, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,5 +1,6 @@
 """python -m dmf: sampling outputs (flow-map Euler rule, npz/png, labels) and the bad-input paths
 (one line on stderr, exit code 2, no traceback, nothing trained)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,8 @@ from dmf.__main__ import main
 from dmf.convert import model_from_checkpoint
 from dmf.sample import euler, time_grid
 from dmf.train import TrainConfig, train
+from dmf_helpers import NEUTRAL_CWD, package_paths
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,8 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
     """The real entry point, as a user runs it."""
     proc = subprocess.run([sys.executable, "-m", "dmf", "train", "--stage", "dmf", "--steps", "1", "--model", "nope",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "PATH": "/usr/bin:/bin"})
+                          env={"PYTHONPATH": os.pathsep.join(package_paths()), "PATH": "/usr/bin:/bin"},
+                          cwd=NEUTRAL_CWD)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("dmf train: error: unknown model 'nope'; known: " + ", ".join(
         __import__("dmf").DMFT_models))

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from dmf.optional import png_bytes
-from dmf_helpers import env_with_paths
+from dmf_helpers import NEUTRAL_CWD, env_with_paths
 
 # a Python that cannot import the named modules (as if they were not installed)
 BLOCK = """
@@ -21,7 +21,7 @@ main({argv!r})
 
 def run_without(names, argv):
     return subprocess.run([sys.executable, "-c", BLOCK.format(names=names, argv=argv)], env=env_with_paths(),
-                          capture_output=True, text=True, timeout=300)
+                          cwd=NEUTRAL_CWD, capture_output=True, text=True, timeout=300)
 
 
 def test_train_and_sample_without_matplotlib_or_tqdm(tmp_path):

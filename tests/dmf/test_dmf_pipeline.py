@@ -258,7 +258,7 @@ def test_memory_map_keeps_resident_memory_flat(tmp_path):
     import subprocess
 
     from dmf.data import LATENT_FORMAT
-    from dmf_helpers import env_with_paths
+    from dmf_helpers import NEUTRAL_CWD, env_with_paths
 
     n, shape = 3200, (64, 32, 32)
     lat = tmp_path / "lat"
@@ -273,7 +273,8 @@ def test_memory_map_keeps_resident_memory_flat(tmp_path):
                                                       latent_shape=list(shape), scaling_factor=1.0, vae="none")))
     size = (lat / "latents.npy").stat().st_size
     p = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), str(400 << 20)],
-                       env=env_with_paths(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+                       env=env_with_paths(OMP_NUM_THREADS="1"), cwd=NEUTRAL_CWD, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert size > 800e6 and res["whole"] == "MemoryError"

@@ -3,7 +3,6 @@
 MF branch's JVP runs on the unwrapped module; a non-finite loss stops and keeps the last good
 checkpoint."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ import torch
 from dmf.convert import read
 from dmf.errors import DMFError
 from dmf.train import TrainConfig, train
+from dmf_helpers import NEUTRAL_CWD, env_with_paths
 
-ROOT = Path(__file__).resolve().parents[2]
 # DMFT-Ti/4 on the 8x8 digits: 4 tokens, a few ms per step
 TINY = dict(model="DMFT-Ti/4", batch_size=8, progress=False, log_every=1, omega=0.3, g_max=0.9)
 
@@ -52,10 +51,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_ddp_two_processes_equal_one(tmp_path):
     args = ["--stage", "dmf", "--model", "DMFT-Ti/4", "--steps", "3", "--batch-size", "8", "--omega", "0.3",
             "--g-max", "0.9", "--no-progress", "--ckpt-every", "100"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "dmf", "train", *args, "--out", str(tmp_path / "ddp")], env=env, capture_output=True,
-                          text=True, timeout=300)
+                           "-m", "dmf", "train", *args, "--out", str(tmp_path / "ddp")], env=env_with_paths(),
+                          cwd=NEUTRAL_CWD, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = read(train(TrainConfig(stage="dmf", steps=3, out=str(tmp_path / "one"), omega=0.3, g_max=0.9,
                                  model="DMFT-Ti/4", batch_size=8, progress=False, ckpt_every=100)))
