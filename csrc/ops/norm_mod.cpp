@@ -59,7 +59,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_mod_forward(const char* op, cons
   if (w.defined()) p.weight = weight_param(w);
   p.x = x.data_ptr(), p.scale = as_param(sc);
   if (sh.defined()) p.shift = as_param(sh);
-  if (gate != nullptr) p.gate = as_param(ga), p.res = yy.data_ptr(), p.x_out = x_out.data_ptr();
+  if (gate != nullptr) p.gate = as_param(ga), p.y = yy.data_ptr(), p.x_out = x_out.data_ptr();
   p.out = out.data_ptr(), p.rstd = rstd.data_ptr();
   if (!rms) p.mean = mean.data_ptr();
   backend_for(x).norm_mod_fwd(p);
@@ -106,8 +106,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_mod_backward(
     p.grad_x = dx.data_ptr(), p.part_scale = pc.data_ptr();
     if (has_shift) p.part_shift = ps.data_ptr();
     if (gate != nullptr) {
-      p.grad_x_out = gxo.data_ptr(), p.gate = as_param(ga), p.res = yy.data_ptr();
-      p.grad_res = dy.data_ptr(), p.part_gate = pg.data_ptr();
+      p.grad_x_out = gxo.data_ptr(), p.gate = as_param(ga), p.y = yy.data_ptr();
+      p.grad_y = dy.data_ptr(), p.part_gate = pg.data_ptr();
     }
     backend_for(x).norm_mod_bwd(p);
   }
@@ -192,9 +192,9 @@ struct NormModJvpCall {
     if (!rms) p.mean = mean.data_ptr();
     q.x_dot = xd.defined() ? xd.data_ptr() : nullptr;
     if (residual) {
-      p.gate = as_param(ga), p.res = yy.data_ptr(), p.x_out = x_out.data_ptr();
+      p.gate = as_param(ga), p.y = yy.data_ptr(), p.x_out = x_out.data_ptr();
       q.gate_dot = gad.defined() ? as_param(gad) : ModParam{};
-      q.res_dot = yd.defined() ? yd.data_ptr() : nullptr;
+      q.y_dot = yd.defined() ? yd.data_ptr() : nullptr;
       q.x_out_dot = x_out_dot.data_ptr();
     }
     q.shift_dot = shd.defined() ? as_param(shd) : ModParam{};
