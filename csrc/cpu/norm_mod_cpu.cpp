@@ -201,36 +201,26 @@ void bwd_impl(const NormModBwdParams& p) {
         const A rstd = static_cast<const A*>(p.rstd)[r];
         const T* __restrict__ xr = static_cast<const T*>(p.x) + r * D;
         const T* __restrict__ gr = static_cast<const T*>(p.grad_out) + r * D;
-        A c1 = 0, c2 = 0;
         // pc is sum(g * xh) in both kinds (the weight is applied in the binding, params.h);
-        // the gradient of the normalised input is g * (1 + scale), times w when weighted.
-        if (w == nullptr) {
-#pragma omp simd reduction(+ : c1, c2)
+        // the gradient of the normalised input is g * (1 + scale), times w when weighted: one
+        // branch-free loop per case. Returns (sum(gh), sum(gh * xh)).
+        auto first_pass = [&](auto weighted) {
+          A s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
           for (int64_t j = 0; j < D; ++j) {
             const A gv = static_cast<A>(gr[j]);
             const A h = (static_cast<A>(xr[j]) - mean) * rstd;
-            const A ghv = gv * (A(1) + static_cast<A>(sc[j]));
+            const A ghv = gv * (decltype(weighted)::value ? static_cast<A>(w[j]) : A(1)) * (A(1) + static_cast<A>(sc[j]));
             xh[j] = h;
             gh[j] = ghv;
             ps[j] += gv;
             pc[j] += gv * h;
-            c1 += ghv;
-            c2 += ghv * h;
+            s1 += ghv;
+            s2 += ghv * h;
           }
-        } else {
-#pragma omp simd reduction(+ : c1, c2)
-          for (int64_t j = 0; j < D; ++j) {
-            const A gv = static_cast<A>(gr[j]);
-            const A h = (static_cast<A>(xr[j]) - mean) * rstd;
-            const A ghv = gv * static_cast<A>(w[j]) * (A(1) + static_cast<A>(sc[j]));
-            xh[j] = h;
-            gh[j] = ghv;
-            ps[j] += gv;
-            pc[j] += gv * h;
-            c1 += ghv;
-            c2 += ghv * h;
-          }
-        }
+          return std::pair<A, A>(s1, s2);
+        };
+        auto [c1, c2] = w == nullptr ? first_pass(std::false_type{}) : first_pass(std::true_type{});
         c1 = p.rms ? A(0) : c1 / static_cast<A>(D);  // rms: no mean, so no mean(gh) term
         c2 /= static_cast<A>(D);
         T* __restrict__ dx = static_cast<T*>(p.grad_x) + r * D;
