@@ -68,19 +68,6 @@ __device__ __forceinline__ void row_stats(const A (&xv)[IT][VEC], int64_t D, dou
   rstd = A(1) / sqrt(ss / A(D) + A(eps));
 }
 
-// Row r into registers (x, or x + gate * y, then written to x_out), its statistics, written by
-// lane 0 (rms: no mean).
-template <typename T, int VEC, int TEAM, typename A, int IT>
-__device__ __forceinline__ void load_row_stats(const NormModFwdParams& p, int64_t r, A (&xv)[IT][VEC], A* smem,
-                                               A& mean, A& rstd) {
-  load_input<T, VEC, TEAM>(p, r, xv, p.gate.ptr != nullptr);
-  row_stats<T, VEC, TEAM>(xv, p.dim, p.eps, p.rms, smem, mean, rstd);
-  if (team_lane<TEAM>() == 0) {
-    if (!p.rms) static_cast<A*>(p.mean)[r] = mean;
-    static_cast<A*>(p.rstd)[r] = rstd;
-  }
-}
-
 // e = (1 + scale) (* weight) at columns [c, c + VEC), and the shift there (0 when absent).
 template <typename T, int VEC, typename A>
 __device__ __forceinline__ void load_modulation(const T* sc, const T* w, const T* sh, int64_t c, A (&e)[VEC],
@@ -111,8 +98,14 @@ __global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_m
   if (r >= p.rows) return;  // uniform per team
   const int64_t D = p.dim, g = r / p.rows_per_group;
   const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
-  A xv[IT][VEC], mean, rstd;
-  load_row_stats<T, VEC, TEAM>(p, r, xv, smem, mean, rstd);
+  A xv[IT][VEC];
+  load_input<T, VEC, TEAM>(p, r, xv, p.gate.ptr != nullptr);
+  A mean, rstd;
+  row_stats<T, VEC, TEAM>(xv, D, p.eps, p.rms, smem, mean, rstd);
+  if (lane == 0) {
+    if (!p.rms) static_cast<A*>(p.mean)[r] = mean;
+    static_cast<A*>(p.rstd)[r] = rstd;
+  }
   const T* sh = p.shift.ptr == nullptr ? nullptr : static_cast<const T*>(p.shift.ptr) + g * p.shift.row_stride;
   const T* sc = static_cast<const T*>(p.scale.ptr) + g * p.scale.row_stride;
   const T* w = static_cast<const T*>(p.weight.ptr);
@@ -144,8 +137,14 @@ __global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_m
   const bool residual_tangent = residual && (q.gate_dot.ptr != nullptr || q.y_dot != nullptr);
   const bool x_tangent = q.x_dot != nullptr || residual_tangent;
 
-  A xv[IT][VEC], mean, rstd;
-  load_row_stats<T, VEC, TEAM>(p, r, xv, smem, mean, rstd);
+  A xv[IT][VEC];
+  A mean, rstd;
+  load_input<T, VEC, TEAM>(p, r, xv, residual);
+  row_stats<T, VEC, TEAM>(xv, D, p.eps, p.rms, smem, mean, rstd);
+  if (lane == 0) {
+    if (!p.rms) static_cast<A*>(p.mean)[r] = mean;
+    static_cast<A*>(p.rstd)[r] = rstd;
+  }
   const T* sh = p.shift.ptr == nullptr ? nullptr : static_cast<const T*>(p.shift.ptr) + g * p.shift.row_stride;
   const T* sc = static_cast<const T*>(p.scale.ptr) + g * p.scale.row_stride;
   const T* w = static_cast<const T*>(p.weight.ptr);
