@@ -49,16 +49,11 @@ void jvp_impl(const RmsNormParams& p) {
         m += x * static_cast<A>(xd[j]);
       }
       m /= static_cast<A>(D);
-      A rstd;
-      if (p.stats_given) {
-        rstd = static_cast<const A*>(p.rstd)[r];
-      } else {
-        rstd = A(1) / std::sqrt(ss / static_cast<A>(D) + static_cast<A>(p.eps));
-        static_cast<A*>(p.rstd)[r] = rstd;
-        T* __restrict__ o = static_cast<T*>(p.out) + r * D;
+      const A rstd = A(1) / std::sqrt(ss / static_cast<A>(D) + static_cast<A>(p.eps));
+      static_cast<A*>(p.rstd)[r] = rstd;
+      T* __restrict__ o = static_cast<T*>(p.out) + r * D;
 #pragma omp simd
-        for (int64_t j = 0; j < D; ++j) o[j] = static_cast<T>(static_cast<A>(xr[j]) * rstd * static_cast<A>(w[j]));
-      }
+      for (int64_t j = 0; j < D; ++j) o[j] = static_cast<T>(static_cast<A>(xr[j]) * rstd * static_cast<A>(w[j]));
       const A c = rstd * rstd * m;
       T* __restrict__ od = static_cast<T*>(p.out_dot) + r * D;
 #pragma omp simd

@@ -30,7 +30,7 @@ __device__ __forceinline__ void load_input(const NormModFwdParams& p, int64_t r,
       if (residual) {
         A gv[VEC], yv[VEC];
         load_vec<T, VEC>(static_cast<const T*>(p.gate.ptr) + (r / p.rows_per_group) * p.gate.row_stride + c, gv);
-        load_vec<T, VEC>(static_cast<const T*>(p.res) + r * D + c, yv);
+        load_vec<T, VEC>(static_cast<const T*>(p.y) + r * D + c, yv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) xv[it][k] = to_acc(from_acc<T>(xv[it][k] + gv[k] * yv[k]));
         store_vec<T, VEC>(static_cast<T*>(p.x_out) + r * D + c, xv[it]);
@@ -134,22 +134,16 @@ __global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_m
   const int64_t D = p.dim, g = r / p.rows_per_group;
   const int lane = team_lane<TEAM>(), ts = team_size<TEAM>();
   const bool residual = p.gate.ptr != nullptr;
-  const bool res_tangent = residual && (q.gate_dot.ptr != nullptr || q.res_dot != nullptr);
-  const bool x_tangent = q.x_dot != nullptr || res_tangent;
+  const bool residual_tangent = residual && (q.gate_dot.ptr != nullptr || q.y_dot != nullptr);
+  const bool x_tangent = q.x_dot != nullptr || residual_tangent;
 
   A xv[IT][VEC];
   A mean, rstd;
-  if (q.stats_given) {
-    load_input<T, VEC, TEAM>(p, r, xv, false);
-    mean = p.rms ? A(0) : static_cast<const A*>(p.mean)[r];
-    rstd = static_cast<const A*>(p.rstd)[r];
-  } else {
-    load_input<T, VEC, TEAM>(p, r, xv, residual);
-    row_stats<T, VEC, TEAM>(xv, D, p.eps, p.rms, smem, mean, rstd);
-    if (lane == 0) {
-      if (!p.rms) static_cast<A*>(p.mean)[r] = mean;
-      static_cast<A*>(p.rstd)[r] = rstd;
-    }
+  load_input<T, VEC, TEAM>(p, r, xv, residual);
+  row_stats<T, VEC, TEAM>(xv, D, p.eps, p.rms, smem, mean, rstd);
+  if (lane == 0) {
+    if (!p.rms) static_cast<A*>(p.mean)[r] = mean;
+    static_cast<A*>(p.rstd)[r] = rstd;
   }
   const T* sh = p.shift.ptr == nullptr ? nullptr : static_cast<const T*>(p.shift.ptr) + g * p.shift.row_stride;
   const T* sc = static_cast<const T*>(p.scale.ptr) + g * p.scale.row_stride;
@@ -165,25 +159,23 @@ __global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_m
     if (c >= D) continue;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) xv[it][k] = (xv[it][k] - mean) * rstd;
-    if (!q.stats_given) {
-      A shv[VEC], e[VEC], ov[VEC];
-      load_modulation<T, VEC>(sc, w, sh, c, e, shv);
+    A shv[VEC], e[VEC], ov[VEC];
+    load_modulation<T, VEC>(sc, w, sh, c, e, shv);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) ov[k] = xv[it][k] * e[k] + shv[k];
-      store_vec<T, VEC>(static_cast<T*>(p.out) + r * D + c, ov);
-    }
+    for (int k = 0; k < VEC; ++k) ov[k] = xv[it][k] * e[k] + shv[k];
+    store_vec<T, VEC>(static_cast<T*>(p.out) + r * D + c, ov);
     if (q.x_dot != nullptr) load_vec<T, VEC>(static_cast<const T*>(q.x_dot) + r * D + c, td[it]);
-    if (res_tangent) {
+    if (residual_tangent) {
       A yv[VEC], gv[VEC], v[VEC];
       if (q.gate_dot.ptr != nullptr) {
         load_vec<T, VEC>(static_cast<const T*>(q.gate_dot.ptr) + g * q.gate_dot.row_stride + c, gv);
-        load_vec<T, VEC>(static_cast<const T*>(p.res) + r * D + c, yv);
+        load_vec<T, VEC>(static_cast<const T*>(p.y) + r * D + c, yv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) td[it][k] += gv[k] * yv[k];
       }
-      if (q.res_dot != nullptr) {
+      if (q.y_dot != nullptr) {
         load_vec<T, VEC>(static_cast<const T*>(p.gate.ptr) + g * p.gate.row_stride + c, gv);
-        load_vec<T, VEC>(static_cast<const T*>(q.res_dot) + r * D + c, v);
+        load_vec<T, VEC>(static_cast<const T*>(q.y_dot) + r * D + c, v);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) td[it][k] += gv[k] * v[k];
       }
@@ -323,13 +315,13 @@ __global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_m
       if (residual) {
         A gv[VEC], yv[VEC], dy[VEC];
         load_vec<T, VEC>(gate + c, gv);
-        load_vec<T, VEC>(static_cast<const T*>(p.res) + r * D + c, yv);
+        load_vec<T, VEC>(static_cast<const T*>(p.y) + r * D + c, yv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           dy[k] = d[k] * gv[k];
           pg[it][k] += d[k] * yv[k];
         }
-        store_vec<T, VEC>(static_cast<T*>(p.grad_res) + r * D + c, dy);
+        store_vec<T, VEC>(static_cast<T*>(p.grad_y) + r * D + c, dy);
       }
     }
   }
@@ -347,7 +339,7 @@ __global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) norm_m
 
 cudaError_t norm_mod_fwd(const NormModFwdParams& p, cudaStream_t stream) {
   return launch_row_kernel(p.dtype, p.dim,
-                           {p.x, p.res, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr, p.weight.ptr},
+                           {p.x, p.y, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr, p.weight.ptr},
                            {p.shift.row_stride, p.scale.row_stride, p.gate.row_stride}, p, p.rows, stream,
                            DMF_ROW_KERNEL(norm_mod_fwd_kernel));
 }
@@ -355,7 +347,7 @@ cudaError_t norm_mod_fwd(const NormModFwdParams& p, cudaStream_t stream) {
 cudaError_t norm_mod_jvp(const NormModJvpParams& q, cudaStream_t stream) {
   const NormModFwdParams& p = q.p;
   return launch_row_kernel(p.dtype, p.dim,
-                           {p.x, p.res, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr, q.x_dot, q.res_dot,
+                           {p.x, p.y, p.x_out, p.out, p.shift.ptr, p.scale.ptr, p.gate.ptr, q.x_dot, q.y_dot,
                             q.x_out_dot, q.out_dot, q.gate_dot.ptr, q.shift_dot.ptr, q.scale_dot.ptr, p.weight.ptr,
                             q.weight_dot.ptr},
                            {p.shift.row_stride, p.scale.row_stride, p.gate.row_stride, q.gate_dot.row_stride,
@@ -366,7 +358,7 @@ cudaError_t norm_mod_jvp(const NormModJvpParams& q, cudaStream_t stream) {
 cudaError_t norm_mod_bwd(const NormModBwdParams& p, cudaStream_t stream) {
   const int64_t items = ceil_div(p.rows, p.rows_per_group) * ceil_div(p.rows_per_group, p.chunk_rows);
   return launch_row_kernel(p.dtype, p.dim,
-                           {p.grad_out, p.grad_x_out, p.x, p.res, p.grad_x, p.grad_res, p.scale.ptr, p.gate.ptr,
+                           {p.grad_out, p.grad_x_out, p.x, p.y, p.grad_x, p.grad_y, p.scale.ptr, p.gate.ptr,
                             p.part_shift, p.part_scale, p.part_gate, p.weight.ptr},
                            {p.scale.row_stride, p.gate.row_stride}, p, items, stream,
                            DMF_ROW_KERNEL(norm_mod_bwd_kernel));

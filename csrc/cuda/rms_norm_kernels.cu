@@ -81,26 +81,18 @@ __global__ void __launch_bounds__(TEAM ? kTeamBlockThreads : kRowThreads) rms_no
       if (p.x_dot != nullptr) m += xv[it][k] * xd[it][k];
     }
   team_sum2<TEAM>(ss, m, smem);
-  A rstd;
-  if (p.stats_given) {
-    rstd = static_cast<const A*>(p.rstd)[r];
-  } else {
-    rstd = A(1) / sqrt(ss / A(D) + A(p.eps));
-    if (lane == 0) static_cast<A*>(p.rstd)[r] = rstd;
-  }
+  const A rstd = A(1) / sqrt(ss / A(D) + A(p.eps));
+  if (lane == 0) static_cast<A*>(p.rstd)[r] = rstd;
   m /= A(D);
 #pragma unroll
   for (int it = 0; it < IT; ++it) {
     const int64_t c = (int64_t(it) * ts + lane) * VEC;
     if (c >= D) continue;
-    A wv[VEC], od[VEC];
+    A wv[VEC], od[VEC], o[VEC];
     load_vec<T, VEC>(w + c, wv);
-    if (!p.stats_given) {
-      A o[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) o[k] = xv[it][k] * rstd * wv[k];
-      store_vec<T, VEC>(static_cast<T*>(p.out) + r * D + c, o);
-    }
+    for (int k = 0; k < VEC; ++k) o[k] = xv[it][k] * rstd * wv[k];
+    store_vec<T, VEC>(static_cast<T*>(p.out) + r * D + c, o);
 #pragma unroll
     for (int k = 0; k < VEC; ++k)
       od[k] = p.x_dot != nullptr ? wv[k] * (xd[it][k] - xv[it][k] * rstd * rstd * m) * rstd : A(0);

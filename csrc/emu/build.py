@@ -6,7 +6,7 @@ compiled by g++ as C++17 against the stand-in CUDA headers of csrc/emu, linked i
     python csrc/emu/build.py                       # build-emu/release
     python csrc/emu/build.py --variant sanitize    # build-emu/sanitize: ASan + UBSan
     python csrc/emu/build.py --src /tmp/mutant/csrc --out /tmp/mutant/lib   # another source tree
-    python csrc/emu/build.py --selftest            # also <out>/emu_selftest (tests/cuda_emu/emu_selftest.cpp)
+    python csrc/emu/build.py --selftest            # also <out>/emu_selftest (tests/cuda_emu/emu_selftest*.cpp)
 
 Variants:
 - release: -O2, plus UBSan's alignment check (a misaligned 16-byte vector access is undefined
@@ -80,15 +80,18 @@ def check_tls(lib: Path) -> None:
         raise SystemExit(f"build.py: {lib} has thread_local state besides __shared__ variables: {bad[:5]}")
 
 
-SELFTEST = REPO / "tests" / "cuda_emu" / "emu_selftest.cpp"
+# the emulator's self-test program: its sources and their shared header
+SELFTEST_DIR = REPO / "tests" / "cuda_emu"
+SELFTEST = [SELFTEST_DIR / n for n in ("emu_selftest.cpp", "emu_selftest_sync.cpp", "emu_selftest_launchers.cpp")]
+SELFTEST_HEADER = SELFTEST_DIR / "emu_selftest.h"
 
 
 def build(variant: str, src: Path, out: Path, cxx: str, jobs: int, selftest: bool = False) -> Path:
     flags = VARIANTS[variant]
     out.mkdir(parents=True, exist_ok=True)
     kernel_sources = cuda_sources(src)
-    sources = [*kernel_sources, src / "emu" / "emu_backend.cpp"] + ([SELFTEST] if selftest else [])
-    newest = max(p.stat().st_mtime for p in [*headers(src), Path(__file__)])
+    sources = [*kernel_sources, src / "emu" / "emu_backend.cpp"] + (SELFTEST if selftest else [])
+    newest = max(p.stat().st_mtime for p in [*headers(src), Path(__file__)] + ([SELFTEST_HEADER] if selftest else []))
     objs = [out / (s.name + ".o") for s in sources]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         errors = [e for e in pool.map(lambda so: compile_one(cxx, flags, src, *so, newest), zip(sources, objs)) if e]
@@ -104,7 +107,7 @@ def build(variant: str, src: Path, out: Path, cxx: str, jobs: int, selftest: boo
     check_tls(lib)
     if selftest:
         exe = out / "emu_selftest"
-        kernel_objs = [out / (s.name + ".o") for s in [*kernel_sources, SELFTEST]]
+        kernel_objs = [out / (s.name + ".o") for s in [*kernel_sources, *SELFTEST]]
         if not exe.exists() or exe.stat().st_mtime < max(o.stat().st_mtime for o in kernel_objs):
             cmd = [cxx, *flags, "-o", str(exe), *map(str, kernel_objs), "-ldl"]
             r = subprocess.run(cmd, capture_output=True, text=True)

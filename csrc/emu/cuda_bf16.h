@@ -2,7 +2,6 @@
 // with CUDA's conversions (round to nearest even; NaN becomes the canonical 0x7fff).
 #pragma once
 #include <cstdint>
-#include <cstring>
 
 #include "dmf_emu.h"
 
@@ -10,16 +9,10 @@ struct __nv_bfloat16 {
   unsigned short __x;
 };
 
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t bits = uint32_t(h.__x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return dmf_emu::bit_cast<float>(uint32_t(h.__x) << 16); }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
+  const uint32_t bits = dmf_emu::bit_cast<uint32_t>(f);
   __nv_bfloat16 h;
   if ((bits & 0x7fffffffu) > 0x7f800000u) {
     h.__x = 0x7fff;

@@ -2,7 +2,6 @@
 // CUDA's conversions (round to nearest even; NaN becomes the canonical 0x7fff).
 #pragma once
 #include <cstdint>
-#include <cstring>
 
 #include "dmf_emu.h"
 
@@ -27,14 +26,11 @@ inline float __half2float(__half h) {
     }
     bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
   }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return dmf_emu::bit_cast<float>(bits);
 }
 
 inline __half __float2half_rn(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
+  const uint32_t bits = dmf_emu::bit_cast<uint32_t>(f);
   const unsigned short sign = static_cast<unsigned short>((bits >> 16) & 0x8000u);
   const uint32_t abs = bits & 0x7fffffffu;
   unsigned short out;

@@ -37,7 +37,7 @@ struct EmuEnv {
   }
   static void before_launch(const NormModJvpParams& q) {
     const NormModFwdParams& p = q.p;
-    if (!q.stats_given) before_launch(p);  // with stats given nothing primal is written
+    before_launch(p);
     poison(q.out_dot, p.rows * p.dim, elem_size(p.dtype));
     if (p.gate.ptr != nullptr) poison(q.x_out_dot, p.rows * p.dim, elem_size(p.dtype));
   }
@@ -48,7 +48,7 @@ struct EmuEnv {
     poison(p.part_shift, parts, as);
     poison(p.part_scale, parts, as);
     if (p.gate.ptr != nullptr) {
-      poison(p.grad_res, p.rows * p.dim, es);
+      poison(p.grad_y, p.rows * p.dim, es);
       poison(p.part_gate, parts, as);
     }
   }
@@ -66,10 +66,8 @@ struct EmuEnv {
       poison(p.part_weight, ceil_div(p.rows, p.chunk_rows) * p.dim, as);
       return;
     }
-    if (!p.stats_given) {
-      poison(p.out, p.rows * p.dim, es);
-      poison(p.rstd, p.rows, as);
-    }
+    poison(p.out, p.rows * p.dim, es);
+    poison(p.rstd, p.rows, as);
     poison(p.out_dot, p.rows * p.dim, es);
   }
   // swiglu, rope

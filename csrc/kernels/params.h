@@ -26,7 +26,7 @@ struct ModParam {
 };
 
 // The LayerNorm-and-modulate family:
-//   x_out = x + gate * res            (only when gate.ptr != nullptr: gated_residual_adaln)
+//   x_out = x + gate * y              (only when gate.ptr != nullptr: gated_residual_adaln)
 //   out   = LN(x_out) * (1 + scale) + shift
 // and its RMS kind (rms_adaln_modulate, gated_residual_rms_adaln; LightningDiT's adaLN):
 //   out   = x_out / sqrt(mean(x_out^2) + eps) * weight * (1 + scale) + shift
@@ -42,7 +42,7 @@ struct NormModFwdParams {
   ModParam weight;  // rms only, (dim,), may be absent
   const void* x = nullptr;
   ModParam gate;
-  const void* res = nullptr;
+  const void* y = nullptr;  // the residual branch (gate.ptr != nullptr)
   void* x_out = nullptr;
   ModParam shift, scale;
   void* out = nullptr;
@@ -50,15 +50,12 @@ struct NormModFwdParams {
   void* rstd = nullptr;  // (rows,) acc type
 };
 
-// Primal and tangent in one pass. With stats_given the kernel is tangent-only: `x` is
-// the normalised input itself (x_out of the forward), mean/rstd are read, nothing primal
-// is written; gate/res are still read for the residual's tangent.
+// Primal and tangent in one pass: everything the forward writes, plus the tangents.
 struct NormModJvpParams {
   NormModFwdParams p;
-  bool stats_given = false;
   const void* x_dot = nullptr;
   ModParam gate_dot;
-  const void* res_dot = nullptr;
+  const void* y_dot = nullptr;
   void* x_out_dot = nullptr;  // written when p.gate.ptr (residual form)
   ModParam shift_dot, scale_dot;
   ModParam weight_dot;  // rms only, row_stride 0
@@ -85,9 +82,9 @@ struct NormModBwdParams {
   const void* rstd = nullptr;
   ModParam scale;
   ModParam gate;
-  const void* res = nullptr;
+  const void* y = nullptr;  // the residual branch (gate.ptr != nullptr)
   void* grad_x = nullptr;
-  void* grad_res = nullptr;       // residual form
+  void* grad_y = nullptr;         // residual form
   void* part_shift = nullptr;     // acc type
   void* part_scale = nullptr;
   void* part_gate = nullptr;      // residual form
@@ -117,7 +114,6 @@ struct RmsNormParams {
   DType dtype = DType::kFloat32;
   int64_t rows = 0, dim = 0, chunk_rows = 1;
   double eps = 1e-6;
-  bool stats_given = false;  // jvp: tangent only, rstd is read
   const void* x = nullptr;
   const void* weight = nullptr;
   void* out = nullptr;

@@ -59,7 +59,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_mod_forward(const char* op, cons
   if (w.defined()) p.weight = weight_param(w);
   p.x = x.data_ptr(), p.scale = as_param(sc);
   if (sh.defined()) p.shift = as_param(sh);
-  if (gate != nullptr) p.gate = as_param(ga), p.res = yy.data_ptr(), p.x_out = x_out.data_ptr();
+  if (gate != nullptr) p.gate = as_param(ga), p.y = yy.data_ptr(), p.x_out = x_out.data_ptr();
   p.out = out.data_ptr(), p.rstd = rstd.data_ptr();
   if (!rms) p.mean = mean.data_ptr();
   backend_for(x).norm_mod_fwd(p);
@@ -106,8 +106,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_mod_backward(
     p.grad_x = dx.data_ptr(), p.part_scale = pc.data_ptr();
     if (has_shift) p.part_shift = ps.data_ptr();
     if (gate != nullptr) {
-      p.grad_x_out = gxo.data_ptr(), p.gate = as_param(ga), p.res = yy.data_ptr();
-      p.grad_res = dy.data_ptr(), p.part_gate = pg.data_ptr();
+      p.grad_x_out = gxo.data_ptr(), p.gate = as_param(ga), p.y = yy.data_ptr();
+      p.grad_y = dy.data_ptr(), p.part_gate = pg.data_ptr();
     }
     backend_for(x).norm_mod_bwd(p);
   }
@@ -145,11 +145,13 @@ std::tuple<Tensor, Tensor, Tensor> adaln_modulate_bwd(const Tensor& grad_out, co
 }
 
 namespace {
-// The one-pass jvp of both ops (gate == nullptr: adaln_modulate). A None tangent stays null in
-// the params struct, and the kernels skip its work.
+// The one-pass jvp of all four ops (gate == nullptr: no residual). A None tangent stays null in
+// the params struct, and the kernels skip its work. The constructor checks x and eps; run()
+// checks the rest, under x's device guard.
 struct NormModJvpCall {
   const char* op;
-  Tensor x;  // contiguous
+  const Tensor& x_in;
+  Tensor x;  // x_in, contiguous (set by run)
   const Tensor *x_dot = nullptr, *gate = nullptr, *gate_dot = nullptr, *y = nullptr, *y_dot = nullptr;
   const Tensor *shift = nullptr, *shift_dot = nullptr, *scale = nullptr, *scale_dot = nullptr;
   const Tensor *weight = nullptr, *weight_dot = nullptr;  // rms only
@@ -158,7 +160,15 @@ struct NormModJvpCall {
   // outputs
   Tensor x_out, x_out_dot, out, out_dot, mean, rstd;
 
+  NormModJvpCall(const char* op_name, const Tensor& x_, const optional<Tensor>& x_dot_, double eps_)
+      : op(op_name), x_in(x_), x_dot(opt(x_dot_)), eps(eps_) {
+    check_x(x_in, op);
+    check_eps(eps, op);
+  }
+
   void run() {
+    const c10::OptionalDeviceGuard guard(x_in.device());
+    x = x_in.contiguous();
     const bool residual = gate != nullptr;
     const auto [gm, gg] = check_mods(x, shift, *scale, gate, op);
     check_weight(weight, "weight", x, op);
@@ -192,9 +202,9 @@ struct NormModJvpCall {
     if (!rms) p.mean = mean.data_ptr();
     q.x_dot = xd.defined() ? xd.data_ptr() : nullptr;
     if (residual) {
-      p.gate = as_param(ga), p.res = yy.data_ptr(), p.x_out = x_out.data_ptr();
+      p.gate = as_param(ga), p.y = yy.data_ptr(), p.x_out = x_out.data_ptr();
       q.gate_dot = gad.defined() ? as_param(gad) : ModParam{};
-      q.res_dot = yd.defined() ? yd.data_ptr() : nullptr;
+      q.y_dot = yd.defined() ? yd.data_ptr() : nullptr;
       q.x_out_dot = x_out_dot.data_ptr();
     }
     q.shift_dot = shd.defined() ? as_param(shd) : ModParam{};
@@ -209,14 +219,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adaln_modulate_jvp(const Tensor& x, c
                                                               const Tensor& shift, const optional<Tensor>& shift_dot,
                                                               const Tensor& scale, const optional<Tensor>& scale_dot,
                                                               double eps) {
-  NormModJvpCall c;
-  c.op = "adaln_modulate_jvp";
-  check_x(x, c.op);
-  check_eps(eps, c.op);
-  const c10::OptionalDeviceGuard guard(x.device());
-  c.x = x.contiguous();
-  c.x_dot = opt(x_dot);
-  c.shift = &shift, c.scale = &scale, c.eps = eps;
+  NormModJvpCall c("adaln_modulate_jvp", x, x_dot, eps);
+  c.shift = &shift, c.scale = &scale;
   c.shift_dot = mod_tangent(shift_dot, "shift_dot", shift, "shift", x, c.op);
   c.scale_dot = mod_tangent(scale_dot, "scale_dot", scale, "scale", x, c.op);
   c.run();
@@ -243,14 +247,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_adaln_
     const Tensor& x, const optional<Tensor>& x_dot, const Tensor& gate, const optional<Tensor>& gate_dot,
     const Tensor& y, const optional<Tensor>& y_dot, const Tensor& shift, const optional<Tensor>& shift_dot,
     const Tensor& scale, const optional<Tensor>& scale_dot, double eps) {
-  NormModJvpCall c;
-  c.op = "gated_residual_adaln_jvp";
-  check_x(x, c.op);
-  check_eps(eps, c.op);
-  const c10::OptionalDeviceGuard guard(x.device());
-  c.x = x.contiguous();
-  c.x_dot = opt(x_dot), c.y = &y, c.y_dot = opt(y_dot), c.eps = eps;
-  c.gate = &gate, c.shift = &shift, c.scale = &scale;
+  NormModJvpCall c("gated_residual_adaln_jvp", x, x_dot, eps);
+  c.gate = &gate, c.y = &y, c.y_dot = opt(y_dot), c.shift = &shift, c.scale = &scale;
   c.gate_dot = mod_tangent(gate_dot, "gate_dot", gate, "gate", x, c.op);
   c.shift_dot = mod_tangent(shift_dot, "shift_dot", shift, "shift", x, c.op);
   c.scale_dot = mod_tangent(scale_dot, "scale_dot", scale, "scale", x, c.op);
@@ -267,6 +265,13 @@ const Tensor* optional_tangent(const optional<Tensor>& t, const char* name, cons
   TORCH_CHECK(primal != nullptr || opt(t) == nullptr, op, ": ", name, " given without ", primal_name,
               " (an absent ", primal_name, " has no tangent)");
   return opt(t);
+}
+
+// A tangent of an optional modulation parameter: none without its primal, else its primal's shape.
+const Tensor* optional_mod_tangent(const optional<Tensor>& t, const char* name, const Tensor* primal,
+                                   const char* primal_name, const Tensor& x, const char* op) {
+  const Tensor* p = optional_tangent(t, name, primal, primal_name, op);
+  return p == nullptr ? nullptr : mod_tangent(t, name, *primal, primal_name, x, op);
 }
 
 // Checks weight_dot like weight (shape (D,)).
@@ -297,16 +302,9 @@ std::tuple<Tensor, Tensor, Tensor> rms_adaln_modulate_jvp(
     const Tensor& x, const optional<Tensor>& x_dot, const optional<Tensor>& shift, const optional<Tensor>& shift_dot,
     const Tensor& scale, const optional<Tensor>& scale_dot, const optional<Tensor>& weight,
     const optional<Tensor>& weight_dot, double eps) {
-  NormModJvpCall c;
-  c.op = "rms_adaln_modulate_jvp";
-  check_x(x, c.op);
-  check_eps(eps, c.op);
-  const c10::OptionalDeviceGuard guard(x.device());
-  c.x = x.contiguous();
-  c.x_dot = opt(x_dot);
-  c.rms = true, c.shift = opt(shift), c.scale = &scale, c.weight = opt(weight), c.eps = eps;
-  c.shift_dot = optional_tangent(shift_dot, "shift_dot", c.shift, "shift", c.op);
-  if (c.shift_dot != nullptr) c.shift_dot = mod_tangent(shift_dot, "shift_dot", *c.shift, "shift", x, c.op);
+  NormModJvpCall c("rms_adaln_modulate_jvp", x, x_dot, eps);
+  c.rms = true, c.shift = opt(shift), c.scale = &scale, c.weight = opt(weight);
+  c.shift_dot = optional_mod_tangent(shift_dot, "shift_dot", c.shift, "shift", x, c.op);
   c.scale_dot = mod_tangent(scale_dot, "scale_dot", scale, "scale", x, c.op);
   c.weight_dot = weight_tangent(weight_dot, c.weight, x, c.op);
   c.run();
@@ -335,17 +333,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_rms_adaln_jvp(
     const Tensor& y, const optional<Tensor>& y_dot, const optional<Tensor>& shift, const optional<Tensor>& shift_dot,
     const Tensor& scale, const optional<Tensor>& scale_dot, const optional<Tensor>& weight,
     const optional<Tensor>& weight_dot, double eps) {
-  NormModJvpCall c;
-  c.op = "gated_residual_rms_adaln_jvp";
-  check_x(x, c.op);
-  check_eps(eps, c.op);
-  const c10::OptionalDeviceGuard guard(x.device());
-  c.x = x.contiguous();
-  c.x_dot = opt(x_dot), c.y = &y, c.y_dot = opt(y_dot), c.eps = eps;
-  c.rms = true, c.gate = &gate, c.shift = opt(shift), c.scale = &scale, c.weight = opt(weight);
+  NormModJvpCall c("gated_residual_rms_adaln_jvp", x, x_dot, eps);
+  c.rms = true, c.gate = &gate, c.y = &y, c.y_dot = opt(y_dot);
+  c.shift = opt(shift), c.scale = &scale, c.weight = opt(weight);
   c.gate_dot = mod_tangent(gate_dot, "gate_dot", gate, "gate", x, c.op);
-  c.shift_dot = optional_tangent(shift_dot, "shift_dot", c.shift, "shift", c.op);
-  if (c.shift_dot != nullptr) c.shift_dot = mod_tangent(shift_dot, "shift_dot", *c.shift, "shift", x, c.op);
+  c.shift_dot = optional_mod_tangent(shift_dot, "shift_dot", c.shift, "shift", x, c.op);
   c.scale_dot = mod_tangent(scale_dot, "scale_dot", scale, "scale", x, c.op);
   c.weight_dot = weight_tangent(weight_dot, c.weight, x, c.op);
   c.run();

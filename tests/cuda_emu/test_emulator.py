@@ -1,4 +1,4 @@
-"""The CUDA emulation itself: emu_selftest.cpp (conversions, shuffle semantics, every bug class
+"""The CUDA emulation itself: emu_selftest*.cpp (conversions, shuffle semantics, every bug class
 it must report, schedules, launcher edge cases) built from this tree and run as a program."""
 import os
 import subprocess
