@@ -61,7 +61,7 @@ EMU_BUILD := $(PY) csrc/emu/build.py --selftest
 # capture would swallow them with it, so capture Python's sys streams only.
 EMU_CAPTURE := --capture=sys
 EMU_OP_TESTS := tests/kernels/test_adaln.py tests/kernels/test_gated_residual.py tests/kernels/test_rms_norm.py tests/kernels/test_ops.py
-EMU_OP_TESTS += tests/kernels/test_rms_adaln.py
+EMU_OP_TESTS += tests/kernels/test_rms_adaln.py tests/kernels/test_compile.py
 EMU_OP_TESTS += tests/kernels/test_swiglu.py tests/kernels/test_rope.py
 ASAN_ENV = LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
            DMF_KERNELS_CUDA_EMU_LIB=build-emu/sanitize/libdmf_cuda_emu.so \

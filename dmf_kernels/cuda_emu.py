@@ -39,6 +39,18 @@ def library_path() -> Path:
     return Path(os.environ.get("DMF_KERNELS_CUDA_EMU_LIB", DEFAULT_LIBRARY))
 
 
+def newer_source(lib: Path) -> Path | None:
+    """In a source checkout, a source of the emulation library (csrc/emu/build.py's rule: every header
+    under csrc/, the .cu kernels, emu_backend.cpp) newer than `lib`, else None. Seen: after params.h
+    lost a field, a library left from before segfaulted in rms_norm_fwd_kernel while _C was current."""
+    src = _REPO / "csrc"
+    if not (src / "emu").is_dir():
+        return None
+    built = Path(lib).stat().st_mtime
+    sources = [*src.rglob("*.h"), *src.rglob("*.cuh"), *(src / "cuda").glob("*.cu"), src / "emu" / "emu_backend.cpp"]
+    return next((p for p in sources if p.stat().st_mtime > built), None)
+
+
 def load(path: str | os.PathLike | None = None) -> ctypes.CDLL:
     """Load the emulation library once; later calls without a path return it (a second, different
     path is an error: one library per process)."""
@@ -54,6 +66,11 @@ def load(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         raise FileNotFoundError(
             f"dmf_kernels.cuda_emu: no emulation library at {path}; build it with "
             "`make cuda-emu` (or `python csrc/emu/build.py`)")
+    stale = newer_source(path)
+    if stale is not None:
+        raise RuntimeError(
+            f"dmf_kernels.cuda_emu: {path} is older than {stale}: rebuild it with `make cuda-emu` (a library built "
+            "from another params.h reads the launch parameters at the wrong offsets)")
     lib = ctypes.CDLL(str(path))
     lib.dmf_emu_backend.restype = ctypes.c_void_p
     lib.dmf_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
