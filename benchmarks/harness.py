@@ -140,14 +140,17 @@ def pin_cpu_allocator():
     allocates, so the same CPU op timed twice can differ 5x (measured: 1.2 vs 5.7 ms) by
     whether its outputs page-fault. Fixing the mmap threshold at 32 MiB (its maximum) and
     never trimming makes every provider reuse heap memory: stable, and the same rule for
-    eager, torch.compile and ours."""
+    eager, torch.compile and ours. Blocks of 32 MiB and more are mmapped whatever the
+    threshold, so mmap is switched off too: swiglu's backward at (8, 256, 4096) fp32 writes a
+    32 MiB gradient and took 9.8 ms, 8193 page faults per call, against 2.7 ms without."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        libc.mallopt(M_MMAP_MAX, 0)
         return True
     except (OSError, AttributeError):
         return False
