@@ -68,6 +68,10 @@ def _call(raw, function, tensors, args):
     return function.apply(*args)
 
 
+def _legacy_batched(tensors):
+    return any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+
+
 class _Signature(inspect.Signature):
     """A signature that also knows how many arguments are required (inspect's own has slots)."""
 
@@ -249,6 +253,13 @@ class Op:
                 return res[0] if single else res[:len(self.outputs)]
             primals, tangents = dual
             outs, outs_dot = self.jvp_or_primal(primals, tangents, params)
+            if not torch.compiler.is_compiling() and _legacy_batched(outs) and not _legacy_batched(primals):
+                # Only under the legacy vmap (torch._vmap_internals: gradcheck's batched forward-AD
+                # check), whose fallback batches every output of the raw jvp op, primals included;
+                # a dual of a batched primal cannot be made there (no batching rule for aten::alias),
+                # so the primal outputs come again, unbatched, from the primal op.
+                outs = self.fn(*primals, *params)
+                outs = outs if isinstance(outs, tuple) else (outs,)
             duals = make_duals(outs, outs_dot, self.name, tuple(p for p in primals if p is not None))
             return duals[0] if single else duals
 
