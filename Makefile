@@ -44,7 +44,7 @@ $(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
 # The Triton kernels run on the CPU only under the interpreter, which must be set before
 # triton is imported: a second pytest process for those files.
 TRITON_TESTS := tests/kernels/test_attention_triton.py tests/kernels/test_attention_triton_rope.py \
-                tests/kernels/test_gelu_triton.py
+                tests/kernels/test_gelu_triton.py tests/kernels/test_bad_input.py
 test: build cuda-emu
 	$(PY) -m pytest tests -q --ignore=tests/cuda_emu
 	TRITON_INTERPRET=1 $(PY) -m pytest $(TRITON_TESTS) -q
@@ -63,6 +63,7 @@ EMU_CAPTURE := --capture=sys
 EMU_OP_TESTS := tests/kernels/test_adaln.py tests/kernels/test_gated_residual.py tests/kernels/test_rms_norm.py tests/kernels/test_ops.py
 EMU_OP_TESTS += tests/kernels/test_rms_adaln.py tests/kernels/test_compile.py
 EMU_OP_TESTS += tests/kernels/test_swiglu.py tests/kernels/test_rope.py
+EMU_OP_TESTS += tests/kernels/test_bad_input.py tests/kernels/test_gradcheck.py
 ASAN_ENV = LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
            DMF_KERNELS_CUDA_EMU_LIB=build-emu/sanitize/libdmf_cuda_emu.so \
            DMF_KERNELS_CUDA_EMU_SELFTEST=build-emu/sanitize/emu_selftest
