@@ -254,10 +254,8 @@ class Op:
             outs, outs_dot = self.jvp_or_primal(primals, tangents, params)
             if not torch.compiler.is_compiling() and _is_legacy_batched(outs[0]) and \
                     not any(p is not None and _is_legacy_batched(p) for p in primals):
-                # Only under the legacy vmap (torch._vmap_internals: gradcheck's batched forward-AD
-                # check), whose fallback batches every output of the raw jvp op, primals included;
-                # a dual of a batched primal cannot be made there (no batching rule for aten::alias),
-                # so the primal outputs come again, unbatched, from the primal op.
+                # gradcheck's legacy vmap batched the primal outputs too, and cannot make duals of
+                # them (no batching rule for aten::alias): the primal op gives them unbatched.
                 outs = self.fn(*primals, *params)
                 outs = outs if isinstance(outs, tuple) else (outs,)
             duals = make_duals(outs, outs_dot, self.name, tuple(p for p in primals if p is not None))
