@@ -11,7 +11,8 @@ import dmf_kernels as dk
 from bad_input_cases import CASE_IDS, CASES, split, tangents_for
 from conftest import DEVICES, rand
 
-CHECKS = dict(check_forward_ad=True, check_batched_forward_grad=True, check_undefined_grad=True)
+CHECKS = dict(check_forward_ad=True, check_batched_forward_grad=True, check_undefined_grad=True,
+              check_batched_grad=True)
 
 
 def leaves(ts):
