@@ -16,6 +16,11 @@ def randomize(model, seed=0, std=0.2):
     return model
 
 
+def _randn(*shape, dtype):
+    """Drawn in float64 and rounded: a float32 build's inputs are its float64 build's, rounded."""
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
 def _out(o):
     return o[0] if isinstance(o, tuple) else o.sample
 
@@ -26,7 +31,7 @@ def dit(dtype=torch.float64, B=2):
     m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
     y = torch.tensor([1, 7] * (B // 2))[:B]
-    x = torch.randn(B, 4, 8, 8, dtype=dtype)
+    x = _randn(B, 4, 8, 8, dtype=dtype)
     # [:, :4]: the prediction; the other 4 channels are the learned variance, unused by MeanFlow
     return m, lambda model, x, t: _out(model(x, timestep=t, class_labels=y, return_dict=False))[:, :4], x
 
@@ -37,11 +42,11 @@ def pixart(dtype=torch.float64, B=2, mask="padded"):
     m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                  num_layers=2, cross_attention_dim=16, caption_channels=12, sample_size=8,
                                  patch_size=2, use_additional_conditions=False)
-    ctx = torch.randn(B, 5, 12, dtype=dtype)
+    ctx = _randn(B, 5, 12, dtype=dtype)
     # "padded": a padded caption batch, sample 0 has 3 of its 5 tokens, sample 1 all 5; "full": no padding
     keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]] * (B // 2), dtype=dtype)[:B]
     keep = {"padded": keep, "full": torch.ones_like(keep), None: None}[mask]
-    x = torch.randn(B, 4, 8, 8, dtype=dtype)
+    x = _randn(B, 4, 8, 8, dtype=dtype)
     cond = {"resolution": None, "aspect_ratio": None}
     return m, lambda model, x, t: _out(model(x, encoder_hidden_states=ctx, timestep=t, added_cond_kwargs=cond,
                                              encoder_attention_mask=keep, return_dict=False))[:, :4], x
@@ -54,8 +59,8 @@ def sd3(dtype=torch.float64, B=2, qk_norm=None):
                               num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
                               pooled_projection_dim=10, out_channels=4, pos_embed_max_size=8, qk_norm=qk_norm,
                               dual_attention_layers=(0,) if qk_norm else ())
-    ctx, pooled = torch.randn(B, 5, 12, dtype=dtype), torch.randn(B, 10, dtype=dtype)
-    x = torch.randn(B, 4, 8, 8, dtype=dtype)
+    ctx, pooled = _randn(B, 5, 12, dtype=dtype), _randn(B, 10, dtype=dtype)
+    x = _randn(B, 4, 8, 8, dtype=dtype)
     return m, lambda model, x, t: _out(model(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
                                              return_dict=False)), x
 
@@ -73,8 +78,8 @@ def flux(dtype=torch.float64, B=2, heads=2, head_dim=16, layers=(1, 1), hw=(4, 4
     img_ids[..., 2] = torch.arange(w)[None, :]
     img_ids = img_ids.reshape(h * w, 3).to(dtype)
     txt_ids = torch.zeros(text, 3, dtype=dtype)
-    ctx, pooled = torch.randn(B, text, 12, dtype=dtype), torch.randn(B, 10, dtype=dtype)
-    x = torch.randn(B, h * w, channels, dtype=dtype)
+    ctx, pooled = _randn(B, text, 12, dtype=dtype), _randn(B, 10, dtype=dtype)
+    x = _randn(B, h * w, channels, dtype=dtype)
     return m, lambda model, x, t: _out(model(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
                                              img_ids=img_ids, txt_ids=txt_ids, return_dict=False)), x
 
@@ -85,8 +90,8 @@ def wan(dtype=torch.float64, B=2, heads=2, head_dim=16, layers=2, fhw=(2, 4, 4),
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
                               in_channels=4, out_channels=4, text_dim=12, freq_dim=16, ffn_dim=ffn,
                               num_layers=layers, rope_max_seq_len=32)
-    ctx = torch.randn(B, text, 12, dtype=dtype)
-    x = torch.randn(B, 4, *fhw, dtype=dtype)
+    ctx = _randn(B, text, 12, dtype=dtype)
+    x = _randn(B, 4, *fhw, dtype=dtype)
     return m, lambda model, x, t: _out(model(x, timestep=t, encoder_hidden_states=ctx, return_dict=False)), x
 
 
@@ -96,9 +101,9 @@ def qwen_image(dtype=torch.float64, B=2):
     m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=12,
                                     axes_dims_rope=(4, 6, 6))
-    ctx = torch.randn(B, 5, 12, dtype=dtype)
+    ctx = _randn(B, 5, 12, dtype=dtype)
     ctx_mask = torch.ones(B, 5, dtype=torch.long)
-    x = torch.randn(B, 16, 16, dtype=dtype)  # (B, (H/2)(W/2), 4 C) packed latents of a 8 x 8, 4-channel image
+    x = _randn(B, 16, 16, dtype=dtype)  # (B, (H/2)(W/2), 4 C) packed latents of a 8 x 8, 4-channel image
     shapes = [(1, 4, 4)] * B
     return m, lambda model, x, t: _out(model(x, encoder_hidden_states=ctx, encoder_hidden_states_mask=ctx_mask,
                                              timestep=t, img_shapes=shapes, return_dict=False)), x
@@ -145,7 +150,7 @@ def gqa_model_class():
 
 def gqa(dtype=torch.float64, B=2):
     m = gqa_model_class()()
-    x = torch.randn(B, 7, 4, dtype=dtype)
+    x = _randn(B, 7, 4, dtype=dtype)
     return m, lambda model, x, t: model(x, t), x
 
 
