@@ -20,8 +20,9 @@ qk-norms, RoPE applied to q and k in torch code, masks prepared by `attn.prepare
 is unchanged, and is correct under forward-mode AD as it is.
 
 The attention itself: dmf_kernels.attention on transposed views (no copy), with its one-pass jvp
-kernel under torch.func.jvp / forward_ad / model_jvp. Refused with a clear error: dropout_p > 0,
-is_causal, a mask our op cannot take (see _mask), context parallelism.
+kernel under torch.func.jvp / forward_ad / model_jvp; masks (boolean or additive, e.g. PixArt's
+caption padding) and grouped-query heads (enable_gqa) go to the op as they are. Refused with a
+clear error: dropout_p > 0, is_causal, context parallelism.
 """
 import enum
 import inspect
@@ -34,70 +35,15 @@ from .attention import attention as _attention
 NAME = "dmf_kernels"
 
 
-def available():
-    """Whether diffusers imports (it is an optional dependency)."""
-    try:
-        import diffusers  # noqa: F401
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
-
-
-def _op_takes(keyword):
-    """Whether our attention op takes `keyword` (attn_mask, enable_gqa arrive with issue 22 item 1)."""
-    try:
-        return keyword in inspect.signature(_attention).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _mask(attn_mask, q, k):
-    """The mask as our op takes it, or None for no mask. A boolean mask that is all True or an
-    additive mask that is all zero changes nothing and is dropped (on the CPU the check is free;
-    on a GPU it is a host sync, paid only when a mask is given). Any other mask goes to the op
-    when it takes one, else is refused: dropping it would silently change the result."""
-    if attn_mask is None:
-        return None
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"dmf_kernels attention backend: attn_mask must be a Tensor or None, got "
-                        f"{type(attn_mask).__name__}")
-    if _op_takes("attn_mask"):
-        return attn_mask
-    if not torch.compiler.is_compiling():
-        trivial = bool(attn_mask.all()) if attn_mask.dtype == torch.bool else not bool(attn_mask.any())
-        if trivial:
-            return None
-    raise NotImplementedError(
-        f"dmf_kernels attention backend: this build's dmf_kernels.attention takes no attn_mask, and the mask "
-        f"given (shape {tuple(attn_mask.shape)}, {attn_mask.dtype}) masks some keys; refusing rather than "
-        "dropping it. Use a batch without padding, or diffusers' 'native' backend for this call.")
-
-
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """F.scaled_dot_product_attention's contract on (B, H, N, D) tensors, through our op."""
+    """F.scaled_dot_product_attention's contract on (B, H, N, D) tensors, through our op (which
+    checks heads, masks and shapes itself, naming the argument)."""
     if dropout_p:
         raise ValueError(f"dmf_kernels attention backend: dropout_p must be 0, got {dropout_p} (the kernels have "
                          "no dropout; a DiT is trained without attention dropout)")
     if is_causal:
         raise ValueError("dmf_kernels attention backend: is_causal=True is not supported (non-causal kernels only)")
-    kwargs = {}
-    mask = _mask(attn_mask, query, key)
-    if mask is not None:
-        kwargs["attn_mask"] = mask
-    hq, hk = query.shape[1], key.shape[1]
-    if hq != hk:
-        if not enable_gqa:
-            raise ValueError(f"dmf_kernels attention backend: query has {hq} heads and key {hk}; pass "
-                             "enable_gqa=True for grouped-query attention")
-        if hq % hk:
-            raise ValueError(f"dmf_kernels attention backend: grouped-query attention needs the query heads ({hq}) "
-                             f"to be a multiple of the key heads ({hk})")
-        if _op_takes("enable_gqa"):
-            kwargs["enable_gqa"] = True
-        else:  # correct, at (hq / hk) times the k / v memory
-            key = key.repeat_interleave(hq // hk, dim=1)
-            value = value.repeat_interleave(hq // hk, dim=1)
-    return _attention(query, key, value, scale=scale, **kwargs)
+    return _attention(query, key, value, scale=scale, attn_mask=attn_mask, enable_gqa=enable_gqa)
 
 
 def backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
@@ -105,7 +51,7 @@ def backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     """The registered backend: diffusers' layout (B, N, H, D) in and out, our op on transposed views."""
     if _parallel_config is not None:
         raise NotImplementedError("dmf_kernels attention backend: context parallelism is not supported")
-    if isinstance(attn_mask, torch.Tensor) and attn_mask.ndim == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.shape == (query.shape[0], key.shape[1]):
         attn_mask = attn_mask[:, None, None, :]  # a (B, NK) key-padding mask, as diffusers' native backend reads it
     out = sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, dropout_p, is_causal,
                scale, enable_gqa)

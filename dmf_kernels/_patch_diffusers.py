@@ -110,7 +110,8 @@ def _gelu_forward(self, input):
     return gelu_tanh(input)
 
 
-_FORWARDS = {"rms_norm": _rms_norm_forward, "torch_rms_norm": _torch_rms_norm_forward, "ada_norm_zero": _ada_zero_forward,
+_FORWARDS = {"rms_norm": _rms_norm_forward, "torch_rms_norm": _torch_rms_norm_forward,
+             "ada_norm_zero": _ada_zero_forward,
              "ada_norm_zero_single": _ada_zero_single_forward, "ada_norm_continuous": _ada_continuous_forward,
              "gelu_proj": _gelu_proj_forward, "gelu_tanh": _gelu_forward}
 KINDS = tuple(_FORWARDS) + ("attention_backend", "attention_sdpa")
@@ -195,7 +196,9 @@ def _check_inputs(m, kind, rnd):
         dim = m.linear.in_features
         if kind == "ada_norm_zero" and m.emb is not None:
             return rnd(2, 3, dim), torch.tensor([1.0, 500.0]), torch.tensor([0, 1]), rnd(1).dtype
-        return (rnd(2, 3, dim), None, None, None, rnd(2, dim)) if kind == "ada_norm_zero" else (rnd(2, 3, dim), rnd(2, dim))
+        if kind == "ada_norm_zero":
+            return rnd(2, 3, dim), None, None, None, rnd(2, dim)
+        return rnd(2, 3, dim), rnd(2, dim)
     if kind == "ada_norm_continuous":
         return rnd(2, 3, m.linear.out_features // 2), rnd(2, m.linear.in_features)
     if kind == "gelu_proj":

@@ -154,7 +154,8 @@ def gqa(dtype=torch.float64, B=2):
     return m, lambda model, x, t: model(x, t), x
 
 
-MODELS = {"dit": dit, "pixart": pixart, "pixart_full_mask": lambda **kw: pixart(mask="full", **kw), "sd3": sd3, "sd3_qk_rms": lambda **kw: sd3(qk_norm="rms_norm", **kw),
+MODELS = {"dit": dit, "pixart": pixart, "pixart_full_mask": lambda **kw: pixart(mask="full", **kw), "sd3": sd3,
+          "sd3_qk_rms": lambda **kw: sd3(qk_norm="rms_norm", **kw),
           "flux": flux, "wan": wan, "qwen_image": qwen_image, "gqa": gqa}
 
 

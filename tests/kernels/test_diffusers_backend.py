@@ -57,9 +57,9 @@ def test_grouped_query_heads(ratio):
     q, k, v = bnhd(H=4, seed=1), bnhd(H=4 // ratio, seed=2), bnhd(H=4 // ratio, seed=3)
     o = dispatch_attention_fn(q, k, v, enable_gqa=True, backend=MEMBER)
     torch.testing.assert_close(o, ref(q, k, v, enable_gqa=True), rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="enable_gqa=True"):
+    with pytest.raises(ValueError, match="must share batch and heads"):
         dispatch_attention_fn(q, k, v, backend=MEMBER)
-    with pytest.raises(ValueError, match="multiple of the key heads"):
+    with pytest.raises(ValueError, match="must be a multiple of"):
         dispatch_attention_fn(bnhd(H=3), bnhd(H=2), bnhd(H=2), enable_gqa=True, backend=MEMBER)
 
 
@@ -69,13 +69,14 @@ def test_masks():
         # a mask that masks nothing changes nothing
         torch.testing.assert_close(dispatch_attention_fn(q, k, v, attn_mask=full, backend=MEMBER), ref(q, k, v),
                                    rtol=1e-10, atol=1e-12)
-    pad = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    if _diffusers._op_takes("attn_mask"):
-        torch.testing.assert_close(dispatch_attention_fn(q, k, v, attn_mask=pad, backend=MEMBER),
-                                   ref(q, k, v, attn_mask=pad[:, None, None, :]), rtol=1e-10, atol=1e-12)
-    else:  # documented as missing until dmf_kernels.attention takes attn_mask: refused, never dropped
-        with pytest.raises(NotImplementedError, match="takes no attn_mask"):
-            dispatch_attention_fn(q, k, v, attn_mask=pad, backend=MEMBER)
+    pad = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)  # a (B, NK) key-padding mask
+    bias = torch.randn(2, 3, 7, 5, dtype=torch.float64)  # additive, per head
+    for mask, mask4 in ((pad, pad[:, None, None, :]), (bias, bias)):
+        ours = lambda q, k, v: dispatch_attention_fn(q, k, v, attn_mask=mask, backend=MEMBER)  # noqa: E731
+        theirs = lambda q, k, v: ref(q, k, v, attn_mask=mask4)  # noqa: E731
+        tangents = (bnhd(seed=4), bnhd(N=5, seed=5), bnhd(N=5, seed=6))
+        for a, b in zip(torch.func.jvp(ours, (q, k, v), tangents), torch.func.jvp(theirs, (q, k, v), tangents)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_refusals():
@@ -86,7 +87,7 @@ def test_refusals():
         dispatch_attention_fn(q, q, q, is_causal=True, backend=MEMBER)
     with pytest.raises(NotImplementedError, match="context parallelism"):
         _diffusers.backend(q, q, q, _parallel_config=object())
-    with pytest.raises(TypeError, match="attn_mask must be a Tensor"):
+    with pytest.raises(TypeError, match="attn_mask must be a Tensor or None"):
         _diffusers.backend(q, q, q, attn_mask=[1, 2])
 
 

@@ -10,7 +10,6 @@ import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dmf_kernels as dk
-from dmf_kernels import _diffusers
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (make build installs it: DMF_DEPS)")
 
@@ -19,22 +18,10 @@ from diffusers_models import build  # noqa: E402  (after the skip: it needs diff
 # Tolerances relative to the output's size. The float64 models that keep float32 arithmetic in
 # diffusers' own code (RMSNorm's mean(x^2), Wan's FP32LayerNorm, Qwen's and Flux's RoPE tables)
 # agree to float32 rounding only; ours computes those statistics in float64.
-TOL = {"dit": 1e-9, "pixart": 1e-9, "pixart_full_mask": 1e-9, "sd3": 1e-9, "sd3_qk_rms": 1e-5, "flux": 1e-5, "wan": 1e-5,
+TOL = {"dit": 1e-9, "pixart": 1e-9, "pixart_full_mask": 1e-9, "sd3": 1e-9, "sd3_qk_rms": 1e-5, "flux": 1e-5,
+       "wan": 1e-5,
        "qwen_image": 1e-5, "gqa": 1e-5}
 NAMES = list(TOL)
-# Until dmf_kernels.attention takes attn_mask (issue 22 item 1, branch attn), a padded caption
-# batch is refused with a clear error (never served with the mask dropped): that is what these test.
-MASK_MISSING = not _diffusers._op_takes("attn_mask")
-
-
-def refused_for_its_mask(name, model, call, x, t):
-    if name != "pixart" or not MASK_MISSING:
-        return False
-    with pytest.raises(NotImplementedError, match="takes no attn_mask"):
-        call(model, x, t)
-    return True
-
-
 def close(a, b, tol, what):
     err = (a - b).abs().max().item()
     scale = max(b.abs().max().item(), 1.0)
@@ -68,8 +55,6 @@ def patched(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_and_tangent_match_unpatched_math_jvp(name):
     ref, model, call, x, t, v, report, (out_ref, dout_ref) = patched(name)
-    if refused_for_its_mask(name, model, call, x, t):
-        return
     tol = TOL[name]
     with torch.no_grad():
         close(call(model, x, t), out_ref, tol, "forward")
@@ -89,8 +74,6 @@ def test_meanflow_loss_gradients_match(name):
     """loss = |u - stopgrad(v - t du/dt)|^2 (MeanFlow's, with r = 0): the parameter gradients
     flow through the primal of the JVP, the tangent is detached."""
     ref, model, call, x, t, v, report, _ = patched(name)
-    if refused_for_its_mask(name, model, call, x, t):
-        return
 
     def grads(m, jvp):
         m.zero_grad(set_to_none=True)
