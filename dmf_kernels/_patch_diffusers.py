@@ -18,6 +18,7 @@ What it does:
                                                                                rms_adaln_modulate
                   activations.GELU(approximate="tanh"), nn.GELU(approximate="tanh")
                                                                             -> gelu_tanh
+                  activations.SwiGLU (FeedForward's "swiglu")               -> swiglu
                 Each falls back to its own forward for a call our op cannot take (mixed dtypes).
     left alone  (listed in the report) FP32LayerNorm and LayerNorms with affine parameters, exact
                 GELU, and whatever a block computes inline in its own forward (Wan's, PixArt's and
@@ -30,12 +31,14 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import _diffusers
 from ._patch_rules import SELF_CHECK_TOL
 from .gelu import gelu_tanh
 from .norm_mod import adaln_modulate, rms_adaln_modulate
 from .rms_norm import rms_norm
+from .swiglu import swiglu
 
 # diffusers' RMSNorm computes mean(x^2) in float32 whatever x's dtype: for a float64 model its
 # output agrees with ours (float64 statistics) to about float32 precision only.
@@ -110,10 +113,21 @@ def _gelu_forward(self, input):
     return gelu_tanh(input)
 
 
+def _swiglu_forward(self, hidden_states):
+    # diffusers' SwiGLU is value * silu(gate) with [value, gate] = proj(x).chunk(2); our swiglu
+    # takes silu of the first half: the projection's two row blocks swapped (a copy of the weight,
+    # not of the activations; the parameter itself is unchanged and gets its gradient through it)
+    w, b = self.proj.weight, self.proj.bias
+    h = w.shape[0] // 2
+    w = torch.cat([w[h:], w[:h]])
+    b = None if b is None else torch.cat([b[h:], b[:h]])
+    return swiglu(F.linear(hidden_states, w, b))
+
+
 _FORWARDS = {"rms_norm": _rms_norm_forward, "torch_rms_norm": _torch_rms_norm_forward,
              "ada_norm_zero": _ada_zero_forward,
              "ada_norm_zero_single": _ada_zero_single_forward, "ada_norm_continuous": _ada_continuous_forward,
-             "gelu_proj": _gelu_proj_forward, "gelu_tanh": _gelu_forward}
+             "gelu_proj": _gelu_proj_forward, "gelu_tanh": _gelu_forward, "swiglu": _swiglu_forward}
 KINDS = tuple(_FORWARDS) + ("attention_backend", "attention_sdpa")
 
 # ------------------------------------------------------------------ patched classes (pickle, deepcopy)
@@ -180,6 +194,8 @@ def _kind(m, d):
         return None, f"its norm is {m.norm!r}; fused: LayerNorm without affine or RMSNorm"
     if t is d.GELU:
         return ("gelu_proj", None) if m.approximate == "tanh" else (None, "exact GELU; fused: approximate='tanh'")
+    if t is d.SwiGLU:
+        return ("swiglu", None) if type(m.activation) is nn.SiLU else (None, f"activation {m.activation!r}")
     if t is nn.GELU:
         return ("gelu_tanh", None) if m.approximate == "tanh" else (None, "exact GELU; fused: approximate='tanh'")
     if t is d.FP32LayerNorm or (isinstance(m, nn.LayerNorm) and m.elementwise_affine):
@@ -201,7 +217,7 @@ def _check_inputs(m, kind, rnd):
         return rnd(2, 3, dim), rnd(2, dim)
     if kind == "ada_norm_continuous":
         return rnd(2, 3, m.linear.out_features // 2), rnd(2, m.linear.in_features)
-    if kind == "gelu_proj":
+    if kind in ("gelu_proj", "swiglu"):
         return (rnd(2, 3, m.proj.in_features),)
     return (rnd(2, 3, 8),)
 
@@ -266,6 +282,7 @@ def patch_diffusers(model, report):
                                                              normalization.AdaLayerNormZeroSingle)
         AdaLayerNormContinuous, FP32LayerNorm, GELU = (normalization.AdaLayerNormContinuous,
                                                        normalization.FP32LayerNorm, activations.GELU)
+        SwiGLU = activations.SwiGLU
 
     member = _diffusers.register()
     for name, m in _attention_modules(model):

@@ -112,7 +112,7 @@ def qwen_image(dtype=torch.float64, B=2):
 def gqa_model_class():
     """A tiny diffusers ModelMixin: timestep-conditioned, two layers of diffusers' own grouped-query
     attention (ACE-Step's AceStepAttention: 4 query heads over 2 key/value heads, RMSNorm
-    qk-norms, dispatch_attention_fn with enable_gqa), GELU-tanh FFN. ACE-Step's whole model needs
+    qk-norms, dispatch_attention_fn with enable_gqa), a SwiGLU and a GELU-tanh FeedForward. ACE-Step's whole model needs
     sliding-window masks; this keeps its attention. Built on first use (no diffusers import here)."""
     from diffusers import ConfigMixin, ModelMixin
     from diffusers.configuration_utils import register_to_config
@@ -131,7 +131,8 @@ def gqa_model_class():
             self.norms = nn.ModuleList(AdaLayerNormZero(dim) for _ in range(layers))
             self.attns = nn.ModuleList(AceStepAttention(dim, heads, kv_heads, head_dim, bias=True)
                                        for _ in range(layers))
-            self.ffs = nn.ModuleList(FeedForward(dim, mult=2, activation_fn="gelu-approximate") for _ in range(layers))
+            self.ffs = nn.ModuleList(FeedForward(dim, mult=2, activation_fn="gelu-approximate" if i % 2 else "swiglu")
+                                     for i in range(layers))
             self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
             self.proj_out = nn.Linear(dim, channels)
 

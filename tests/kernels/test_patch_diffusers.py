@@ -111,6 +111,7 @@ def test_patch_swaps_the_expected_kinds():
             "gelu_proj", "gelu_tanh"} <= set(patched("flux")[6].patched.values())
     assert {"ada_norm_zero", "attention_sdpa", "gelu_proj"} <= set(patched("dit")[6].patched.values())
     assert {"rms_norm", "attention_sdpa"} <= set(patched("sd3_qk_rms")[6].patched.values())
+    assert {"rms_norm", "attention_backend", "swiglu", "gelu_proj"} <= set(patched("gqa")[6].patched.values())
     wan = patched("wan")[6]
     assert "attention_backend" in wan.patched.values() and any("FP32LayerNorm" in w for w in wan.skipped.values())
 
