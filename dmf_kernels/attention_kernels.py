@@ -26,19 +26,22 @@ row is divided by max(1, rowmax|.| / 2^14) before rounding and the product multi
 import triton
 import triton.language as tl
 
-from .attention_tiles import _bh_offset, _div8, _load_rope, _load_rope_with, _load_rows, _program_ids, _store_rows
+from .attention_tiles import (_bh_offset, _div8, _load_rope, _load_rope_with, _load_rows, _mask_base, _program_ids,
+                              _softmax_end, _softmax_step, _store_rows)
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, COS, SIN,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    Q, K, V, O, LSE, COS, SIN, M,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, smb, smh, smm, smn,
     H, NQ, NK, qk_scale,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, MASK: tl.constexpr, GROUP: tl.constexpr,
 ):
     # ROPE: q and k tiles rotated after loading (COS, SIN: (N, HEAD_D) fp32 tables, NQ = NK = N).
+    # MASK: the bias M (attention_tiles.py); GROUP: query heads per kv head (GQA; 1 without).
     bh, pid_m, b, h = _program_ids(H)
+    hk = h // GROUP
     sqn = _div8(sqn, ALIGN8)
     skn = _div8(skn, ALIGN8)
     svn = _div8(svn, ALIGN8)
@@ -48,8 +51,9 @@ def _attn_fwd_kernel(
     d0 = tl.arange(0, D0)
     m_mask = offs_m < NQ
     q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
-    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
-    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
+    k_base = K + _bh_offset(b, hk, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, hk, svb, svh, ALIGN8)
+    m_base = _mask_base(M, b, h, smb, smh, MASK)
     q0, rc, rs = _load_rope(q_base, offs_m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
@@ -67,13 +71,8 @@ def _attn_fwd_kernel(
         if HAS_D1:
             k1, tc, ts = _load_rope(k_base, n, skn, d1, skd, n_mask, COS, SIN, HEAD_D, ROPE, MASK_N, D1_FULL, True)
             s += tl.dot(q1, k1, input_precision=DOT_PRECISION)
-        if MASK_N:
-            s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
-        else:
-            s = s * scale2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new, alpha, p = _softmax_step(s, m_i, qk_scale, scale2, m_base, offs_m, n, smm, smn, m_mask, n_mask, MASK,
+                                        MASK_N)
         l_i = l_i * alpha + tl.sum(p, 1)
         v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D, MASK_N, True)
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
@@ -81,11 +80,11 @@ def _attn_fwd_kernel(
             v1 = _load_rows(v_base, n, svn, d1, svd, n_mask, HEAD_D, MASK_N, D1_FULL)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+    lse, l_i = _softmax_end(m_i, l_i, MASK)
     o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)
     _store_rows(o_base, (acc0 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     if HAS_D1:
         _store_rows(o_base, (acc1 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d1, sod, m_mask, HEAD_D)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=m_mask)
 
 
@@ -101,19 +100,21 @@ def _guarded_dot(t, v, FP16_GUARD: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _attn_jvp_kernel(
-    Q, K, V, QD, KD, VD, O, OD, LSE, COS, SIN,
+    Q, K, V, QD, KD, VD, O, OD, LSE, COS, SIN, M,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sqdb, sqdh, sqdn, sqdd, skdb, skdh, skdn, skdd, svdb, svdh, svdn, svdd,
-    sob, soh, son, sod,
+    sob, soh, son, sod, smb, smh, smm, smn,
     H, NQ, NK, qk_scale,
     HAS_QD: tl.constexpr, HAS_KD: tl.constexpr, HAS_VD: tl.constexpr,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr, FP16_GUARD: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, MASK: tl.constexpr, GROUP: tl.constexpr,
 ):
     # ROPE: q, k, q_dot, k_dot tiles rotated after loading (the rotation is linear with constant
-    # tables, so the tangents rotate with the primals and the JVP below is unchanged).
+    # tables, so the tangents rotate with the primals and the JVP below is unchanged). MASK,
+    # GROUP: as the forward's (the bias has no tangent).
     bh, pid_m, b, h = _program_ids(H)
+    hk = h // GROUP
     sqn = _div8(sqn, ALIGN8)
     skn = _div8(skn, ALIGN8)
     svn = _div8(svn, ALIGN8)
@@ -127,11 +128,12 @@ def _attn_jvp_kernel(
     d1 = D0 + tl.arange(0, D1)
     m_mask = offs_m < NQ
     q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
-    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
-    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
+    k_base = K + _bh_offset(b, hk, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, hk, svb, svh, ALIGN8)
     qd_base = QD + _bh_offset(b, h, sqdb, sqdh, ALIGN8)
-    kd_base = KD + _bh_offset(b, h, skdb, skdh, ALIGN8)
-    vd_base = VD + _bh_offset(b, h, svdb, svdh, ALIGN8)
+    kd_base = KD + _bh_offset(b, hk, skdb, skdh, ALIGN8)
+    vd_base = VD + _bh_offset(b, hk, svdb, svdh, ALIGN8)
+    m_base = _mask_base(M, b, h, smb, smh, MASK)
     q0, rc, rs = _load_rope(q_base, offs_m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
     if HAS_QD:
         qd0 = _load_rope_with(qd_base, offs_m, sqdn, d0, sqdd, m_mask, rc, rs, HEAD_D, ROPE)
@@ -167,16 +169,16 @@ def _attn_jvp_kernel(
                 kd1 = _load_rope_with(kd_base, n, skdn, d1, skdd, n_mask, tc, ts, HEAD_D, ROPE, MASK_N, D1_FULL, True)
                 sd += tl.dot(q1, kd1, input_precision=DOT_PRECISION)
         if MASK_N:
-            s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
             sd = tl.where(n_mask[None, :], sd * qk_scale, 0.0)  # S_dot
         else:
-            s = s * scale2
             sd = sd * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new, alpha, p = _softmax_step(s, m_i, qk_scale, scale2, m_base, offs_m, n, smm, smn, m_mask, n_mask, MASK,
+                                        MASK_N)
         l_new = l_i * alpha + tl.sum(p, 1)
-        c_new = (alpha * l_i * c_i + tl.sum(p * sd, 1)) / l_new
+        if MASK:  # no key yet (fully masked so far): c stays 0
+            c_new = (alpha * l_i * c_i + tl.sum(p * sd, 1)) / tl.where(l_new == 0.0, 1.0, l_new)
+        else:
+            c_new = (alpha * l_i * c_i + tl.sum(p * sd, 1)) / l_new
         dc = (c_new - c_i)[:, None]
         t = p * (sd - c_new[:, None])  # centred p * (S_dot - mu): small even for one-hot p
         v0 = _load_rows(v_base, n, svn, d0, svd, n_mask, HEAD_D, MASK_N, True)
@@ -201,6 +203,7 @@ def _attn_jvp_kernel(
         l_i = l_new
         c_i = c_new
     # sum(p (S_dot - mu)) = 0 at the final centre, so O_dot = acc_t / l.
+    lse, l_i = _softmax_end(m_i, l_i, MASK)
     inv_l = 1.0 / l_i
     o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)  # O and OD share strides (both allocated contiguous)
     od_base = OD + _bh_offset(b, h, sob, soh, ALIGN8)
@@ -210,6 +213,5 @@ def _attn_jvp_kernel(
         _store_rows(o_base, (acc_o1 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, son, d1, sod, m_mask, HEAD_D)
         _store_rows(od_base, (acc_t1 * inv_l[:, None]).to(OD.dtype.element_ty), offs_m, son, d1, sod, m_mask,
                     HEAD_D)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=m_mask)
 

@@ -4,11 +4,18 @@ N x N storage). Tile helpers in attention_tiles.py; launchers in attention_trito
 
 ROPE (rotary embedding, NQ = NK): q and k tiles are rotated after loading like in the
 forward, so the products give the gradients of the rotated q and k; dQ and dK are rotated
-back (the transpose of the rotation, _unrope) before they are stored."""
+back (the transpose of the rotation, _unrope) before they are stored.
+
+MASK (attention_tiles.py): the bias is added to the recomputed scores; a fully masked row has
+lse = +inf (the forward's), so its probabilities, and with them its gradients, are 0.
+GROUP (GQA): a dK/dV program owns a key block of one kv head and loops over the GROUP query
+heads that read it, so the group's sum is accumulated in registers (no atomics, no copy);
+the dQ kernel reads kv head h // GROUP."""
 import triton
 import triton.language as tl
 
-from .attention_tiles import _bh_offset, _div8, _load_cols, _load_rope, _load_rows, _program_ids, _store_rows, _unrope
+from .attention_tiles import (_bh_offset, _div8, _load_bias, _load_cols, _load_rope, _load_rows, _mask_base, _program_ids,
+                              _store_rows, _unrope)
 
 
 @triton.jit
@@ -29,17 +36,18 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sd
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
+    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, M,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-    sdkb, sdkh, sdkn, sdkd,
+    sdkb, sdkh, sdkn, sdkd, smb, smh, smm, smn,
     H, NQ, NK, qk_scale,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_M: tl.constexpr, D1_FULL: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, MASK: tl.constexpr, GROUP: tl.constexpr,
 ):
-    # One key block per program; loops over all query blocks. Works on transposed scores
-    # sT = K Q^T so dk and dv accumulate as [BLOCK_N, D] without transposes.
-    bh, pid_n, b, h = _program_ids(H)
+    # One key block of one kv head per program; loops over the query heads of its group and
+    # all their query blocks. Works on transposed scores sT = K Q^T so dk and dv accumulate
+    # as [BLOCK_N, D] without transposes.
+    bhk, pid_n, b, hk = _program_ids(H // GROUP)
     sqn = _div8(sqn, ALIGN8)
     skn = _div8(skn, ALIGN8)
     svn = _div8(svn, ALIGN8)
@@ -50,48 +58,55 @@ def _attn_bwd_dkdv_kernel(
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     n_mask = offs_n < NK
-    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
-    do_base = DO + _bh_offset(b, h, sdob, sdoh, ALIGN8)
-    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
+    k_base = K + _bh_offset(b, hk, skb, skh, ALIGN8)
     k0, rc, rs = _load_rope(k_base, offs_n, skn, d0, skd, n_mask, COS, SIN, HEAD_D, ROPE)
-    v0 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d0, svd, n_mask, HEAD_D)
+    v0 = _load_rows(V + _bh_offset(b, hk, svb, svh, ALIGN8), offs_n, svn, d0, svd, n_mask, HEAD_D)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if HAS_D1:
         k1, rc, rs = _load_rope(k_base, offs_n, skn, d1, skd, n_mask, COS, SIN, HEAD_D, ROPE)
-        v1 = _load_rows(V + _bh_offset(b, h, svb, svh, ALIGN8), offs_n, svn, d1, svd, n_mask, HEAD_D)
+        v1 = _load_rows(V + _bh_offset(b, hk, svb, svh, ALIGN8), offs_n, svn, d1, svd, n_mask, HEAD_D)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-    for start_m in range(0, NQ, BLOCK_M):
-        m = start_m + offs_m
-        m_mask = m < NQ
-        qT0, tc, ts = _load_rope(q_base, m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE, MASK_M, True, True)
-        doT0 = _load_cols(do_base, m, sdon, d0, sdod, m_mask, HEAD_D, MASK_M, True)
-        sT = tl.dot(k0, qT0, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v0, doT0, input_precision=DOT_PRECISION)
-        if HAS_D1:
-            qT1, tc, ts = _load_rope(q_base, m, sqn, d1, sqd, m_mask, COS, SIN, HEAD_D, ROPE, MASK_M, D1_FULL, True)
-            doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D, MASK_M, D1_FULL)
-            sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
-            dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
-        lse = tl.load(LSE + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
-        delta = tl.load(DELTA + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
-        if MASK_M:
-            pT = tl.where(m_mask[None, :], tl.exp(sT * qk_scale - lse[None, :]), 0.0)
-        else:
-            pT = tl.exp(sT * qk_scale - lse[None, :])
-        dsT = pT * (dpT - delta[None, :])
-        dv0 = tl.dot(pT.to(v0.dtype), tl.trans(doT0), dv0, input_precision=DOT_PRECISION)
-        dk0 = tl.dot(dsT.to(k0.dtype), tl.trans(qT0), dk0, input_precision=DOT_PRECISION)
-        if HAS_D1:
-            dv1 = tl.dot(pT.to(v1.dtype), tl.trans(doT1), dv1, input_precision=DOT_PRECISION)
-            dk1 = tl.dot(dsT.to(k1.dtype), tl.trans(qT1), dk1, input_precision=DOT_PRECISION)
+    for j in range(GROUP):  # the query heads reading kv head hk (one iteration without GQA)
+        h = hk * GROUP + j
+        q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+        do_base = DO + _bh_offset(b, h, sdob, sdoh, ALIGN8)
+        m_base = _mask_base(M, b, h, smb, smh, MASK)
+        bh = b * H + h
+        for start_m in range(0, NQ, BLOCK_M):
+            m = start_m + offs_m
+            m_mask = m < NQ
+            qT0, tc, ts = _load_rope(q_base, m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE, MASK_M, True, True)
+            doT0 = _load_cols(do_base, m, sdon, d0, sdod, m_mask, HEAD_D, MASK_M, True)
+            sT = tl.dot(k0, qT0, input_precision=DOT_PRECISION)
+            dpT = tl.dot(v0, doT0, input_precision=DOT_PRECISION)
+            if HAS_D1:
+                qT1, tc, ts = _load_rope(q_base, m, sqn, d1, sqd, m_mask, COS, SIN, HEAD_D, ROPE, MASK_M, D1_FULL, True)
+                doT1 = _load_cols(do_base, m, sdon, d1, sdod, m_mask, HEAD_D, MASK_M, D1_FULL)
+                sT += tl.dot(k1, qT1, input_precision=DOT_PRECISION)
+                dpT += tl.dot(v1, doT1, input_precision=DOT_PRECISION)
+            lse = tl.load(LSE + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * NQ + m, mask=m_mask, other=0.0)
+            sT = sT * qk_scale
+            if MASK:
+                sT += _load_bias(m_base, m, offs_n, smm, smn, m_mask, n_mask, MASK, True)
+            if MASK_M:
+                pT = tl.where(m_mask[None, :], tl.exp(sT - lse[None, :]), 0.0)
+            else:
+                pT = tl.exp(sT - lse[None, :])
+            dsT = pT * (dpT - delta[None, :])
+            dv0 = tl.dot(pT.to(v0.dtype), tl.trans(doT0), dv0, input_precision=DOT_PRECISION)
+            dk0 = tl.dot(dsT.to(k0.dtype), tl.trans(qT0), dk0, input_precision=DOT_PRECISION)
+            if HAS_D1:
+                dv1 = tl.dot(pT.to(v1.dtype), tl.trans(doT1), dv1, input_precision=DOT_PRECISION)
+                dk1 = tl.dot(dsT.to(k1.dtype), tl.trans(qT1), dk1, input_precision=DOT_PRECISION)
     if ROPE:
         dk0 = _unrope(dk0, COS, SIN, offs_n, d0, n_mask, HEAD_D, BLOCK_N, D0)
         if HAS_D1:
             dk1 = _unrope(dk1, COS, SIN, offs_n, d1, n_mask, HEAD_D, BLOCK_N, D1)
-    dk_base = DK + _bh_offset(b, h, sdkb, sdkh, ALIGN8)  # DK and DV share strides (both allocated contiguous)
-    dv_base = DV + _bh_offset(b, h, sdkb, sdkh, ALIGN8)
+    dk_base = DK + _bh_offset(b, hk, sdkb, sdkh, ALIGN8)  # DK and DV share strides (both allocated contiguous)
+    dv_base = DV + _bh_offset(b, hk, sdkb, sdkh, ALIGN8)
     _store_rows(dk_base, (dk0 * qk_scale).to(DK.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
     _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, sdkn, d0, sdkd, n_mask, HEAD_D)
     if HAS_D1:
@@ -101,15 +116,16 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, M,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-    sdqb, sdqh, sdqn, sdqd,
+    sdqb, sdqh, sdqn, sdqd, smb, smh, smm, smn,
     H, NQ, NK, qk_scale,
     ALIGN8: tl.constexpr, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, D1_FULL: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, MASK: tl.constexpr, GROUP: tl.constexpr,
 ):
     bh, pid_m, b, h = _program_ids(H)
+    hk = h // GROUP
     sqn = _div8(sqn, ALIGN8)
     skn = _div8(skn, ALIGN8)
     svn = _div8(svn, ALIGN8)
@@ -120,9 +136,10 @@ def _attn_bwd_dq_kernel(
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     m_mask = offs_m < NQ
-    k_base = K + _bh_offset(b, h, skb, skh, ALIGN8)
-    v_base = V + _bh_offset(b, h, svb, svh, ALIGN8)
+    k_base = K + _bh_offset(b, hk, skb, skh, ALIGN8)
+    v_base = V + _bh_offset(b, hk, svb, svh, ALIGN8)
     q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
+    m_base = _mask_base(M, b, h, smb, smh, MASK)
     q0, rc, rs = _load_rope(q_base, offs_m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
     do0 = _load_rows(DO + _bh_offset(b, h, sdob, sdoh, ALIGN8), offs_m, sdon, d0, sdod, m_mask, HEAD_D)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
@@ -144,10 +161,13 @@ def _attn_bwd_dq_kernel(
             s += tl.dot(q1, kT1, input_precision=DOT_PRECISION)
             dp += tl.dot(do1, _load_cols(v_base, n, svn, d1, svd, n_mask, HEAD_D, MASK_N, D1_FULL),
                          input_precision=DOT_PRECISION)
+        s = s * qk_scale
+        if MASK:
+            s += _load_bias(m_base, offs_m, n, smm, smn, m_mask, n_mask, MASK)
         if MASK_N:
-            p = tl.where(n_mask[None, :], tl.exp(s * qk_scale - lse[:, None]), 0.0)
+            p = tl.where(n_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
         else:
-            p = tl.exp(s * qk_scale - lse[:, None])
+            p = tl.exp(s - lse[:, None])
         ds = (p * (dp - delta[:, None])).to(q0.dtype)
         dq0 = tl.dot(ds, tl.trans(kT0), dq0, input_precision=DOT_PRECISION)
         if HAS_D1:

@@ -164,3 +164,76 @@ def _unrope(g, COS, SIN, rows, cols, row_mask, HEAD_D: tl.constexpr, ROWS: tl.co
     c, s = _rope_tables(COS, SIN, rows, cols, row_mask, HEAD_D, True, False, False)
     a, b = tl.split(tl.reshape(g * s, [ROWS, COLS // 2, 2]))
     return g * c + tl.reshape(tl.join(b, a), [ROWS, COLS])
+
+
+# ---------------------------------------------------------------- masks (attention_mask.py)
+# MASK: 0 none (no code), 1 an additive fp32-convertible bias tile per (b, h) with strides
+# (smm, smn) over (query, key), 2 a key-padding bias: one vector over the keys per batch
+# (smm = 0), read once per key block. Out-of-range keys and queries read -inf.
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _mask_base(M, b, h, smb, smh, MASK: tl.constexpr):
+    # The bias of batch b, query head h (a placeholder pointer without MASK).
+    if MASK:
+        return M + b.to(tl.int64) * smb + h.to(tl.int64) * smh
+    else:
+        return M
+
+
+@triton.jit
+def _load_bias(base, q_rows, k_cols, smm, smn, q_ok, k_ok, MASK: tl.constexpr, TRANS: tl.constexpr = False):
+    # The bias of queries q_rows and keys k_cols in fp32: [queries, keys], or with TRANS
+    # [keys, queries] (the dK/dV kernel's transposed scores). Key-padding: [1, keys] / [keys, 1].
+    if MASK == 2:
+        bias = tl.load(base + k_cols * smn, mask=k_ok, other=float("-inf")).to(tl.float32)
+        if TRANS:
+            return bias[:, None]
+        else:
+            return bias[None, :]
+    else:
+        if TRANS:
+            ptrs = base + q_rows[None, :] * smm + k_cols[:, None] * smn
+            return tl.load(ptrs, mask=q_ok[None, :] & k_ok[:, None], other=float("-inf")).to(tl.float32)
+        else:
+            ptrs = base + q_rows[:, None] * smm + k_cols[None, :] * smn
+            return tl.load(ptrs, mask=q_ok[:, None] & k_ok[None, :], other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _softmax_step(s, m_i, qk_scale, scale2, bias_base, offs_m, n, smm, smn, m_mask, n_mask, MASK: tl.constexpr,
+                  MASK_N: tl.constexpr):
+    # One key block of the online softmax from the raw products s = q k^T: (m_new, alpha, p)
+    # with p = exp(s - m_new) unnormalised and alpha the rescale of the past.
+    # Unmasked: in log2 units (one multiply per score), tails -inf. Masked: natural units
+    # (s * scale + bias: scaling a bias of -3.4e38, finfo.min, by log2(e) would overflow to
+    # -inf and turn a row padded that way into a fully masked one, where the reference is
+    # uniform), and a row with no key so far (m = -inf) keeps p = alpha = 0, not NaN.
+    if MASK:
+        s = s * qk_scale + _load_bias(bias_base, offs_m, n, smm, smn, m_mask, n_mask, MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2((m_i - m_use) * LOG2E)
+        p = tl.math.exp2((s - m_use[:, None]) * LOG2E)
+    else:
+        if MASK_N:
+            s = tl.where(n_mask[None, :], s * scale2, float("-inf"))
+        else:
+            s = s * scale2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+    return m_new, alpha, p
+
+
+@triton.jit
+def _softmax_end(m_i, l_i, MASK: tl.constexpr):
+    # (lse in natural units, the divisor of the accumulators). A fully masked row (l = 0):
+    # lse +inf, so the backward's exp(s - lse) is 0 for it, and divisor 1 (zeros, not NaN).
+    if MASK:
+        empty = l_i == 0.0
+        return tl.where(empty, float("inf"), m_i + tl.log(l_i)), tl.where(empty, 1.0, l_i)
+    else:
+        return (m_i + tl.math.log2(l_i)) * 0.6931471805599453, l_i

@@ -166,9 +166,23 @@ def _rope_args(rope, q):
     return (*(t.to(device=q.device, dtype=torch.float32).contiguous() for t in rope), True)
 
 
-def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, num_stages=2, rope=None):
+def _mask_args(mask, q, NK):
+    """((M, smb, smh, smm, smn), MASK) kernel arguments: mask an additive bias with 4 dims
+    broadcastable to (B, H, NQ, NK) (attention_mask.bias), read through stride-0 broadcasts;
+    MASK 2 for a key-padding bias (B, 1, 1, NK), 1 otherwise, 0 (placeholders) without."""
+    from .attention_mask import keys_only
+
+    if mask is None:
+        return (q, 0, 0, 0, 0), 0
+    B, H, NQ = q.shape[:3]
+    full = mask.expand(B, H, NQ, NK)
+    return (full, *full.stride()), 2 if keys_only(mask) else 1
+
+
+def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, num_stages=2, rope=None, mask=None):
     """o (B, H, NQ, D) like q, contiguous; lse (B, H, NQ) float32. rope = (cos, sin): q and k
-    rotated (rotary embedding, tables (N, D), NQ = NK = N) before the scores."""
+    rotated (rotary embedding, tables (N, D), NQ = NK = N) before the scores. mask: an
+    additive bias (_mask_args). k and v may have fewer heads than q (GQA: H a multiple)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
@@ -179,20 +193,23 @@ def attention_fwd(q, k, v, scale, block_m=None, block_n=None, num_warps=None, nu
         return o, lse
     grid = _grid(triton.cdiv(NQ, bm), B * H)
     *rope_ptrs, has_rope = _rope_args(rope, q)
+    (m, *m_strides), has_mask = _mask_args(mask, q, NK)
     with _device(q):
         _attn_fwd_kernel[grid](
-            q, k, v, o, lse, *rope_ptrs, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            q, k, v, o, lse, *rope_ptrs, m, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *m_strides,
             H, NQ, NK, scale, ALIGN8=_align8(q, k, v, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0,
             BLOCK_M=bm, BLOCK_N=bn, MASK_N=NK % bn != 0, D1_FULL=_d1_full(D),
-            DOT_PRECISION=_precision(q.dtype), ROPE=has_rope, num_warps=num_warps, num_stages=num_stages,
+            DOT_PRECISION=_precision(q.dtype), ROPE=has_rope, MASK=has_mask, GROUP=H // k.shape[1],
+            num_warps=num_warps, num_stages=num_stages,
         )
     return o, lse
 
 
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=None, num_warps=None, num_stages=2,
-                  rope=None):
+                  rope=None, mask=None):
     """One pass: o, o_dot (B, H, NQ, D) contiguous, lse (B, H, NQ) float32. A None tangent is
-    zero and its products are skipped. rope = (cos, sin): q, k, q_dot, k_dot rotated."""
+    zero and its products are skipped. rope = (cos, sin): q, k, q_dot, k_dot rotated; mask
+    and GQA as attention_fwd's."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     d0, d1 = head_split(D)
@@ -205,36 +222,38 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_n=Non
     qd, kd, vd = (t if t is not None else q for t in (q_dot, k_dot, v_dot))  # placeholders, never read
     grid = _grid(triton.cdiv(NQ, bm), B * H)
     *rope_ptrs, has_rope = _rope_args(rope, q)
+    (m, *m_strides), has_mask = _mask_args(mask, q, NK)
     with _device(q):
         _attn_jvp_kernel[grid](
-            q, k, v, qd, kd, vd, o, o_dot, lse, *rope_ptrs,
+            q, k, v, qd, kd, vd, o, o_dot, lse, *rope_ptrs, m,
             *_strides(q), *_strides(k), *_strides(v), *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
-            H, NQ, NK, scale,
+            *m_strides, H, NQ, NK, scale,
             HAS_QD=q_dot is not None, HAS_KD=k_dot is not None, HAS_VD=v_dot is not None,
             ALIGN8=_align8(q, k, v, qd, kd, vd, o), HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, BLOCK_M=bm,
             BLOCK_N=bn, MASK_N=NK % bn != 0, D1_FULL=_d1_full(D), DOT_PRECISION=_precision(q.dtype),
-            FP16_GUARD=q.dtype == torch.float16, ROPE=has_rope,
+            FP16_GUARD=q.dtype == torch.float16, ROPE=has_rope, MASK=has_mask, GROUP=H // k.shape[1],
             num_warps=num_warps, num_stages=num_stages,
         )
     return o, o_dot, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_warps=None, num_stages=2,
-                  dq_blocks=None, rope=None):
+                  dq_blocks=None, rope=None, mask=None):
     """dq, dk, dv, contiguous, from the saved o and lse (no N x N storage). The dK/dV and dQ
     kernels have their own default tiles (_default_blocks "bwd_dkdv", "bwd_dq"); block_m,
     block_n, num_warps given here override both, dq_blocks = (BLOCK_M, BLOCK_N, num_warps)
     the dQ kernel's alone (benchmarks/tune_attention.py tunes the two separately). rope =
-    (cos, sin): the forward's rotation; dq and dk are with respect to the unrotated q and k."""
+    (cos, sin): the forward's rotation; dq and dk are with respect to the unrotated q and k.
+    mask: the forward's. GQA: dk, dv (B, Hkv, NK, D) sum over the group of query heads."""
     B, H, NQ, D = q.shape
-    NK = k.shape[2]
+    HKV, NK = k.shape[1], k.shape[2]
     d0, d1 = head_split(D)
     kv_cfg, q_cfg = (_blocks(kind, q, rope, block_m, block_n, num_warps) for kind in ("bwd_dkdv", "bwd_dq"))
     if dq_blocks is not None:
         q_cfg = tuple(dq_blocks)
     dq = _empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
-    dk = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
-    dv = _empty(B, H, NK, D, device=q.device, dtype=q.dtype)
+    dk = _empty(B, HKV, NK, D, device=q.device, dtype=q.dtype)
+    dv = _empty(B, HKV, NK, D, device=q.device, dtype=q.dtype)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = _empty(B, H, NQ, device=q.device, dtype=torch.float32)
@@ -244,18 +263,19 @@ def attention_bwd(do, q, k, v, o, lse, scale, block_m=None, block_n=None, num_wa
         _attn_bwd_preprocess_kernel[_grid(triton.cdiv(NQ, q_cfg[0]), B * H)](
             o, do, delta, *_strides(o), *_strides(do), H, NQ, ALIGN8=align8, HEAD_D=D, BLOCK_D=bd, BLOCK_M=q_cfg[0])
     *rope_ptrs, has_rope = _rope_args(rope, q)
+    (m, *m_strides), has_mask = _mask_args(mask, q, NK)
     common = dict(ALIGN8=align8, HEAD_D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0, DOT_PRECISION=_precision(q.dtype),
-                  D1_FULL=_d1_full(D), ROPE=has_rope, num_stages=num_stages)
+                  D1_FULL=_d1_full(D), ROPE=has_rope, MASK=has_mask, GROUP=H // HKV, num_stages=num_stages)
     with _device(q):
         bm, bn, nw = kv_cfg
-        _attn_bwd_dkdv_kernel[_grid(triton.cdiv(NK, bn), B * H)](
-            q, k, v, do, lse, delta, dk, dv, *rope_ptrs,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+        _attn_bwd_dkdv_kernel[_grid(triton.cdiv(NK, bn), B * HKV)](
+            q, k, v, do, lse, delta, dk, dv, *rope_ptrs, m,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *m_strides,
             H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, MASK_M=NQ % bm != 0, num_warps=nw, **common)
         bm, bn, nw = q_cfg
         _attn_bwd_dq_kernel[_grid(triton.cdiv(NQ, bm), B * H)](
-            q, k, v, do, lse, delta, dq, *rope_ptrs,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            q, k, v, do, lse, delta, dq, *rope_ptrs, m,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *m_strides,
             H, NQ, NK, scale, BLOCK_M=bm, BLOCK_N=bn, MASK_N=NK % bn != 0, num_warps=nw, **common)
     return dq, dk, dv
 

@@ -40,6 +40,7 @@ from types import FunctionType
 import torch
 import torch.nn as nn
 
+from . import _patch_diffusers
 from . import _patch_rules as rules
 from . import nn as dnn
 
@@ -61,6 +62,9 @@ class PatchReport:
 
     def __str__(self):
         kinds = ("block", "attention", "mlp", "swiglu_mlp", "rms_norm", "layer_norm", "final_layer", "rope")
+        extra = tuple(sorted(set(self.patched.values()) - set(kinds)))  # a diffusers model's kinds
+        if extra:
+            kinds = tuple(k for k in kinds if self.count(k)) + extra
         lines = ["dmf_kernels.patch: patched " + ", ".join(f"{self.count(k)} {k}" for k in kinds)]
         for name, why in self.skipped.items():
             lines.append(f"  left alone: {name or '<root>'}: {why}")
@@ -227,7 +231,8 @@ def patch(model: nn.Module) -> PatchReport:
 
     Args:
         model: an nn.Module such as facebookresearch/DiT's DiT, a SiT/REPA model or the
-            official DMFT (see the module docstring for what is recognised).
+            official DMFT (see the module docstring for what is recognised), or a diffusers
+            transformer (a diffusers ModelMixin: see _patch_diffusers.py).
     Returns:
         PatchReport (print it): what was patched and what was left alone, with the reason.
     Raises:
@@ -236,6 +241,12 @@ def patch(model: nn.Module) -> PatchReport:
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
     report = PatchReport()
+    if _patch_diffusers.is_diffusers_model(model):  # see _patch_diffusers.py
+        _patch_diffusers.patch_diffusers(model, report)
+        if not report.patched:
+            raise ValueError(f"patch: recognised nothing to patch in {type(model).__name__}: " +
+                             "; ".join(f"{n or '<root>'}: {w}" for n, w in report.skipped.items()))
+        return report
     done = set()
     candidates = [(name, m, rules.looks_like(m)) for name, m in model.named_modules()]
     # Rotary embeddings first: the attention and block self-checks run with them. One that is
