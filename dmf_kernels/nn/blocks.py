@@ -238,12 +238,11 @@ def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=No
     for block, c, c_dot in zip(blocks, conds, conds_dot):
         # Tangents cross the block boundary detached: FSDP's hook Function gives every
         # grad-requiring input a (zero) gradient, which the ops refuse on their tangent outputs.
-        x_dot, pending = _detached(x_dot), pending and [t if i % 2 == 0 else _detached(t) for i, t in enumerate(pending)]
-        chain = dict(x_dot=x_dot, c_dot=c_dot, pending=pending)
+        chain = dict(x_dot=_detached(x_dot), c_dot=c_dot, pending=_detached_tangents(pending))
         x, x_dot, *pending = chain_step(block, x, c, rope, **chain) if _inside else block(x, c, rope, _chain=chain)
     if final is not None:
-        pending = pending and [t if i % 2 == 0 else _detached(t) for i, t in enumerate(pending)]
-        return final(x, final_cond, _chain=dict(x_dot=_detached(x_dot), c_dot=final_cond_dot, pending=pending))
+        return final(x, final_cond, _chain=dict(x_dot=_detached(x_dot), c_dot=final_cond_dot,
+                                                pending=_detached_tangents(pending)))
     if pending is not None:
         x, x_dot = gated_residual.maybe_jvp(x, x_dot, *pending)
     return x, x_dot
@@ -251,6 +250,14 @@ def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=No
 
 def _detached(t):
     return None if t is None else t.detach()
+
+
+def _detached_tangents(pending):
+    """(gate, gate_dot, m, m_dot) with the tangents detached."""
+    if pending is None:
+        return None
+    gate, gate_d, m, m_dot = pending
+    return gate, _detached(gate_d), m, _detached(m_dot)
 
 
 def _pending_norm_mod(norm, x, x_dot, pending, shift, shift_d, scale, scale_d):

@@ -1,7 +1,7 @@
 """dmf train --fsdp (FSDP2, checkpoints through torch.distributed.checkpoint), gloo on the CPU:
 a 2-rank run resumed from its step-2 sharded checkpoint equals the uninterrupted run bit for bit,
 also with a torn save (a .tmp- directory left by a kill mid-save) lying newer in the directory;
-resumed on 1 process (--fsdp without torchrun) and on 4 ranks it matches to rounding; one process
+resumed on 1 process (--fsdp without torchrun) it matches to rounding; one process
 samples from the sharded checkpoint and `dmf convert` writes it as today's single file; a DDP
 checkpoint is not resumed with --fsdp (nor the reverse), refused with one line before loading."""
 import shutil
@@ -61,7 +61,7 @@ def test_resume_equals_uninterrupted(full, tmp_path):
     assert [s for s, _ in sharding.complete(full / "checkpoints")] == [2, 4]
 
 
-@pytest.mark.parametrize("nproc", [1, 4])
+@pytest.mark.parametrize("nproc", [1])  # 4 ranks: tests/kernels/test_fsdp.py (2 shared cores)
 def test_resume_at_another_world_size(full, tmp_path, nproc):
     a, b = read(sharding.latest(full / "checkpoints")), resumed(full, tmp_path, nproc)
     assert b["step"] == 4 and b["world_size"] == nproc
