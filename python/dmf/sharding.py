@@ -36,7 +36,7 @@ def init_single_process():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard(model, device_type="cpu"):
+def shard(model):
     """fully_shard per DiT block, then the root; returns the model (sharded in place)."""
     from torch.distributed.fsdp import fully_shard
 
