@@ -4,9 +4,10 @@
     python benchmarks/bench_fsdp.py --computed      # the table for DMFT-XL/2, LightningDMF-XL/1, 3B DiT
 
 Measured: after one optimizer step of `dmf train`'s DMF loss on DMFT-S/2 (latents --input-size
-squared x 4, 1000 classes; the trainable parameters do not depend on the input size), the bytes each rank holds in parameters, gradients, AdamW state and
-EMA (local shards for FSDP2: DTensor.to_local()), and the median step time over --steps steps
-(global batch --batch, split over the ranks). DDP's all-reduce buckets (one more gradient-sized
+squared x 4, 1000 classes; the trainable parameters do not depend on the input size), the bytes
+each rank holds in parameters, gradients, AdamW state and EMA (local shards for FSDP2:
+DTensor.to_local()), and the median step time over --steps steps (global batch --batch, split
+over the ranks). DDP's all-reduce buckets (one more gradient-sized
 buffer per rank) are not tensors we can see: the computed table adds them.
 """
 import argparse

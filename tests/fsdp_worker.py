@@ -214,8 +214,8 @@ def replica(kind):
     if kind == "LightningDiT":
         m = rl.LightningDiT(**kw, use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True)
         return m, lambda m, x, t: m(x, t, y), (x, t)
-    return (rdmf.DMFT(**kw, dmf_depth=1, qk_norm=True, use_logvar=True), lambda m, x, t, r: m(x, t, r, y, return_logvar=True),
-            (x, t, r))
+    return (rdmf.DMFT(**kw, dmf_depth=1, qk_norm=True, use_logvar=True),
+            lambda m, x, t, r: m(x, t, r, y, return_logvar=True), (x, t, r))
 
 
 def patched_case(kind, reshard=True):

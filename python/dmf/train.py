@@ -253,7 +253,8 @@ def _resume_checkpoint(cfg, last):
     sharded = sharding.latest(last.parent)
     if cfg.fsdp:
         if sharded is None:
-            other = f" ({last} is a DDP / single-process checkpoint: resume it without --fsdp)" if last.is_file() else ""
+            other = f" ({last} is a DDP / single-process checkpoint: resume it without --fsdp)" \
+                if last.is_file() else ""
             raise DMFError(f"--resume --fsdp: no complete sharded checkpoint in {last.parent}{other}")
         return dict(sharding.read_meta(sharded), sharded_path=str(sharded))
     if not last.is_file():
