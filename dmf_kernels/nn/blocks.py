@@ -3,6 +3,7 @@ optional rotary embedding), the pre-norm block without adaLN, the final layer, a
 the driver that runs a stack of blocks fusing each block's last gated residual with the next
 norm + modulate. Each computation is written once, as a jvp pass whose tangents may all be None
 (the primal)."""
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -14,6 +15,11 @@ from ..gated_residual import gated_residual
 from ..norm_mod import adaln_modulate, gated_residual_adaln, gated_residual_rms_adaln, rms_adaln_modulate
 from .functional import call_jvp, check_cond, chunks, forward_ad_call, linear_jvp, silu_jvp, to_dtype
 from . import Attention, JvpModule, Mlp, RMSNorm, SwiGLUFFN, rms_gain
+
+# FSDP2 warns when a unit returns a view (an in-place op on it would skip its pre-backward hook).
+# The blocks' outputs under dit_blocks (a chunk of the modulation, Linear outputs: views) only reach the
+# next block's fused ops, never an in-place op: the warning would only be noise there.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(DiTBlock|FinalLayer)\) returned a view tensor")
 
 _NORMS = ("layer", "rms")
 _MLPS = ("gelu", "swiglu")
@@ -276,9 +282,7 @@ def chain_step(block, x, c, rope, x_dot=None, c_dot=None, pending=None):
     mods, mods_d = block.modulation_jvp(c, c_dot, x.dtype)
     x, x_dot, h, h_dot = _pending_norm_mod(block.norm1, x, x_dot, pending, mods[0], mods_d[0], mods[1], mods_d[1])
     (x, x_dot), (gate, gate_d), (m, m_dot) = block.body_jvp(x, x_dot, h, h_dot, mods, mods_d, rope=rope)
-    # gate is a chunk (a view) of the modulation: returned from a module call, a copy (B, D),
-    # so hooks on the outputs (FSDP's pre-backward) do not sit on a view
-    return x, x_dot, gate.clone(), gate_d, m, m_dot
+    return x, x_dot, gate, gate_d, m, m_dot
 
 
 def final_step(final, x, c, x_dot=None, c_dot=None, pending=None):
