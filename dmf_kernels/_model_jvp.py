@@ -18,6 +18,7 @@ How it differs from torch.func.jvp, and why:
   is a host sync (it would stall the CPU's run-ahead and break CUDA graph capture), so pass
   None for a zero tangent there, or `skip_zero_tangents=True`. Never under torch.compile
   (a data-dependent branch). A zero tangent that is not skipped is still correct, only slower.
+- Under FSDP2 (fully_shard) the dual inputs pass FSDP's hooks as plain tensors (_fsdp.py).
 For a model with none of our modules it falls back to torch.func.jvp (with a one-time
 warning saying so) and still detaches the tangents.
 """
@@ -28,6 +29,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 from torch.utils import _pytree as pytree
+
+from ._fsdp import fsdp_dual_hooks
 
 _ZERO_CHECK_MAX_NUMEL = 65536
 _warned = set()
@@ -146,7 +149,7 @@ def model_jvp(fn, primals, tangents, *, skip_zero_tangents=None):
         raise RuntimeError("dmf_kernels.model_jvp cannot run inside another forward-mode AD or torch.func transform "
                            "(torch.func.jvp, jacfwd, vmap or forward_ad.dual_level): PyTorch's forward_ad does not "
                            "nest. Call torch.func.jvp there instead (our modules still take their jvp path).")
-    with fwAD.dual_level():
+    with fwAD.dual_level(), fsdp_dual_hooks(modules):
         args = [p if _is_zero(t, skip_zero_tangents) else fwAD.make_dual(p, t.detach())
                 for p, t in zip(primals, tangents)]
         out = fn(*args)

@@ -40,6 +40,7 @@ from types import FunctionType
 import torch
 import torch.nn as nn
 
+from . import _fsdp
 from . import _patch_diffusers
 from . import _patch_rules as rules
 from . import nn as dnn
@@ -240,6 +241,11 @@ def patch(model: nn.Module) -> PatchReport:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
+    if _fsdp.fsdp_units([model]):
+        # The self-checks call forwards directly (no FSDP hooks: parameters still sharded) and
+        # the patched classes would sit above FSDP's own: patch the plain model, then shard it.
+        raise ValueError("patch: the model is already sharded by FSDP2 (fully_shard); call dmf_kernels.patch(model) "
+                         "before fully_shard (and before torch.compile)")
     report = PatchReport()
     if _patch_diffusers.is_diffusers_model(model):  # see _patch_diffusers.py
         _patch_diffusers.patch_diffusers(model, report)

@@ -3,6 +3,7 @@ optional rotary embedding), the pre-norm block without adaLN, the final layer, a
 the driver that runs a stack of blocks fusing each block's last gated residual with the next
 norm + modulate. Each computation is written once, as a jvp pass whose tangents may all be None
 (the primal)."""
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -14,6 +15,11 @@ from ..gated_residual import gated_residual
 from ..norm_mod import adaln_modulate, gated_residual_adaln, gated_residual_rms_adaln, rms_adaln_modulate
 from .functional import call_jvp, check_cond, chunks, forward_ad_call, linear_jvp, silu_jvp, to_dtype
 from . import Attention, JvpModule, Mlp, RMSNorm, SwiGLUFFN, rms_gain
+
+# FSDP2 warns when a unit returns a view (an in-place op on it would skip its pre-backward hook).
+# The blocks' outputs under dit_blocks (a chunk of the modulation, Linear outputs: views) only reach the
+# next block's fused ops, never an in-place op: the warning would only be noise there.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(DiTBlock|FinalLayer)\) returned a view tensor")
 
 _NORMS = ("layer", "rms")
 _MLPS = ("gelu", "swiglu")
@@ -113,8 +119,12 @@ class DiTBlock(JvpModule):
         m, m_dot = to_dtype(x.dtype, *call_jvp(self.mlp, h, h_dot))
         return (x, x_dot), (gate2, gate2_d), (m, m_dot)
 
-    def forward(self, x: Tensor, c: Tensor, feat_rope=None) -> Tensor:
-        return dit_blocks([self], x, [c], rope=feat_rope)
+    def forward(self, x: Tensor, c: Tensor, feat_rope=None, *, _chain=None):
+        """_chain: dit_blocks' protocol (see chain_step); without it, the block alone."""
+        if _chain is not None:
+            return chain_step(self, x, c, feat_rope, **_chain)
+        # already inside this block's __call__ (its hooks ran): the step runs directly
+        return dit_blocks([self], x, [c], rope=feat_rope, _inside=True)
 
     def forward_jvp(self, x: Tensor, c: Tensor, x_dot: Optional[Tensor], c_dot: Optional[Tensor], feat_rope=None):
         return dit_blocks_jvp([self], x, [c], x_dot, [c_dot], rope=feat_rope)
@@ -172,7 +182,9 @@ class FinalLayer(JvpModule):
     def modulation_jvp(self, c, c_dot, dtype):
         return _modulation(self.adaLN_modulation[1], 2, c, c_dot, dtype)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, *, _chain=None):
+        if _chain is not None:
+            return final_step(self, x, c, **_chain)
         return self._forward(x, c)
 
     def forward_jvp(self, x, c, x_dot, c_dot):
@@ -185,7 +197,7 @@ class FinalLayer(JvpModule):
 
 
 def dit_blocks(blocks: Sequence[DiTBlock], x: Tensor, conds: Sequence[Tensor], final: Optional[FinalLayer] = None,
-               final_cond: Optional[Tensor] = None, rope=None) -> Tensor:
+               final_cond: Optional[Tensor] = None, rope=None, _inside=False) -> Tensor:
     """x through `blocks` (block i conditioned on conds[i]), then `final` if given, fusing each
     block's last gated residual with the next norm + modulate. Equals
     `final(block_n(...block_1(x, c_1, rope)...), c_final)`; switches to the jvp pass under
@@ -197,16 +209,25 @@ def dit_blocks(blocks: Sequence[DiTBlock], x: Tensor, conds: Sequence[Tensor], f
         modules = list(blocks) + ([final] if has_final else [])
         return forward_ad_call("dit_blocks", modules, dual[0], lambda: dit_blocks_jvp(
             blocks, x, rest[:n], x_dot, rest_dot[:n], final, rest[n] if has_final else None,
-            rest_dot[n] if has_final else None, rope))
+            rest_dot[n] if has_final else None, rope, _inside))
     if len(blocks) != n:
         raise ValueError(f"dit_blocks: {len(blocks)} blocks but {n} conditionings")
-    return dit_blocks_jvp(blocks, x, conds, None, [None] * n, final, final_cond, None, rope)[0]
+    return dit_blocks_jvp(blocks, x, conds, None, [None] * n, final, final_cond, None, rope, _inside)[0]
 
 
-def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=None, final_cond_dot=None, rope=None):
+def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=None, final_cond_dot=None, rope=None,
+                   _inside=False):
     """The jvp pass of dit_blocks: (out, out_dot), out recorded, out_dot not; None tangents
     (x_dot, any of conds_dot) are zero and skipped; with all of them None, out_dot is None and
-    the cost is that of dit_blocks' primal."""
+    the cost is that of dit_blocks' primal.
+
+    Each block's share of the work (its modulation, the previous block's pending residual fused
+    with its norm1 + modulate, its attention and MLP, primal and tangent) runs inside one call of
+    the block's own __call__ (`_chain`), so hooks on the block run around exactly the work that
+    reads its parameters: FSDP2 (fully_shard per block) gathers them once for primal and tangent
+    and frees them after. The inputs are plain tensors, tangents beside them (never dual
+    tensors, which FSDP's hook Function cannot pass under forward AD). _inside: called from the
+    one block's own forward, whose hooks already ran."""
     if len(blocks) != len(conds) or len(conds) != len(conds_dot):
         raise ValueError(f"dit_blocks_jvp: {len(blocks)} blocks, {len(conds)} conditionings and "
                          f"{len(conds_dot)} conditioning tangents")
@@ -217,26 +238,56 @@ def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=No
     if final is not None:
         check_cond(final_cond, x, "FinalLayer")
         final_cond_dot = check_tangent("FinalLayer", "c_dot", final_cond_dot, final_cond)
-    if not blocks:
-        if final is None:
-            return x, x_dot
-        if x_dot is None and final_cond_dot is None:
-            return final(x, final_cond), None  # its own __call__, as a plain forward would
-        return final.forward_jvp(x, final_cond, x_dot, final_cond_dot)
-    mods, mods_d = blocks[0].modulation_jvp(conds[0], conds_dot[0], x.dtype)
-    h, h_dot = norm_mod_jvp(blocks[0].norm1, x, x_dot, mods[0], mods_d[0], mods[1], mods_d[1])
-    for i, block in enumerate(blocks):
-        (x, x_dot), (gate, gate_d), (m, m_dot) = block.body_jvp(x, x_dot, h, h_dot, mods, mods_d, rope=rope)
-        # x + gate * m is still pending: fused with the next norm + modulate
-        if i + 1 < len(blocks):
-            mods, mods_d = blocks[i + 1].modulation_jvp(conds[i + 1], conds_dot[i + 1], x.dtype)
-            x, x_dot, h, h_dot = residual_norm_mod_jvp(blocks[i + 1].norm1, x, x_dot, gate, gate_d, m, m_dot, mods[0],
-                                                       mods_d[0], mods[1], mods_d[1])
-        elif final is not None:
-            (shift, scale), (shift_d, scale_d) = final.modulation_jvp(final_cond, final_cond_dot, x.dtype)
-            _, _, h, h_dot = residual_norm_mod_jvp(final.norm_final, x, x_dot, gate, gate_d, m, m_dot, shift, shift_d,
-                                                   scale, scale_d)
-            return linear_jvp(h, h_dot, final.linear)       # (B, N, p * p * C)
-        else:
-            x, x_dot = gated_residual.maybe_jvp(x, x_dot, gate, gate_d, m, m_dot)
+    if not blocks and final is not None and x_dot is None and final_cond_dot is None:
+        return final(x, final_cond), None  # its own __call__, as a plain forward would
+    pending = None  # (gate, gate_dot, m, m_dot): x + gate * m not yet added
+    for block, c, c_dot in zip(blocks, conds, conds_dot):
+        # Tangents cross the block boundary detached: FSDP's hook Function gives every
+        # grad-requiring input a (zero) gradient, which the ops refuse on their tangent outputs.
+        chain = dict(x_dot=_detached(x_dot), c_dot=c_dot, pending=_detached_tangents(pending))
+        x, x_dot, *pending = chain_step(block, x, c, rope, **chain) if _inside else block(x, c, rope, _chain=chain)
+    if final is not None:
+        return final(x, final_cond, _chain=dict(x_dot=_detached(x_dot), c_dot=final_cond_dot,
+                                                pending=_detached_tangents(pending)))
+    if pending is not None:
+        x, x_dot = gated_residual.maybe_jvp(x, x_dot, *pending)
     return x, x_dot
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+def _detached_tangents(pending):
+    """(gate, gate_dot, m, m_dot) with the tangents detached."""
+    if pending is None:
+        return None
+    gate, gate_d, m, m_dot = pending
+    return gate, _detached(gate_d), m, _detached(m_dot)
+
+
+def _pending_norm_mod(norm, x, x_dot, pending, shift, shift_d, scale, scale_d):
+    """norm + modulate of x, after the pending gated residual of the block before (fused)."""
+    if pending is None:
+        return (x, x_dot, *norm_mod_jvp(norm, x, x_dot, shift, shift_d, scale, scale_d))
+    gate, gate_d, m, m_dot = pending
+    return residual_norm_mod_jvp(norm, x, x_dot, gate, gate_d, m, m_dot, shift, shift_d, scale, scale_d)
+
+
+def chain_step(block, x, c, rope, x_dot=None, c_dot=None, pending=None):
+    """One block of dit_blocks_jvp: -> (x, x_dot, gate2, gate2_dot, m, m_dot), the MLP residual
+    x + gate2 * m left pending for the next block's norm1 (or the final layer's norm)."""
+    if pending is not None and len(pending) != 4:
+        raise ValueError(f"DiTBlock: _chain pending must be (gate, gate_dot, m, m_dot), got {len(pending)} items")
+    mods, mods_d = block.modulation_jvp(c, c_dot, x.dtype)
+    x, x_dot, h, h_dot = _pending_norm_mod(block.norm1, x, x_dot, pending, mods[0], mods_d[0], mods[1], mods_d[1])
+    (x, x_dot), (gate, gate_d), (m, m_dot) = block.body_jvp(x, x_dot, h, h_dot, mods, mods_d, rope=rope)
+    return x, x_dot, gate, gate_d, m, m_dot
+
+
+def final_step(final, x, c, x_dot=None, c_dot=None, pending=None):
+    """The final layer in dit_blocks_jvp: the pending residual fused with its norm + modulate,
+    then its Linear -> (out, out_dot)."""
+    (shift, scale), (shift_d, scale_d) = final.modulation_jvp(c, c_dot, x.dtype)
+    _, _, h, h_dot = _pending_norm_mod(final.norm_final, x, x_dot, pending, shift, shift_d, scale, scale_d)
+    return linear_jvp(h, h_dot, final.linear)       # (B, N, p * p * C)

@@ -56,6 +56,9 @@ def _train_args(p):
     p.add_argument("--amp", choices=AMP_MODES, default=d.amp,
                    help="bf16 autocast: auto = on CUDA only; bf16 also on the CPU (fast on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 instead of DDP (parameters, gradients, AdamW state and EMA sharded over the ranks); "
+                        "checkpoints are OUT/checkpoints/sharded-stepN directories (torch.distributed.checkpoint)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="data loader processes (-1: none for in-memory data, up to 4 for a latent folder)")
 

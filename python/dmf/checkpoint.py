@@ -22,6 +22,9 @@ FORMAT = "dmf-1"
 
 def read(path) -> dict:
     path = Path(path)
+    if path.is_dir():  # a sharded checkpoint of `dmf train --fsdp`: consolidated here
+        from .sharding import read_sharded
+        return read_sharded(path)
     if not path.is_file():
         raise DMFError(f"checkpoint {path} does not exist")
     try:

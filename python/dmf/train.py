@@ -4,6 +4,7 @@
     python -m dmf convert runs/flow/checkpoints/last.pt runs/flow.dmf.pt
     python -m dmf train --stage dmf --init runs/flow.dmf.pt --steps 500 --out runs/dmf
     torchrun --nproc_per_node 2 -m dmf train ...        # DDP: gloo on CPU, nccl on GPU
+    torchrun --nproc_per_node 2 -m dmf train --fsdp ... # FSDP2, sharded checkpoints (dmf/sharding.py)
 
 Determinism: every step's data order, noise, times and label dropout are drawn for the whole
 global batch from a generator seeded by (seed, step); each rank takes its slice. So a resumed
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import convert as ckpt
+from . import sharding
 from .data import default_workers, load_data, loader
 from .errors import DMFError
 from .loss import dmf_loss, draw, flow_loss
@@ -71,6 +73,7 @@ class TrainConfig:
     amp: str = "auto"             # bf16 autocast: "auto" (on CUDA only), "bf16" (also on CPU), "off"
     progress: bool = True
     workers: int = -1             # DataLoader worker processes; -1: 0 for in-memory data, up to 4 for a folder
+    fsdp: bool = False            # FSDP2 instead of DDP, sharded checkpoints (dmf.sharding)
 
 
 MF_VELOCITIES = ("data", "teacher")
@@ -203,18 +206,16 @@ def train(cfg: TrainConfig, resume: bool = False):
     last = out / "checkpoints" / "last.pt"
     ck = None
     if resume:
-        if not last.is_file():
-            raise DMFError(f"--resume: no checkpoint at {last}")
-        ck = ckpt.read(last)
-        if ck.get("format") != ckpt.FORMAT or "opt" not in ck or ck.get("config") is None:
-            raise DMFError(f"{last}: not a dmf training checkpoint")
+        ck = _resume_checkpoint(cfg, last)
+        if ck.get("format") != ckpt.FORMAT or ("opt" not in ck and not ck.get("sharded")) or ck.get("config") is None:
+            raise DMFError(f"{ck.get('sharded_path', last)}: not a dmf training checkpoint")
         saved = TrainConfig(**{f.name: ck["config"][f.name] for f in fields(TrainConfig) if f.name in ck["config"]})
         if saved.stage != cfg.stage:
             raise DMFError(f"--resume: {last} is a stage-{saved.stage} run, not stage {cfg.stage}")
         # the checkpoint's config wins (same data order and hyper-parameters); only the length,
         # the output directory and the progress bar follow the command line
         cfg = TrainConfig(**dict(asdict(saved), steps=cfg.steps, out=cfg.out, progress=cfg.progress,
-                                 workers=cfg.workers))
+                                 workers=cfg.workers, fsdp=cfg.fsdp))
         validate(cfg)
     if cfg.mf_velocity == "teacher":
         if not (cfg.stage == "dmf" and cfg.init):
@@ -236,11 +237,31 @@ def train(cfg: TrainConfig, resume: bool = False):
                            "since the run started")
     del init_sd
     rank, world, device = setup_dist(cfg)
+    if cfg.fsdp and world == 1:
+        sharding.init_single_process()
     try:
         return _train(cfg, data, model_args, weights, ck, rank, world, device)
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _resume_checkpoint(cfg, last):
+    """The checkpoint --resume continues: last.pt, or with --fsdp the newest complete sharded one
+    (its metadata; the tensors load once the model is sharded). A run of the other kind is
+    refused before anything loads."""
+    sharded = sharding.latest(last.parent)
+    if cfg.fsdp:
+        if sharded is None:
+            other = f" ({last} is a DDP / single-process checkpoint: resume it without --fsdp)" \
+                if last.is_file() else ""
+            raise DMFError(f"--resume --fsdp: no complete sharded checkpoint in {last.parent}{other}")
+        return dict(sharding.read_meta(sharded), sharded_path=str(sharded))
+    if not last.is_file():
+        other = (f" ({sharded} is an --fsdp checkpoint: resume with --fsdp, or consolidate it with "
+                 f"python -m dmf convert {sharded} OUT.pt and start a run with --init OUT.pt)") if sharded else ""
+        raise DMFError(f"--resume: no checkpoint at {last}{other}")
+    return ckpt.read(last)
 
 
 def _load_init(model, model_args, init_sd, what):
@@ -270,16 +291,22 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
         _load_init(teacher, dict(model_args, use_logvar=False), weights.pop("teacher"), f"--init {cfg.init} (teacher)")
         teacher.requires_grad_(False).eval().to(device)
     model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if cfg.fsdp:
+        sharding.shard(model)
+        ema = sharding.make_ema(model)
+    else:
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     step = 0
-    if ck is not None:
+    if ck is not None and cfg.fsdp:
+        step = int(sharding.load(ck["sharded_path"], model, opt, ema)["step"])
+    elif ck is not None:
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         step = int(ck["step"])
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
     amp = amp_enabled(cfg.amp, device)
     shape = (cfg.batch_size, *data.shape)
     times = dict(P_mean=cfg.P_mean, P_std=cfg.P_std, P_mean_t=cfg.P_mean_t, P_std_t=cfg.P_std_t,
@@ -289,6 +316,8 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
             "data_info": getattr(data, "info", {})}
 
     def save():
+        if cfg.fsdp:  # every rank writes its shards
+            return sharding.save(last.parent, step, model, opt, ema, meta, rank)
         if rank == 0:
             ckpt.save_atomic(dict(meta, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                   step=step), last)
@@ -306,6 +335,7 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
     workers = default_workers(data) if cfg.workers < 0 else cfg.workers
     batches = iter(loader(data, cfg.batch_size, cfg.seed, rank, world, step, cfg.steps, workers))
     t_last, s_last, wait = time.perf_counter(), step, 0.0
+    saved = None
     while step < cfg.steps:
         # the global batch and its random numbers, then this rank's slice
         t_wait = time.perf_counter()
@@ -333,7 +363,10 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
         opt.step()
         with torch.no_grad():
             a = 1 - ema_decay(cfg, step)
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), a)
+            if cfg.fsdp:
+                sharding.ema_update(ema, model, a)
+            else:
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), a)
         step += 1
 
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
@@ -347,11 +380,13 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
         if bar is not None:
             bar.update(1)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save()
+            saved = save()
             if rank == 0:
                 metrics.plot()
     if bar is not None:
         bar.close()
+    if cfg.fsdp:
+        last = saved or sharding.latest(last.parent)
     if rank == 0:
         print(f"saved {last} (step {step})", flush=True)
     return last

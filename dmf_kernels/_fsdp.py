@@ -1,0 +1,83 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard) under forward-mode AD.
+
+FSDP2's pre-forward hook passes a unit's grad-requiring inputs through an autograd Function
+(RegisterPostBackwardFunction, which queues the reduce-scatter of the unit's gradients). Its
+forward returns the inputs as they are and its jvp returns the tangents as they are, which
+PyTorch's forward AD refuses for a dual input ("A custom Function's forward is returning a view
+(or an input as-is) but the jvp is not returning a view"; PyTorch 2.13). So a dual tensor must
+not reach that hook. Two ways in here:
+- the block driver (dmf_kernels.nn.dit_blocks) calls each block with plain tensors and their
+  tangents beside them, so no dual tensor reaches a block's hooks;
+- `fsdp_dual_hooks(modules)` (model_jvp enters it) puts a hook on each FSDP unit before
+  FSDP's own that takes the tangents off dual inputs, and one after it that puts them back
+  (cast to the input's dtype, as FSDP's mixed precision casts the primal): FSDP sees plain
+  tensors, the module's forward sees dual ones.
+"""
+import contextlib
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.utils import _pytree as pytree
+
+try:  # torch.distributed is optional in a PyTorch build
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - builds without distributed
+    FSDPModule = ()
+
+
+def fsdp_units(modules):
+    """The FSDP2 units among `modules` and their submodules (each once)."""
+    if not FSDPModule:
+        return []
+    seen, units = set(), []
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, FSDPModule) and id(m) not in seen:
+                seen.add(id(m))
+                units.append(m)
+    return units
+
+
+def _split(args, kwargs):
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    primals, tangents = [], []
+    for a in flat:
+        t = None
+        if isinstance(a, torch.Tensor):
+            a, t = fwAD.unpack_dual(a)
+        primals.append(a)
+        tangents.append(t)
+    return primals, tangents, spec
+
+
+@contextlib.contextmanager
+def fsdp_dual_hooks(modules):
+    """While open, dual inputs of the FSDP2 units among `modules` pass FSDP's pre-forward hook
+    as plain tensors (see the module docstring). Hooks are removed on exit."""
+    handles = []
+    for unit in fsdp_units(modules):
+        stash = []
+
+        def strip(module, args, kwargs, stash=stash):
+            primals, tangents, spec = _split(args, kwargs)
+            stash.append(tangents)
+            if all(t is None for t in tangents):
+                return None
+            return pytree.tree_unflatten(primals, spec)
+
+        def rewrap(module, args, kwargs, stash=stash):
+            tangents = stash.pop()
+            if all(t is None for t in tangents):
+                return None
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            flat = [a if t is None else fwAD.make_dual(a, t.to(a.dtype)) for a, t in zip(flat, tangents)]
+            return pytree.tree_unflatten(flat, spec)
+
+        # FSDP's hook was prepended by fully_shard: prepending ours puts it first
+        handles.append(unit.register_forward_pre_hook(strip, prepend=True, with_kwargs=True))
+        handles.append(unit.register_forward_pre_hook(rewrap, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

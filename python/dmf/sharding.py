@@ -1,0 +1,141 @@
+"""`dmf train --fsdp`: FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP, and its
+checkpoints through torch.distributed.checkpoint (DCP).
+
+- Sharding: each DiT block is its own unit, then the root (the recipe of PyTorch's FSDP2
+  tutorial); parameters, gradients and AdamW state are split over the ranks. The EMA is a dict of
+  tensors sharded like the parameters (DTensors), so it is split too.
+- Checkpoints: every rank writes its shards of {"model", "opt", "ema"} into
+  checkpoints/.tmp-sharded-stepNNNNNNNN/ (DCP), then rank 0 adds meta.pt (step, config,
+  model_args: everything that is not a tensor) and renames the directory to
+  checkpoints/sharded-stepNNNNNNNN/. The rename is the commit: a run killed mid-save leaves a
+  .tmp- directory, which resume ignores (and the next save of that step replaces). The state
+  dicts are keyed by parameter names (DCP's get_state_dict), not by rank, so a checkpoint
+  written by 2 ranks resumes on 1 or 4.
+- Reading: `read_sharded(dir)` consolidates one into the single-file checkpoint's dict in one
+  process (no process group), so `dmf sample`, `dmf convert` and `dmf evaluate` take the
+  directory where they take a .pt file; `dmf convert DIR OUT.pt` writes today's single file.
+"""
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import DMFError
+
+PREFIX = "sharded-step"
+_KEEP = 2  # complete checkpoints kept (the newest); older ones are removed after a commit
+
+
+def init_single_process():
+    """--fsdp without torchrun: a process group of one (FSDP2 needs one)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def shard(model):
+    """fully_shard per DiT block, then the root; returns the model (sharded in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def make_ema(model) -> dict:
+    """The EMA: a copy of the model's state dict, parameters as DTensors sharded like the model's."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def ema_update(ema: dict, model, a: float):
+    names = [n for n, _ in model.named_parameters()]
+    torch._foreach_lerp_([ema[n] for n in names], [p.detach() for _, p in model.named_parameters()], a)
+
+
+def complete(ckdir) -> list:
+    """The committed checkpoints in ckdir, oldest first: (step, path)."""
+    ckdir = Path(ckdir)
+    found = []
+    if ckdir.is_dir():
+        for p in ckdir.iterdir():
+            m = re.fullmatch(PREFIX + r"(\d+)", p.name)
+            if m and p.is_dir() and (p / "meta.pt").is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest(ckdir):
+    found = complete(ckdir)
+    return found[-1][1] if found else None
+
+
+def _state(model, opt, ema):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, opt)
+    return {"model": model_sd, "opt": opt_sd, "ema": ema}
+
+
+def save(ckdir, step, model, opt, ema, meta, rank):
+    """Every rank writes its shards; rank 0 commits (see the module docstring). Collective."""
+    import torch.distributed.checkpoint as dcp
+
+    ckdir = Path(ckdir)
+    final = ckdir / f"{PREFIX}{step:08d}"
+    tmp = ckdir / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_state(model, opt, ema), checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        with open(tmp / "meta.pt", "wb") as f:
+            torch.save(dict(meta, step=step, sharded=True), f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (a resumed run's last step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete(ckdir)[:-_KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(path, model, opt, ema):
+    """Loads a sharded checkpoint into the sharded model, optimizer and EMA (any world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _state(model, opt, ema)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["opt"])
+    return read_meta(path)
+
+
+def read_meta(path) -> dict:
+    return torch.load(Path(path) / "meta.pt", map_location="cpu", weights_only=True)
+
+
+def is_sharded(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "meta.pt").is_file() and (path / ".metadata").is_file()
+
+
+def read_sharded(path) -> dict:
+    """A sharded checkpoint consolidated in this process: the single-file checkpoint's dict
+    (model and ema state dicts of full tensors; opt keyed by parameter name, as DCP saves it)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    if not is_sharded(path):
+        raise DMFError(f"{path}: not a complete sharded checkpoint (no meta.pt / .metadata)")
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(str(path), os.path.join(d, "full.pt"))
+        tensors = torch.load(os.path.join(d, "full.pt"), map_location="cpu", weights_only=True)
+    return dict(read_meta(path), **tensors)

@@ -1,0 +1,291 @@
+"""The worker of tests/kernels/test_fsdp.py, run under torchrun (gloo, CPU): each case builds a tiny
+float64 model, an unsharded copy, shards the model with FSDP2 (fully_shard per block, then the
+root) and measures the largest difference to the copy of: the forward, the gradients after a
+backward (through full_tensor()), dmf_kernels.model_jvp (output and tangent, and the gradients of
+a loss on its output) and torch.func.jvp. Rank 0 writes {case: {check: error or "raised: ..."}}
+as JSON to argv[1]; argv[2:] are the case names (all when none)."""
+import copy
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # replicas, conftest helpers
+import dmf_kernels as dk  # noqa: E402
+from dmf_kernels import nn as dnn  # noqa: E402
+
+D, H, B, N = 16, 2, 2, 4   # hidden, heads, batch, tokens (a 2 x 2 grid for the rotary embedding)
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def err(a, b):
+    a, b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    assert len(a) == len(b), (len(a), len(b))
+    e = 0.0
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            e = max(e, (full(x).double() - full(y).double()).abs().max().item())
+    return e
+
+
+def randomize(model, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+    return model
+
+
+def grads_err(model, ref):
+    rg = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    e = 0.0
+    for n, p in model.named_parameters():
+        if n in rg:
+            if (p.grad is None) != (rg[n] is None):
+                return float("inf")
+            if p.grad is not None:
+                e = max(e, err(p.grad, rg[n]))
+    model.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+    return e
+
+
+def loss_of(out, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    return sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in outs)
+
+
+def compare(model, ref, call, primals, tangents, jvp=True):
+    """model (sharded) against ref (unsharded) on call(module, *primals)."""
+    res = {}
+    out, out_r = call(model, *primals), call(ref, *primals)
+    res["forward"] = err(out, out_r)
+    loss_of(out).backward()
+    loss_of(out_r).backward()
+    res["backward"] = grads_err(model, ref)
+    if not jvp:
+        return res
+    (o, d), (o_r, d_r) = (dk.model_jvp(lambda *a, m=m: call(m, *a), primals, tangents) for m in (model, ref))
+    res["model_jvp"] = max(err(o, o_r), err(d, d_r))
+    loss_of(o).backward()
+    loss_of(o_r).backward()
+    res["model_jvp_backward"] = grads_err(model, ref)
+    zeros = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents))
+    (o, d), (o_r, d_r) = (torch.func.jvp(lambda *a, m=m: call(m, *a), primals, zeros) for m in (model, ref))
+    res["func_jvp"] = max(err(o, o_r), err(d, d_r))
+    return res
+
+
+def rnd(*shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def shard(model, units=(), reshard=True, mp=None):
+    kw = dict(reshard_after_forward=reshard, **({"mp_policy": mp} if mp else {}))
+    for u in units:
+        fully_shard(u, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+# ---- dmf_kernels.nn modules, each its own FSDP unit ----------------------------------------
+def module_case(build, inputs, jvp=True, call=None):
+    def run():
+        torch.manual_seed(0)
+        ref = randomize(build().double())
+        model = shard(copy.deepcopy(ref))
+        primals = inputs()
+        tangents = tuple(rnd(*p.shape, seed=9) if p.is_floating_point() else None for p in primals)
+        return compare(model, ref, call or (lambda m, *a: m(*a)), primals, tangents, jvp)
+    return run
+
+
+def rope_call(m, x):
+    return m(x, rope=ROPE)
+
+
+ROPE = dnn.RotaryEmbedding2D(D // H // 2, 2).double()
+X, C = (lambda: (rnd(B, N, D),)), (lambda: (rnd(B, N, D), rnd(B, D, seed=2)))
+CASES = {
+    "RMSNorm": module_case(lambda: dnn.RMSNorm(D), X),
+    "LayerNorm": module_case(lambda: dnn.LayerNorm(D), X),
+    "Attention-rope-rmsqk": module_case(lambda: dnn.Attention(D, H, qk_norm="rms"), X, call=rope_call),
+    "Attention-layerqk": module_case(lambda: dnn.Attention(D, H, qk_norm="layer"), X),
+    "Mlp": module_case(lambda: dnn.Mlp(D, 2 * D), X),
+    "SwiGLUFFN": module_case(lambda: dnn.SwiGLUFFN(D, 2 * D), X),
+    "DiTBlock": module_case(lambda: dnn.DiTBlock(D, H), C),
+    "DiTBlock-lightning": module_case(lambda: dnn.DiTBlock(D, H, qk_norm="rms", norm="rms", mlp="swiglu",
+                                                           wo_shift=True), C,
+                                      call=lambda m, x, c: m(x, c, ROPE)),
+    "PreNormBlock": module_case(lambda: dnn.PreNormBlock(D, H), X, call=lambda m, x: m(x, ROPE)),
+    "FinalLayer": module_case(lambda: dnn.FinalLayer(D, 2, 3), C),
+    "TimestepEmbedder": module_case(lambda: dnn.TimestepEmbedder(D), lambda: (torch.rand(B, dtype=torch.float64),)),
+    "LabelEmbedder": module_case(lambda: dnn.LabelEmbedder(5, D), lambda: (torch.tensor([1, 5]),), jvp=False),
+    "PatchEmbed": module_case(lambda: dnn.PatchEmbed(4, 2, 3, D), lambda: (rnd(B, 3, 4, 4),)),
+}
+
+
+# ---- dmf.DMFT: per-block units, then the root --------------------------------------------------
+def dmft_batch():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64)
+    a, c = torch.rand(B, generator=g, dtype=torch.float64), torch.rand(B, generator=g, dtype=torch.float64)
+    return (x, torch.maximum(a, c), torch.minimum(a, c)), torch.tensor([1, 5])
+
+
+def dmft_case(flags, reshard):
+    def run():
+        from dmf.model import DMFT
+        ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=3, num_heads=H,
+                             num_classes=5, dmf_depth=1, use_logvar=True, **flags).double())
+        model = copy.deepcopy(ref)
+        shard(model, list(model.blocks), reshard)
+        primals, y = dmft_batch()
+        tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]), None)
+        return compare(model, ref, lambda m, x, t, r: m(x, t, r, y, return_logvar=True), primals, tangents)
+    return run
+
+
+DMFT_FLAGS = {"plain": {}, "lightning": dict(use_swiglu=True, use_rope=True, use_rmsnorm=True),
+              "qknorm-woshift": dict(use_qknorm=True, wo_shift=True), "officialqk": dict(qk_norm=True)}
+for _name, _flags in DMFT_FLAGS.items():
+    for _reshard in (True, False) if _name in ("plain", "lightning") else (True,):
+        CASES[f"DMFT-{_name}-reshard{int(_reshard)}"] = dmft_case(_flags, _reshard)
+
+
+def dmft_bf16():
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on an fp32 DMFT: a smoke test
+    (runs, finite, close to the fp32 model at bf16's precision)."""
+    from dmf.model import DMFT
+    ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=2, num_heads=H,
+                         num_classes=5, dmf_depth=1, use_swiglu=True, use_rope=True, use_rmsnorm=True).double())
+    ref = ref.float()
+    model = copy.deepcopy(ref)
+    model = shard(model, list(model.blocks), True, MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                    reduce_dtype=torch.float32))
+    (x, t, r), y = dmft_batch()
+    x, t, r = x.float(), t.float(), r.float()
+    out, dout = dk.model_jvp(lambda a, b, c: model(a, b, c, y), (x, t, r), (torch.ones_like(x), torch.ones_like(t),
+                                                                            None))
+    out_r, dout_r = dk.model_jvp(lambda a, b, c: ref(a, b, c, y), (x, t, r), (torch.ones_like(x), torch.ones_like(t),
+                                                                              None))
+    loss_of(out).backward()
+    grads = [full(p.grad) for p in model.parameters() if p.grad is not None]
+    scale = max(out_r.abs().max().item(), dout_r.abs().max().item(), 1.0)
+    return {"bf16_relative": max(err(out, out_r), err(dout, dout_r)) / scale,
+            "bf16_finite": 0.0 if all(torch.isfinite(g).all() for g in grads) and len(grads) else float("inf")}
+
+
+CASES["DMFT-bf16-mixed-precision"] = dmft_bf16
+
+
+# ---- models dmf_kernels.patch handles: patched, then sharded ------------------------------------
+def replica_rms_in_input_dtype():
+    """The replicas' RMSNorms compute their statistic in fp32 even for fp64 input; the patch
+    self-checks compare formulas in fp64 (as tests/conftest.py's rms_statistic_in_input_dtype)."""
+    from replicas import lightningdit as rl, official_dmf as rdmf
+
+    def rms(self, x, w):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.to(acc) * torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * w
+    rl.RMSNorm.forward = lambda self, x: rms(self, x, self.weight)
+    rdmf.RMSNorm.forward = lambda self, x: rms(self, x, self.scale.to(x.dtype))
+
+
+def replica(kind):
+    from replicas import dit as rd, lightningdit as rl, official_dmf as rdmf
+    replica_rms_in_input_dtype()
+    (x, t, r), y = dmft_batch()
+    kw = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=2, num_heads=H, num_classes=5)
+    if kind == "DiT":
+        return rd.DiT(**kw, learn_sigma=False), lambda m, x, t: m(x, t, y), (x, t)
+    if kind == "LightningDiT":
+        m = rl.LightningDiT(**kw, use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True)
+        return m, lambda m, x, t: m(x, t, y), (x, t)
+    return (rdmf.DMFT(**kw, dmf_depth=1, qk_norm=True, use_logvar=True),
+            lambda m, x, t, r: m(x, t, r, y, return_logvar=True), (x, t, r))
+
+
+def patched_case(kind, reshard=True):
+    def run():
+        model, call, primals = replica(kind)
+        ref = randomize(model.double())
+        dk.patch(ref)
+        model = copy.deepcopy(ref)
+        model = shard(model, list(model.blocks), reshard)
+        tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]), *[None] * (len(primals) - 2))
+        return compare(model, ref, call, primals, tangents)
+    return run
+
+
+for _kind in ("DiT", "LightningDiT", "officialDMF"):
+    CASES[f"patched-{_kind}"] = patched_case(_kind)
+CASES["patched-LightningDiT-reshard0"] = patched_case("LightningDiT", False)
+
+
+def patch_after_shard():
+    """The wrong order is refused with the order to use."""
+    model, _, _ = replica("DiT")
+    shard(model.double(), list(model.blocks))
+    try:
+        dk.patch(model)
+    except ValueError as e:
+        return {"refused": 0.0 if "before fully_shard" in str(e) else float("inf")}
+    return {"refused": float("inf")}
+
+
+CASES["patch-after-fully_shard"] = patch_after_shard
+
+
+def all_gathers():
+    """A block's parameters are gathered once for the primal and the tangent: model_jvp of a
+    DMFT with reshard_after_forward=True all-gathers once per unit (3 blocks + the root)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+    from dmf.model import DMFT
+    model = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=3, num_heads=H,
+                           num_classes=5, dmf_depth=1).double())
+    shard(model, list(model.blocks), True)
+    (x, t, r), y = dmft_batch()
+    calls, real = [], pg.foreach_all_gather
+    pg.foreach_all_gather = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        dk.model_jvp(lambda a, b, c: model(a, b, c, y), (x, t, r), (torch.ones_like(x), torch.ones_like(t), None))
+    finally:
+        pg.foreach_all_gather = real
+    return {"extra_all_gathers": float(len(calls) - 4)}
+
+
+CASES["all-gathers-once-per-unit"] = all_gathers
+
+
+def main():
+    dist.init_process_group("gloo")
+    names = sys.argv[2:] or list(CASES)
+    results = {}
+    for name in names:
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                results[name] = CASES[name]()
+        except Exception as e:  # reported per case: the test names what raised
+            results[name] = {"raised": f"{type(e).__name__}: {e}"[:2000]}
+            if os.environ.get("FSDP_WORKER_TRACE"):
+                traceback.print_exc()
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""FSDP2 (fully_shard) with 2 and 4 CPU processes (gloo): every dmf_kernels.nn module as its own
+unit, dmf.DMFT in four flag combinations with per-block units then the root (reshard after
+forward on and off), and the DiT, LightningDiT and official-DMF replicas patched by
+dmf_kernels.patch give the unsharded model's forward, gradients, model_jvp (output, tangent,
+gradients of a loss on the output) and torch.func.jvp in float64 (tests/fsdp_worker.py measures,
+through full_tensor()). Also: one all-gather per unit for primal and tangent together, patch
+after fully_shard refused with the order to use, and bf16 mixed precision as a smoke test."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dmf_helpers import NEUTRAL_CWD, env_with_paths
+
+WORKER = Path(__file__).resolve().parent.parent / "fsdp_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+import fsdp_worker  # noqa: E402  (the case names)
+
+FOUR_RANKS = ["DMFT-lightning-reshard1", "DiTBlock-lightning", "patched-LightningDiT"]
+
+
+def run_worker(tmp_path, nproc, cases=()):
+    out = tmp_path / f"fsdp_{nproc}.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(WORKER), str(out), *cases], env=env_with_paths(), cwd=NEUTRAL_CWD,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("fsdp2"), 2)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("fsdp4"), 4, FOUR_RANKS)
+
+
+def check(name, res):
+    assert "raised" not in res, f"{name}: {res['raised']}"
+    assert res, name
+    for what, e in res.items():
+        tol = 0.05 if what == "bf16_relative" else 1e-12
+        assert e <= tol, f"{name}: {what} differs from the unsharded model by {e:.3g}"
+
+
+@pytest.mark.parametrize("name", list(fsdp_worker.CASES))
+def test_two_ranks(two, name):
+    check(name, two[name])
+
+
+@pytest.mark.parametrize("name", FOUR_RANKS)
+def test_four_ranks(four, name):
+    check(name, four[name])
