@@ -9,7 +9,12 @@ Rotary embedding rows (issue 15): provider "dmf_rope" is dmf_kernels.attention w
 LightningDiT-style (N, D) tables, q and k rotated inside the kernels; "eager_rope" the math
 path after rotating q and k with reference.rope. Against "dmf" they give rope's cost.
 On CPU the extra shape B8 H12 N256 D64 is the one the issue's budget (fwd+jvp with rope at
-most 10% slower than without) is measured at."""
+most 10% slower than without) is measured at.
+
+Mask and grouped-query rows (issues 22, 24): "dmf_keymask" a boolean key-padding mask
+(B, 1, 1, N) with the last quarter of the keys masked (PixArt's encoder mask), "dmf_mask" a
+random boolean (B, 1, N, N) mask (a quarter masked), "dmf_gqa" k and v with H / 4 heads
+(enable_gqa; the bytes and FLOP counts are the plain rows', so compare times). Against "dmf" they give each feature's cost."""
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -102,10 +107,31 @@ def cases(device, dtype, quick):
         dmf_rope = lambda q, k, v, c=cos, s=sin: dk.attention(q, k, v, None, c, s)  # noqa: E731
         eager_rope = lambda q, k, v, c=cos, s=sin: ref.attention(q, k, v, None, c, s)  # noqa: E731
         fwd_providers += [("dmf_rope", dmf_rope), ("eager_rope", eager_rope)]
+        keymask = (torch.arange(N, device=device) < N - N // 4).expand(B, 1, 1, N)
+        mask = torch.rand(B, 1, N, N, device=device) > 0.25
+        dmf_keymask = lambda q, k, v, m=keymask: dk.attention(q, k, v, attn_mask=m)  # noqa: E731
+        dmf_mask = lambda q, k, v, m=mask: dk.attention(q, k, v, attn_mask=m)  # noqa: E731
+        dmf_gqa = lambda q, k, v: dk.attention(q, k, v, enable_gqa=True)  # noqa: E731
+
+        def gqa_inputs(B=B, H=H, N=N, D=D):
+            hkv = max(1, H // 4)
+            prim = [torch.randn(B, h, N, D, device=device, dtype=dtype) for h in (H, hkv, hkv)]
+            return prim, [torch.randn_like(t) for t in prim]
+
+        features = [("dmf_keymask", dmf_keymask, inputs), ("dmf_mask", dmf_mask, inputs),
+                    ("dmf_gqa", dmf_gqa, gqa_inputs)]
         for prov, fn in fwd_providers:
             yield Case("attention", "fwd", prov, shape, dname, fwd(fn))
+        for prov, fn, inp in features:
+            yield Case("attention", "fwd", prov, shape, dname, fwd(fn, inp))
         for prov, fn in fwd_providers:
             yield Case("attention", "bwd", prov, shape, dname, bwd(fn))
+        for prov, fn, inp in features:
+            yield Case("attention", "bwd", prov, shape, dname, bwd(fn, inp))
+        for prov, m, g in (("dmf_keymask", keymask, False), ("dmf_mask", mask, False), ("dmf_gqa", None, True)):
+            yield Case("attention", "fwd+jvp", prov, shape, dname, jvp(
+                lambda p, t, m=m, g=g: dk.jvp.attention(*p, *t, attn_mask=m, enable_gqa=g),
+                gqa_inputs if g else inputs))
         yield Case("attention", "fwd+jvp", "dmf", shape, dname, jvp(None, dual=True))
         yield Case("attention", "fwd+jvp", "dmf_rope", shape, dname,
                    jvp(lambda p, t, c=cos, s=sin: dk.jvp.attention(*p, *t, None, c, s)))

@@ -114,6 +114,8 @@ def triton_launches(cc=90, B=REF_B, H=REF_H, N=REF_N):
                          {"_attn_bwd_dkdv_kernel": 6 * row + 2 * stat + tab_bytes,
                           "_attn_bwd_dq_kernel": 5 * row + 2 * stat + tab_bytes}),
                     ]
+                if not prec and layout == "contig" and D in (72, 128):
+                    calls += _feature_calls(torch, at, B, H, N, D, dtype, q, k, v, qd, kd, vd, scale, row, stat)
                 for call, nbytes in calls:
                     log.clear()
                     call()
@@ -121,6 +123,8 @@ def triton_launches(cc=90, B=REF_B, H=REF_H, N=REF_N):
                         if name not in nbytes:
                             continue
                         suffix = "+rope" if kwargs.get("ROPE") else ""
+                        suffix += {0: "", 1: "+mask", 2: "+keymask"}[kwargs.get("MASK", 0)]
+                        suffix += "+gqa" if kwargs.get("GROUP", 1) > 1 else ""
                         out.append(dict(kernel=name.strip("_").removesuffix("_kernel") + suffix,
                                         dtype=label, D=D, layout=layout, fn=fn,
                                         grid=grid, args=args, kwargs=kwargs, bytes=nbytes[name]))
@@ -138,6 +142,36 @@ def triton_launches(cc=90, B=REF_B, H=REF_H, N=REF_N):
                             layout="contig", fn=fn, grid=grid, args=args, kwargs=kwargs,
                             bytes=4 * n * dtype.itemsize))
     return out
+
+
+def _feature_calls(torch, at, B, H, N, D, dtype, q, k, v, qd, kd, vd, scale, row, stat):
+    """The mask and grouped-query variants (rows "+mask", "+keymask", "+gqa"), 16-bit, contiguous,
+    at D = 72 (DiT-XL) and 128 (Flux, SD3): a (B, 1, N, N) fp32 bias, a key-padding bias
+    (B, 1, 1, N) and k, v with H / 4 heads. Their bytes add the bias once per query head
+    (the full mask) or once (key padding); GQA reads a quarter of k and v."""
+    meta = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
+    full, keys = meta(B, 1, N, N, dt=torch.float32), meta(B, 1, 1, N, dt=torch.float32)
+    kg, vg, kdg, vdg = (meta(B, H // 4, N, D) for _ in range(4))
+    calls = []
+    for mask, extra in ((full, B * H * N * N * 4), (keys, B * N * 4)):
+        calls += [
+            (lambda m=mask: at.attention_fwd(q, k, v, scale, mask=m), {"_attn_fwd_kernel": 4 * row + stat + extra}),
+            (lambda m=mask: at.attention_jvp(q, k, v, qd, kd, vd, scale, mask=m),
+             {"_attn_jvp_kernel": 8 * row + stat + extra}),
+            (lambda m=mask: at.attention_bwd(meta(B, H, N, D), q, k, v, meta(B, H, N, D),
+                                             meta(B, H, N, dt=torch.float32), scale, mask=m),
+             {"_attn_bwd_dkdv_kernel": 6 * row + 2 * stat + extra, "_attn_bwd_dq_kernel": 5 * row + 2 * stat + extra}),
+        ]
+    quarter = row // 4
+    calls += [
+        (lambda: at.attention_fwd(q, kg, vg, scale), {"_attn_fwd_kernel": 2 * row + 2 * quarter + stat}),
+        (lambda: at.attention_jvp(q, kg, vg, qd, kdg, vdg, scale), {"_attn_jvp_kernel": 4 * row + 4 * quarter + stat}),
+        (lambda: at.attention_bwd(meta(B, H, N, D), q, kg, vg, meta(B, H, N, D), meta(B, H, N, dt=torch.float32),
+                                  scale),
+         {"_attn_bwd_dkdv_kernel": 2 * row + 4 * quarter + 2 * stat, "_attn_bwd_dq_kernel": 3 * row + 2 * quarter
+          + 2 * stat}),
+    ]
+    return calls
 
 
 _LAUNCHES = []  # set before the worker pool forks (JIT functions do not pickle)

@@ -271,8 +271,8 @@ attention = Op(
     with rotary tables softmax(scale * rope(q) rope(k)^T) v.
 
     Args:
-        q: (B, H, NQ, D); k, v: (B, H, NK, D) (Hkv heads with enable_gqa). Any strides (e.g. permuted views of a fused
-            qkv projection). float16 / bfloat16 / float32 (Triton on CUDA, fp32 accumulation),
+        q: (B, H, NQ, D); k, v: (B, H, NK, D) (Hkv heads with enable_gqa). Any strides
+            (e.g. permuted views of a fused qkv projection). float16 / bfloat16 / float32 (Triton on CUDA, fp32 accumulation),
             float64 (blockwise PyTorch path). D in 16..128 on CUDA (72, 80, 96 included).
         scale: defaults to 1 / sqrt(D).
         rope_cos, rope_sin: rotary position embedding tables (N, D), both or neither, any float
@@ -285,7 +285,10 @@ attention = Op(
             boolean (True = attend) or an additive float mask (q's dtype or float32). A
             constant (no gradient, no tangent). A fully masked row gives zeros (output,
             tangent, gradients), not NaN. A key-padding mask (B, 1, 1, NK) takes a fast path;
-            an all-True boolean mask is dropped (the unmasked kernels run).
+            an all-True boolean mask is dropped (the unmasked kernels run). Known limit: a
+            row masked everywhere by a huge finite bias (finfo.min) gets the reference's
+            uniform output and tangent but not its gradients (the scores vanish in rounding
+            next to the bias, so the backward's exp(s - lse) is 1 per key, not 1 / NK).
         enable_gqa: grouped-query attention, as SDPA's: k, v (B, Hkv, NK, D) with H a
             multiple g of Hkv; query head h reads kv head h // g (no copy of k, v in the
             Triton kernels); dk, dv sum over each group. Without it the heads must match.

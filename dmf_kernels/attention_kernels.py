@@ -26,8 +26,8 @@ row is divided by max(1, rowmax|.| / 2^14) before rounding and the product multi
 import triton
 import triton.language as tl
 
-from .attention_tiles import (_bh_offset, _div8, _load_rope, _load_rope_with, _load_rows, _mask_base, _program_ids,
-                              _softmax_end, _softmax_step, _store_rows)
+from .attention_tiles import (_head, _load_rope, _load_rope_with, _load_rows, _mask_base, _query_program, _softmax_end,
+                              _softmax_step, _store_rows)
 
 @triton.jit
 def _attn_fwd_kernel(
@@ -40,24 +40,14 @@ def _attn_fwd_kernel(
 ):
     # ROPE: q and k tiles rotated after loading (COS, SIN: (N, HEAD_D) fp32 tables, NQ = NK = N).
     # MASK: the bias M (attention_tiles.py); GROUP: query heads per kv head (GQA; 1 without).
-    bh, pid_m, b, h = _program_ids(H)
-    hk = h // GROUP
-    sqn = _div8(sqn, ALIGN8)
-    skn = _div8(skn, ALIGN8)
-    svn = _div8(svn, ALIGN8)
-    son = _div8(son, ALIGN8)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    d0 = tl.arange(0, D0)
-    m_mask = offs_m < NQ
-    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
-    k_base = K + _bh_offset(b, hk, skb, skh, ALIGN8)
-    v_base = V + _bh_offset(b, hk, svb, svh, ALIGN8)
+    bh, b, h, hk, offs_m, m_mask, offs_n, d0, d1 = _query_program(H, NQ, GROUP, BLOCK_M, BLOCK_N, D0, D1)
+    q_base, sqn = _head(Q, b, h, sqb, sqh, sqn, ALIGN8)
+    k_base, skn = _head(K, b, hk, skb, skh, skn, ALIGN8)
+    v_base, svn = _head(V, b, hk, svb, svh, svn, ALIGN8)
     m_base = _mask_base(M, b, h, smb, smh, MASK)
     q0, rc, rs = _load_rope(q_base, offs_m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if HAS_D1:
-        d1 = D0 + tl.arange(0, D1)
         q1, rc, rs = _load_rope(q_base, offs_m, sqn, d1, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -81,7 +71,7 @@ def _attn_fwd_kernel(
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     lse, l_i = _softmax_end(m_i, l_i, MASK)
-    o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)
+    o_base, son = _head(O, b, h, sob, soh, son, ALIGN8)
     _store_rows(o_base, (acc0 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     if HAS_D1:
         _store_rows(o_base, (acc1 / l_i[:, None]).to(O.dtype.element_ty), offs_m, son, d1, sod, m_mask, HEAD_D)
@@ -113,26 +103,13 @@ def _attn_jvp_kernel(
     # ROPE: q, k, q_dot, k_dot tiles rotated after loading (the rotation is linear with constant
     # tables, so the tangents rotate with the primals and the JVP below is unchanged). MASK,
     # GROUP: as the forward's (the bias has no tangent).
-    bh, pid_m, b, h = _program_ids(H)
-    hk = h // GROUP
-    sqn = _div8(sqn, ALIGN8)
-    skn = _div8(skn, ALIGN8)
-    svn = _div8(svn, ALIGN8)
-    sqdn = _div8(sqdn, ALIGN8)
-    skdn = _div8(skdn, ALIGN8)
-    svdn = _div8(svdn, ALIGN8)
-    son = _div8(son, ALIGN8)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    d0 = tl.arange(0, D0)
-    d1 = D0 + tl.arange(0, D1)
-    m_mask = offs_m < NQ
-    q_base = Q + _bh_offset(b, h, sqb, sqh, ALIGN8)
-    k_base = K + _bh_offset(b, hk, skb, skh, ALIGN8)
-    v_base = V + _bh_offset(b, hk, svb, svh, ALIGN8)
-    qd_base = QD + _bh_offset(b, h, sqdb, sqdh, ALIGN8)
-    kd_base = KD + _bh_offset(b, hk, skdb, skdh, ALIGN8)
-    vd_base = VD + _bh_offset(b, hk, svdb, svdh, ALIGN8)
+    bh, b, h, hk, offs_m, m_mask, offs_n, d0, d1 = _query_program(H, NQ, GROUP, BLOCK_M, BLOCK_N, D0, D1)
+    q_base, sqn = _head(Q, b, h, sqb, sqh, sqn, ALIGN8)
+    k_base, skn = _head(K, b, hk, skb, skh, skn, ALIGN8)
+    v_base, svn = _head(V, b, hk, svb, svh, svn, ALIGN8)
+    qd_base, sqdn = _head(QD, b, h, sqdb, sqdh, sqdn, ALIGN8)
+    kd_base, skdn = _head(KD, b, hk, skdb, skdh, skdn, ALIGN8)
+    vd_base, svdn = _head(VD, b, hk, svdb, svdh, svdn, ALIGN8)
     m_base = _mask_base(M, b, h, smb, smh, MASK)
     q0, rc, rs = _load_rope(q_base, offs_m, sqn, d0, sqd, m_mask, COS, SIN, HEAD_D, ROPE)
     if HAS_QD:
@@ -205,8 +182,8 @@ def _attn_jvp_kernel(
     # sum(p (S_dot - mu)) = 0 at the final centre, so O_dot = acc_t / l.
     lse, l_i = _softmax_end(m_i, l_i, MASK)
     inv_l = 1.0 / l_i
-    o_base = O + _bh_offset(b, h, sob, soh, ALIGN8)  # O and OD share strides (both allocated contiguous)
-    od_base = OD + _bh_offset(b, h, sob, soh, ALIGN8)
+    o_base, son = _head(O, b, h, sob, soh, son, ALIGN8)  # O and OD share strides (both allocated contiguous)
+    od_base, _ = _head(OD, b, h, sob, soh, son, ALIGN8)
     _store_rows(o_base, (acc_o0 * inv_l[:, None]).to(O.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     _store_rows(od_base, (acc_t0 * inv_l[:, None]).to(OD.dtype.element_ty), offs_m, son, d0, sod, m_mask, HEAD_D)
     if HAS_D1:

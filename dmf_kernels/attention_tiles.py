@@ -26,6 +26,18 @@ def _program_ids(H):
 
 
 @triton.jit
+def _query_program(H, NQ, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr,
+                   D1: tl.constexpr):
+    # The set-up of a program that owns a block of queries (forward, JVP, dQ): bh, b, the query
+    # head h and the kv head it reads (GQA: h // GROUP), its query rows and their mask, the
+    # key offsets of a key block, the columns of the head-dim blocks D0 and D1.
+    bh, pid_m, b, h = _program_ids(H)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (bh, b, h, h // GROUP, offs_m, offs_m < NQ, tl.arange(0, BLOCK_N), tl.arange(0, D0),
+            D0 + tl.arange(0, D1))
+
+
+@triton.jit
 def _div8(s, ALIGN8: tl.constexpr):
     # Triton marks an integer argument divisible only when it is a multiple of 16, so a row
     # stride of 72 (D = 72, or a fused-qkv head stride) reads as unaligned and every load
@@ -43,6 +55,13 @@ def _div8(s, ALIGN8: tl.constexpr):
 def _bh_offset(b, h, stride_b, stride_h, ALIGN8: tl.constexpr):
     # int64: (B - 1) * stride_b passes 2^31 for a fused qkv view at B=256, N=4096, H=16, D=72.
     return b.to(tl.int64) * _div8(stride_b, ALIGN8) + h.to(tl.int64) * _div8(stride_h, ALIGN8)
+
+
+@triton.jit
+def _head(X, b, h, sb, sh, sn, ALIGN8: tl.constexpr):
+    # (the base pointer of head (b, h) of a (B, H, N, D) tensor X, its row stride under ALIGN8):
+    # the set-up every kernel does per tensor.
+    return X + _bh_offset(b, h, sb, sh, ALIGN8), _div8(sn, ALIGN8)
 
 
 @triton.jit

@@ -265,3 +265,46 @@ def test_attention_mask_gqa_empty(device, shape):
         assert g.shape == x.shape and (g == 0).all()
     o, t = dk.jvp.attention(q, k, v, q, k, v, attn_mask=mask, enable_gqa=True)
     assert o.shape == t.shape == (B, H, NQ, 16)
+
+
+class _Launches:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, grid, args, kwargs))
+
+
+def test_triton_launch_gqa_and_mask_arguments(monkeypatch):
+    # What the launchers hand the kernels (recorded, not run): k and v themselves under GQA
+    # (no repeat), the dK/dV grid over the kv heads, MASK 2 with zero query / head strides for
+    # a key-padding mask, MASK 1 for a per-row mask, MASK 0 and GROUP 1 for the plain call.
+    from dmf_kernels import attention_mask, attention_triton as at
+
+    log = []
+    for name in ("_attn_fwd_kernel", "_attn_jvp_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                 "_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(at, name, _Launches(log, name))
+    B, H, HKV, N, D = 2, 8, 2, 33, 64
+    q = torch.empty(B, H, N, D, device="meta", dtype=torch.float16)
+    k = torch.empty(B, HKV, N, D, device="meta", dtype=torch.float16)
+    lse = torch.empty(B, H, N, device="meta")
+    keys = attention_mask.bias(torch.ones(B, 1, 1, N, dtype=torch.bool, device="meta"), torch.float32)
+    rows = attention_mask.bias(torch.ones(B, 1, N, N, dtype=torch.bool, device="meta"), torch.float32)
+    at.attention_fwd(q, k, k, 0.1, mask=keys)
+    at.attention_jvp(q, k, k, q, k, k, 0.1, mask=rows)
+    at.attention_bwd(q, q, k, k, q, lse, 0.1, mask=keys)
+    at.attention_fwd(q, q, q, 0.1)
+    by = {}
+    for name, grid, args, kwargs in log:
+        by.setdefault(name, []).append((grid, args, kwargs))
+    (g, args, kw), plain = by["_attn_fwd_kernel"]
+    assert args[1] is k and args[2] is k and kw["GROUP"] == 4 and kw["MASK"] == 2
+    assert args[7].shape == (B, H, N, N) and args[7].stride() == (N, 0, 0, 1)  # the bias, broadcast
+    assert plain[2]["GROUP"] == 1 and plain[2]["MASK"] == 0
+    (g, args, kw), = by["_attn_jvp_kernel"]
+    assert kw["GROUP"] == 4 and kw["MASK"] == 1 and args[11].stride() == (N * N, 0, N, 1)
+    (g, args, kw), = by["_attn_bwd_dkdv_kernel"]
+    assert g[0] == B * HKV and kw["GROUP"] == 4 and kw["MASK"] == 2
+    (g, args, kw), = by["_attn_bwd_dq_kernel"]
+    assert g[0] == B * H and kw["GROUP"] == 4

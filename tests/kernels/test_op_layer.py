@@ -31,8 +31,10 @@ def test_public_signatures():
     assert str(inspect.signature(dk.jvp.gated_residual_adaln)) == \
         "(x, x_dot, gate, gate_dot, y, y_dot, shift, shift_dot, scale, scale_dot=None, eps=1e-06)"
     assert str(inspect.signature(dk.jvp.attention)) == \
-        "(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale=None, rope_cos=None, rope_sin=None)"
-    assert str(inspect.signature(dk.attention)) == "(q, k, v, scale=None, rope_cos=None, rope_sin=None)"
+        "(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale=None, rope_cos=None, rope_sin=None, attn_mask=None, " \
+        "enable_gqa=False)"
+    assert str(inspect.signature(dk.attention)) == \
+        "(q, k, v, scale=None, rope_cos=None, rope_sin=None, attn_mask=None, enable_gqa=False)"
     assert dk.jvp.rms_norm is dk.rms_norm.jvp
     x = rand(2, 3, 8)
     assert_f64(dk.adaln_modulate(x, x[:, 0], x[:, 1], eps=1e-5), dk.reference.adaln_modulate(x, x[:, 0], x[:, 1], 1e-5))
