@@ -44,7 +44,8 @@ $(VENV)/.built: $(VENV)/.deps-installed $(SOURCES)
 # The Triton kernels run on the CPU only under the interpreter, which must be set before
 # triton is imported: a second pytest process for those files.
 TRITON_TESTS := tests/kernels/test_attention_triton.py tests/kernels/test_attention_triton_rope.py \
-                tests/kernels/test_gelu_triton.py tests/kernels/test_bad_input.py
+                tests/kernels/test_gelu_triton.py tests/kernels/test_bad_input.py \
+                tests/kernels/test_attention_bad_input.py tests/kernels/test_attention_mask_gqa.py
 test: build cuda-emu
 	$(PY) -m pytest tests -q --ignore=tests/cuda_emu
 	TRITON_INTERPRET=1 $(PY) -m pytest $(TRITON_TESTS) -q
