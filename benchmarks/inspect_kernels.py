@@ -31,8 +31,8 @@ from pathlib import Path
 # however this file is (a script: `make inspect`; by path: tests/kernels/test_inspect_kernels.py).
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
-from inspect_common import (HEAD_DIMS, REF_B, REF_H, REF_N, REF_ROWS, RESULTS, ROOT, TARGETS,  # noqa: E402,F401
-                            _parse_ptxas_log, _ptx_stats)
+from inspect_common import (CUDA_ONLY_TARGETS, HEAD_DIMS, REF_B, REF_H, REF_N, REF_ROWS, RESULTS, ROOT,  # noqa: E402,F401
+                            TARGETS, _parse_ptxas_log, _ptx_stats)
 from inspect_cuda import CHUNK_ROWS, SMS, compile_cuda, cuda_hot, cuda_sources, row_launch  # noqa: E402,F401
 from inspect_triton import _LAUNCHES, compile_triton, triton_launches  # noqa: E402
 
@@ -87,8 +87,12 @@ def write_table(arch, trows, crows, path):
              f"bytes/call: compulsory HBM traffic at B={REF_B}, H={REF_H}, N={REF_N} (each tensor once).",
              "ld/st.global: access width in bits × instruction count in the PTX (128b = one 16-byte vector).",
              "spill: spill store + load bytes; smem: bytes of shared memory per program / block.", "",
-             "## Triton attention", "", _md_row(TRITON_COLS), _md_row(["---"] * len(TRITON_COLS))]
-    lines += [_md_row(_triton_cells(r)) for r in trows]
+             "## Triton attention", ""]
+    if trows:
+        lines += [_md_row(TRITON_COLS), _md_row(["---"] * len(TRITON_COLS))]
+        lines += [_md_row(_triton_cells(r)) for r in trows]
+    else:
+        lines += ["Not inspected for this target (--only cuda)."]
     lines += ["", "## CUDA (adaLN family)", "", "Template arguments: <dtype, VEC, team (warp/block), EPT>.", "",
               _md_row(CUDA_COLS), _md_row(["---"] * len(CUDA_COLS))]
     lines += [_md_row(_cuda_cells(r)) for r in crows]
@@ -200,7 +204,8 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="fail when a hot configuration regresses")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--targets", default=",".join(TARGETS),
+                    help=f"of {', '.join(TARGETS)}; with --only cuda also {', '.join(CUDA_ONLY_TARGETS)}")
     ap.add_argument("--no-fp32", action="store_true", help="skip fp32 Triton rows (faster)")
     ap.add_argument("--only", choices=("triton", "cuda"), help="inspect one family only")
     ap.add_argument("--bandwidth", action="store_true",
@@ -218,7 +223,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     failures = []
     for arch in args.targets.split(","):
-        cc = TARGETS[arch]
+        if arch in CUDA_ONLY_TARGETS and args.only != "cuda":
+            ap.error(f"{arch}: CUDA kernels only (--only cuda): the Triton gate is written for sm_90a / sm_80")
+        cc = {**TARGETS, **CUDA_ONLY_TARGETS}[arch]
         launches = triton_launches(cc) if args.only != "cuda" else []
         if args.no_fp32:
             launches = [x for x in launches if not x["dtype"].startswith("float32")]
