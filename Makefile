@@ -14,7 +14,7 @@ DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchm
 SOURCES := $(shell awk '$$1 !~ /^\#/ && NF == 2 {print $$2}' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh) setup.py
 
 .PHONY: all setup build test bench demo ci-extra cmake-build cuda-sources inspect gpu-check clean cuda-emu \
-        test-cuda-emu wheel sdist cuda-build test-cu test-wheel
+        test-cuda-emu wheel sdist cuda-build test-cu test-wheel test-sdist
 
 all: bench demo
 
@@ -111,8 +111,10 @@ $(INSPECT_VENV)/.deps-installed:
 	$(INSPECT_VENV)/bin/python -m pip install -q $(INSPECT_DEPS)
 	touch $@
 
+# The wheel's further archs (sm_100a, sm_120): the CUDA kernels alone (no Triton code in the wheel).
 inspect: $(INSPECT_VENV)/.deps-installed
 	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check
+	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check --only cuda --targets sm_100a,sm_120
 
 # ---------------------------------------------------------------- the GPU user's install
 # What a CUDA user does, on this GPU-less machine: a CUDA build of torch (2.14.1, CUDA 13.0, from
@@ -131,8 +133,9 @@ WHEEL_ARCHS ?= 8.0;9.0a;10.0a;12.0
 BUILD_JOBS  ?= 2
 CU_SRC      := build-cu/src
 CU_ENV      = DMF_KERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(WHEEL_ARCHS)" MAX_JOBS=$(BUILD_JOBS)
-# Every file git would commit: the wheel is rebuilt when any of them changes.
-TREE        := $(shell git ls-files -co --exclude-standard 2>/dev/null)
+# Every file git would commit (that exists: a deletion not yet committed is still listed): the wheel
+# is rebuilt when any of them changes.
+TREE        := $(wildcard $(shell git ls-files -co --exclude-standard 2>/dev/null))
 
 $(CU_VENV)/.deps-installed:
 	$(PYTHON) -m venv $(CU_VENV)
@@ -146,14 +149,14 @@ $(CU_VENV)/.deps-installed:
 $(CU_SRC)/.copied: $(TREE)
 	mkdir -p $(CU_SRC)
 	find $(CU_SRC) -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
-	git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C $(CU_SRC)
+	tar -cf - $(TREE) | tar -xf - -C $(CU_SRC)
 	touch $@
 
 wheel: dist/.wheel-built
 
 dist/.wheel-built: $(CU_VENV)/.deps-installed $(CU_SRC)/.copied
 	rm -f dist/dmf_kernels-*.whl
-	cd $(CU_SRC) && /usr/bin/time -f "wheel build: %e s" env $(CU_ENV) \
+	cd $(CU_SRC) && /usr/bin/time -f "wheel build: %e s wall, %U s user + %S s sys CPU" env $(CU_ENV) \
 	    $(CU_PY) -m pip wheel -q --no-build-isolation --no-deps -w $(abspath dist) .
 	ls -l dist/dmf_kernels-*.whl
 	touch $@
@@ -177,6 +180,10 @@ test-cu: wheel cuda-emu
 # build for another torch refusing to import.
 test-wheel: wheel setup
 	.ci/test_wheel.sh $(CU_TORCH) dist/dmf_kernels-*.whl "$(WHEEL_ARCHS)" $(abspath $(PY))
+
+# The sdist compiles into a working extension (CPU kernels, against the CPU venv's torch).
+test-sdist: sdist setup
+	.ci/test_sdist.sh dist/dmf_kernels-0.1.0.tar.gz $(PY)
 
 cuda-build: test-wheel test-cu
 

@@ -113,6 +113,11 @@ def _hot_triton(r):
 # machines); on sm_80 norm_mod_bwd needs 87 registers (4 blocks of 160 threads per SM, 512
 # teams on 108 SMs: two waves), known and listed in the table.
 ONE_WAVE_TARGETS = ("sm_90a",)
+# ptxas 13.0 for sm_100 / sm_100a holds gated_residual_bwd_kernel<fp16, 8> to 40 registers and
+# spills 20 bytes (bf16: 40 registers, no spill; sm_90a and sm_80: 61, none). Known and listed in
+# inspect_sm_100a.md; the wheel keeps sm_100a (B200 would otherwise have no kernel at all), and a
+# larger spill there, or any other, fails the gate.
+KNOWN_SPILLS = {("sm_100a", "gated_residual_bwd_kernel<fp16, 8>"): 20}
 
 
 def gate(trows, crows, arch):
@@ -143,7 +148,7 @@ def gate(trows, crows, arch):
         if r is None:
             bad.append(("hot CUDA instantiation not compiled (row_launch drifted?)", cells))
             continue
-        if r["spill_st"] + r["spill_ld"]:
+        if r["spill_st"] + r["spill_ld"] > KNOWN_SPILLS.get((arch, h["name"]), 0):
             bad.append(("spills", cells))
         if not r["ld"] or max(r["ld"]) < 128:
             bad.append(("no 16-byte global loads", cells))
