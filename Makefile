@@ -170,7 +170,9 @@ sdist: $(CU_VENV)/.deps-installed $(CU_SRC)/.copied
 # the same Python sources (the tests run from a source tree; the installed layout is what
 # .ci/test_wheel.sh checks). DMF_KERNELS_EXPECT_CUDA_ARCHS: test_build.py fails unless _C has
 # CUDA kernels for exactly these archs and every raw op a CUDA kernel.
-CU_TEST_ENV = DMF_KERNELS_EXPECT_CUDA_ARCHS="$(WHEEL_ARCHS)" DMF_KERNELS_CUDA_EMU_LIB=$(abspath build-emu/release/libdmf_cuda_emu.so)
+# PYTHONPATH=python: the dmf package, which an install maps from python/dmf (setup.py package_dir).
+CU_TEST_ENV = DMF_KERNELS_EXPECT_CUDA_ARCHS="$(WHEEL_ARCHS)" PYTHONPATH=python \
+              DMF_KERNELS_CUDA_EMU_LIB=$(abspath build-emu/release/libdmf_cuda_emu.so)
 test-cu: wheel cuda-emu
 	cd $(CU_SRC) && unzip -q -o $(abspath dist)/dmf_kernels-*.whl 'dmf_kernels/_C*.so' 'dmf_kernels/_build_config.py'
 	cd $(CU_SRC) && $(CU_TEST_ENV) $(CU_PY) -m pytest tests -q --ignore=tests/cuda_emu -p no:cacheprovider
