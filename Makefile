@@ -187,7 +187,7 @@ test-wheel: wheel setup
 test-sdist: sdist setup
 	.ci/test_sdist.sh dist/dmf_kernels-0.1.0.tar.gz $(PY)
 
-cuda-build: test-wheel test-cu
+cuda-build: test-wheel test-cu test-sdist
 
 # On a CUDA machine: build with CUDA, run CUDA tests and benchmarks (benchmarks/gpu_check.sh).
 gpu-check:
