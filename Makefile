@@ -3,7 +3,8 @@
 #                 then the digits demo (make bench / make demo: each alone)
 #   make test     set up and build if needed, then run the whole test suite, the Triton kernels under the
 #                 interpreter and the CUDA kernels under the CPU emulation (make test-cuda-emu alone)
-# CI (.ci/run) calls `make test` and then `make ci-extra`.
+#   make wheel    the binary wheel (CPU + CUDA kernels) against torch 2.14.1 (CUDA 13.0) in .venv-cu -> dist/
+# CI (.ci/run) calls `make test`, `make ci-extra` and `make cuda-build`.
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -13,7 +14,7 @@ DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchm
 SOURCES := $(shell awk '$$1 !~ /^\#/ && NF == 2 {print $$2}' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh) setup.py
 
 .PHONY: all setup build test bench demo ci-extra cmake-build cuda-sources inspect gpu-check clean cuda-emu \
-        test-cuda-emu
+        test-cuda-emu wheel sdist cuda-build test-cu test-wheel test-sdist
 
 all: bench demo
 
@@ -112,12 +113,88 @@ $(INSPECT_VENV)/.deps-installed:
 	$(INSPECT_VENV)/bin/python -m pip install -q $(INSPECT_DEPS)
 	touch $@
 
+# The wheel's further archs (sm_100a, sm_120): the CUDA kernels alone (no Triton code in the wheel).
 inspect: $(INSPECT_VENV)/.deps-installed
 	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check
+	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check --only cuda --targets sm_100a,sm_120
+
+# ---------------------------------------------------------------- the GPU user's install
+# What a CUDA user does, on this GPU-less machine: a CUDA build of torch (2.14.1, CUDA 13.0, from
+# this machine's disk; it brings triton 3.8.0) in its own venv, the extension built against it by
+# setup.py with nvcc (DMF_KERNELS_FORCE_CUDA=1: a CPU-only build is an error) as a binary wheel,
+# in a copy of the tree (build-cu/src: the build writes dmf_kernels/_build_config.py, and its
+# ninja objects stay there between runs). make cuda-build (CI) then checks that wheel: installed
+# into a fresh venv with torch and no compiler (.ci/test_wheel.sh), and the suite on torch 2.14.1
+# against its _C (make test-cu). Times on 2 cores: see README_install_section.md.
+CU_VENV     ?= .venv-cu
+CU_PY       := $(abspath $(CU_VENV))/bin/python
+CU_TORCH    := torch==2.14.1
+CU_DEPS     := $(CU_TORCH) numpy pybind11 ninja pytest pytest-benchmark matplotlib setuptools wheel build \
+               scikit-learn tqdm $(DMF_DEPS)
+WHEEL_ARCHS ?= 8.0;9.0a;10.0a;12.0
+BUILD_JOBS  ?= 2
+CU_SRC      := build-cu/src
+CU_ENV      = DMF_KERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(WHEEL_ARCHS)" MAX_JOBS=$(BUILD_JOBS)
+# Every file git would commit (that exists: a deletion not yet committed is still listed): the wheel
+# is rebuilt when any of them changes.
+TREE        := $(wildcard $(shell git ls-files -co --exclude-standard 2>/dev/null))
+
+$(CU_VENV)/.deps-installed:
+	$(PYTHON) -m venv $(CU_VENV)
+	$(CU_PY) -m pip install -q --upgrade pip
+	$(CU_PY) -m pip install -q $(CU_DEPS)
+	$(CU_PY) -m pip install -q --no-deps torch-fidelity==0.4.0
+	touch $@
+
+# The tree's files into $(CU_SRC), modification times kept (ninja rebuilds only what changed);
+# everything but its build/ (the ninja objects) is replaced, so a deleted file does not linger.
+$(CU_SRC)/.copied: $(TREE)
+	mkdir -p $(CU_SRC)
+	find $(CU_SRC) -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+	tar -cf - $(TREE) | tar -xf - -C $(CU_SRC)
+	touch $@
+
+wheel: dist/.wheel-built
+
+dist/.wheel-built: $(CU_VENV)/.deps-installed $(CU_SRC)/.copied
+	rm -f dist/dmf_kernels-*.whl
+	cd $(CU_SRC) && /usr/bin/time -f "wheel build: %e s wall, %U s user + %S s sys CPU" env $(CU_ENV) \
+	    $(CU_PY) -m pip wheel -q --no-build-isolation --no-deps -w $(abspath dist) .
+	ls -l dist/dmf_kernels-*.whl
+	touch $@
+
+# The source distribution (setup.py, csrc/ with its headers, both packages; MANIFEST.in).
+sdist: $(CU_VENV)/.deps-installed $(CU_SRC)/.copied
+	rm -f dist/dmf_kernels-*.tar.gz
+	cd $(CU_SRC) && $(CU_PY) -m build -q --sdist --no-isolation -o $(abspath dist) .
+
+# The suite on torch 2.14.1 (triton 3.8.0) against the wheel's _C, unpacked into $(CU_SRC) beside
+# the same Python sources (the tests run from a source tree; the installed layout is what
+# .ci/test_wheel.sh checks). DMF_KERNELS_EXPECT_CUDA_ARCHS: test_build.py fails unless _C has
+# CUDA kernels for exactly these archs and every raw op a CUDA kernel.
+# PYTHONPATH=python: the dmf package, which an install maps from python/dmf (setup.py package_dir).
+CU_TEST_ENV = DMF_KERNELS_EXPECT_CUDA_ARCHS="$(WHEEL_ARCHS)" PYTHONPATH=python \
+              DMF_KERNELS_CUDA_EMU_LIB=$(abspath build-emu/release/libdmf_cuda_emu.so)
+test-cu: wheel cuda-emu
+	cd $(CU_SRC) && unzip -q -o $(abspath dist)/dmf_kernels-*.whl 'dmf_kernels/_C*.so' 'dmf_kernels/_build_config.py'
+	cd $(CU_SRC) && $(CU_TEST_ENV) $(CU_PY) -m pytest tests -q --ignore=tests/cuda_emu -p no:cacheprovider
+	cd $(CU_SRC) && $(CU_TEST_ENV) TRITON_INTERPRET=1 $(CU_PY) -m pytest $(TRITON_TESTS) -q -p no:cacheprovider
+
+# The wheel in a fresh venv with torch 2.14.1 and no compiler on PATH: import, smoke test, and a
+# build for another torch refusing to import.
+test-wheel: wheel setup
+	.ci/test_wheel.sh $(CU_TORCH) dist/dmf_kernels-*.whl "$(WHEEL_ARCHS)" $(abspath $(PY))
+
+# The sdist compiles into a working extension (CPU kernels, against the CPU venv's torch).
+test-sdist: sdist setup
+	.ci/test_sdist.sh dist/dmf_kernels-0.1.0.tar.gz $(PY)
+
+cuda-build: test-wheel test-cu test-sdist
 
 # On a CUDA machine: build with CUDA, run CUDA tests and benchmarks (benchmarks/gpu_check.sh).
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build build-emu build-cmake build-cmake.log *.egg-info dmf_kernels/_C*.so $(VENV)/.built $(INSPECT_VENV)
+	rm -rf build build-emu build-cmake build-cmake.log *.egg-info dmf_kernels/_C*.so $(VENV)/.built $(INSPECT_VENV) \
+	    build-cu dist

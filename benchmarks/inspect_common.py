@@ -10,6 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = {"sm_90a": 90, "sm_80": 80}
+# The wheel's further archs (B200, RTX 50 class; make wheel): the CUDA kernels only, since the
+# wheel holds no Triton code (Triton compiles on the user's machine) and the Triton gate's
+# wgmma / cp.async criteria are Hopper / Ampere ones.
+CUDA_ONLY_TARGETS = {"sm_100a": 100, "sm_120": 120}
 HEAD_DIMS = (64, 72, 80, 96, 128)
 # Reference shape for bytes moved: DiT-XL/2 at 256 px (N = 256 tokens), 16 heads, B = 32.
 REF_B, REF_H, REF_N = 32, 16, 256

@@ -74,14 +74,15 @@ def row_launch(dim, vec):
 
 
 CHUNK_ROWS = 32  # rows per partial sum of a parameter gradient (kChunkRows, csrc/ops.cpp)
-SMS = {"sm_90a": 132, "sm_80": 108}  # H100 SXM, A100
+SMS = {"sm_90a": 132, "sm_80": 108, "sm_100a": 148, "sm_120": 170}  # H100 SXM, A100, B200, RTX 5090
+THREADS_PER_SM = {"sm_120": 1536}  # 2048 on the others (CUDA programming guide, compute capabilities)
 
 
 def _occupancy(regs, block_threads, blocks, arch):
     """Blocks per SM limited by 64K registers (allocated per warp in units of 256), 2048
-    threads and 32 blocks; waves of `blocks` over the target's SMs."""
+    threads (1536 on sm_120) and 32 blocks; waves of `blocks` over the target's SMs."""
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
-    per_sm = min(65536 // (regs_per_warp * -(-block_threads // 32)), 2048 // block_threads, 32)
+    per_sm = min(65536 // (regs_per_warp * -(-block_threads // 32)), THREADS_PER_SM.get(arch, 2048) // block_threads, 32)
     return dict(threads=block_threads, blocks=blocks, per_sm=per_sm,
                 waves=-(-blocks // (per_sm * SMS[arch])) if per_sm else 0)
 

@@ -31,8 +31,8 @@ from pathlib import Path
 # however this file is (a script: `make inspect`; by path: tests/kernels/test_inspect_kernels.py).
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
-from inspect_common import (HEAD_DIMS, REF_B, REF_H, REF_N, REF_ROWS, RESULTS, ROOT, TARGETS,  # noqa: E402,F401
-                            _parse_ptxas_log, _ptx_stats)
+from inspect_common import (CUDA_ONLY_TARGETS, HEAD_DIMS, REF_B, REF_H, REF_N, REF_ROWS, RESULTS, ROOT,  # noqa: E402,F401
+                            TARGETS, _parse_ptxas_log, _ptx_stats)
 from inspect_cuda import CHUNK_ROWS, SMS, compile_cuda, cuda_hot, cuda_sources, row_launch  # noqa: E402,F401
 from inspect_triton import _LAUNCHES, compile_triton, triton_launches  # noqa: E402
 
@@ -87,8 +87,12 @@ def write_table(arch, trows, crows, path):
              f"bytes/call: compulsory HBM traffic at B={REF_B}, H={REF_H}, N={REF_N} (each tensor once).",
              "ld/st.global: access width in bits × instruction count in the PTX (128b = one 16-byte vector).",
              "spill: spill store + load bytes; smem: bytes of shared memory per program / block.", "",
-             "## Triton attention", "", _md_row(TRITON_COLS), _md_row(["---"] * len(TRITON_COLS))]
-    lines += [_md_row(_triton_cells(r)) for r in trows]
+             "## Triton attention", ""]
+    if trows:
+        lines += [_md_row(TRITON_COLS), _md_row(["---"] * len(TRITON_COLS))]
+        lines += [_md_row(_triton_cells(r)) for r in trows]
+    else:
+        lines += ["Not inspected for this target (--only cuda)."]
     lines += ["", "## CUDA (adaLN family)", "", "Template arguments: <dtype, VEC, team (warp/block), EPT>.", "",
               _md_row(CUDA_COLS), _md_row(["---"] * len(CUDA_COLS))]
     lines += [_md_row(_cuda_cells(r)) for r in crows]
@@ -109,6 +113,11 @@ def _hot_triton(r):
 # machines); on sm_80 norm_mod_bwd needs 87 registers (4 blocks of 160 threads per SM, 512
 # teams on 108 SMs: two waves), known and listed in the table.
 ONE_WAVE_TARGETS = ("sm_90a",)
+# ptxas 13.0 for sm_100 / sm_100a holds gated_residual_bwd_kernel<fp16, 8> to 40 registers and
+# spills 20 bytes (bf16: 40 registers, no spill; sm_90a and sm_80: 61, none). Known and listed in
+# inspect_sm_100a.md; the wheel keeps sm_100a (B200 would otherwise have no kernel at all), and a
+# larger spill there, or any other, fails the gate.
+KNOWN_SPILLS = {("sm_100a", "gated_residual_bwd_kernel<fp16, 8>"): 20}
 
 
 def gate(trows, crows, arch):
@@ -139,7 +148,7 @@ def gate(trows, crows, arch):
         if r is None:
             bad.append(("hot CUDA instantiation not compiled (row_launch drifted?)", cells))
             continue
-        if r["spill_st"] + r["spill_ld"]:
+        if r["spill_st"] + r["spill_ld"] > KNOWN_SPILLS.get((arch, h["name"]), 0):
             bad.append(("spills", cells))
         if not r["ld"] or max(r["ld"]) < 128:
             bad.append(("no 16-byte global loads", cells))
@@ -200,7 +209,8 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="fail when a hot configuration regresses")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--targets", default=",".join(TARGETS),
+                    help=f"of {', '.join(TARGETS)}; with --only cuda also {', '.join(CUDA_ONLY_TARGETS)}")
     ap.add_argument("--no-fp32", action="store_true", help="skip fp32 Triton rows (faster)")
     ap.add_argument("--only", choices=("triton", "cuda"), help="inspect one family only")
     ap.add_argument("--bandwidth", action="store_true",
@@ -218,7 +228,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     failures = []
     for arch in args.targets.split(","):
-        cc = TARGETS[arch]
+        if arch in CUDA_ONLY_TARGETS and args.only != "cuda":
+            ap.error(f"{arch}: CUDA kernels only (--only cuda): the Triton gate is written for sm_90a / sm_80")
+        cc = {**TARGETS, **CUDA_ONLY_TARGETS}[arch]
         launches = triton_launches(cc) if args.only != "cuda" else []
         if args.no_fp32:
             launches = [x for x in launches if not x["dtype"].startswith("float32")]

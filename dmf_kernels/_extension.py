@@ -1,17 +1,50 @@
 """Loads dmf_kernels._C, which registers the C++ ops torch.ops.dmf_kernels.* (schemas in csrc/ops.cpp),
-after checking that this CPU can run the code the build generated."""
+after checking that this torch and this CPU can run what the build generated."""
 import os
 
 import torch
 
 
-def _check_cpu_arch():
-    # Read before importing _C: the build may use AVX2 instructions at load time.
+def _build_config():
     try:
-        from ._build_config import CPU_ARCH
-    except ImportError:  # built by CMake or by hand: baseline code
-        CPU_ARCH = "none"
-    if CPU_ARCH == "avx2" and os.path.exists("/proc/cpuinfo"):
+        from . import _build_config as config
+    except ImportError:  # built by CMake or by hand: baseline code, no recorded torch
+        return {}
+    return {k: v for k, v in vars(config).items() if k.isupper()}
+
+
+def _minor(version):
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def torch_mismatch(built_torch, built_cuda, torch_version, torch_cuda):
+    """The one-line reason _C cannot load into this torch, or None. _C is bound to the C++ ABI of
+    the torch it was compiled against, which holds within a minor release (2.14.0 / 2.14.1) and
+    not across; CUDA kernels need a CUDA torch of the same CUDA major (libcudart.so.<major>)."""
+    fix = ("install the dmf-kernels wheel built for it, or build from source against it: "
+           "pip install --no-build-isolation dmf-kernels")
+    if built_torch and _minor(built_torch) != _minor(torch_version):
+        return f"dmf_kernels was built for torch {built_torch} but torch {torch_version} is installed: {fix}"
+    if built_cuda and not torch_cuda:
+        return (f"dmf_kernels was built with CUDA {built_cuda} kernels for torch {built_torch} but torch "
+                f"{torch_version} is a CPU build: {fix}")
+    if built_cuda and torch_cuda and built_cuda.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"dmf_kernels was built for torch {built_torch} (CUDA {built_cuda}) but torch {torch_version} "
+                f"uses CUDA {torch_cuda}: {fix}")
+    return None
+
+
+def _check_torch(config):
+    # Before importing _C: against another torch its load fails with an undefined symbol at best.
+    why = torch_mismatch(config.get("TORCH_VERSION"), config.get("CUDA_VERSION"), torch.__version__,
+                         torch.version.cuda)
+    if why:
+        raise ImportError(why)
+
+
+def _check_cpu_arch(config):
+    # Read before importing _C: the build may use AVX2 instructions at load time.
+    if config.get("CPU_ARCH", "none") == "avx2" and os.path.exists("/proc/cpuinfo"):
         flags = set()
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):
@@ -25,7 +58,8 @@ def _check_cpu_arch():
             )
 
 
-_check_cpu_arch()
+_check_torch(_build_config())
+_check_cpu_arch(_build_config())
 
 from . import _C  # noqa: E402,F401  (registers the ops)
 
