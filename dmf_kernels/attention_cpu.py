@@ -59,6 +59,15 @@ def _flash_ok(q, k, mask=None):
     return bool(finite)
 
 
+def _dead_rows_inf(lse, mask):
+    """aten's flash forward gives a fully masked row lse = 0; every other path (blockwise,
+    Triton) and the raw op's contract give +inf, which keeps exp(s - lse) = 0 in any backward."""
+    if mask is None:
+        return lse
+    dead = (mask == float("-inf")).all(-1)  # (B or 1, H or 1, NQ or 1): the bias's own shape, no expansion
+    return lse.masked_fill(dead, float("inf")) if bool(dead.any()) else lse
+
+
 def _upcast(*ts):
     return [t.float() for t in ts]
 
@@ -139,9 +148,9 @@ def attention_fwd(q, k, v, scale, block=None, rope=None, mask=None):
             # aten's fp16 kernel is slower than fp32 (module docstring); its masks are q's dtype
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_upcast(q, k, v), scale=scale,
                                                                                 attn_mask=mask)
-            return o.to(q.dtype).contiguous(), lse.contiguous()
+            return o.to(q.dtype).contiguous(), _dead_rows_inf(lse, mask).contiguous()
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale, attn_mask=mask)
-        return o.contiguous(), lse.to(_stat_dtype(q.dtype)).contiguous()
+        return o.contiguous(), _dead_rows_inf(lse.to(_stat_dtype(q.dtype)), mask).contiguous()
     return attention_fwd_blockwise(q, k, v, scale, block, mask)
 
 

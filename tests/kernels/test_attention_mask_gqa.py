@@ -308,3 +308,40 @@ def test_triton_launch_gqa_and_mask_arguments(monkeypatch):
     assert g[0] == B * HKV and kw["GROUP"] == 4 and kw["MASK"] == 2
     (g, args, kw), = by["_attn_bwd_dq_kernel"]
     assert g[0] == B * H and kw["GROUP"] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_fully_masked_row_lse_is_inf(device, dtype):
+    # The raw ops' lse of a fully masked row is +inf on every path (aten's CPU flash kernel,
+    # which serves fp32 on the CPU, gives 0 there), in the forward and in the jvp.
+    q, k, v = inputs(1, 2, 2, 7, 9, 16, device, dtype)
+    mask = padding_mask(1, 7, 9, device, "rows")  # rows 1 and 3 have no key
+    dead = ~mask.any(-1).expand(1, 2, 7)
+    for lse in (torch.ops.dmf_kernels.attention_fwd(q, k, v, 0.25, attn_mask=mask)[1],
+                torch.ops.dmf_kernels.attention_jvp(q, k, v, q, None, None, 0.25, attn_mask=mask)[2]):
+        assert dead.any() and (lse[dead] == float("inf")).all(), lse
+        assert torch.isfinite(lse[~dead]).all()
+
+
+def test_attention_expanded_mask_stays_compact(device):
+    # A key-padding mask passed already expanded to (B, H, NQ, NK) is read as (B, 1, 1, NK)
+    # (no B * H * NQ * NK bias), with the same results as the compact one.
+    from dmf_kernels import attention_mask
+
+    B, H, NQ, NK = 2, 2, 11, 19
+    keys = padding_mask(B, NQ, NK, device, "keys")
+    expanded = keys.expand(B, H, NQ, NK)
+    assert attention_mask.bias(expanded, torch.float32).shape == (B, 1, 1, NK)
+    assert attention_mask.bias(additive(keys, torch.float32).expand(B, H, NQ, NK), torch.float32).shape == (B, 1, 1, NK)
+    q, k, v = inputs(B, H, H, NQ, NK, 16, device, torch.float32)
+    torch.testing.assert_close(dk.attention(q, k, v, attn_mask=expanded), dk.attention(q, k, v, attn_mask=keys),
+                               rtol=0, atol=0)
+
+
+def test_attention_gqa_per_head_mask_padded_head_dim(device):
+    # A mask that differs per query head with GQA (the mask is indexed by the query head, k and v
+    # by the kv head), at a head dim that is not a power of two (72: a padded column block).
+    B, HKV, NQ, NK, D = 1, 1, 13, 40, 72
+    mask = padding_mask(B, NQ, NK, device, "heads")  # (1, 2, NQ, NK): two query heads, one kv head
+    for dtype in [torch.float64] + low_dtypes(device)[:1]:
+        check(device, dtype, (B, 2, HKV, NQ, NK, D), mask, True, None)
