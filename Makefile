@@ -11,6 +11,10 @@ PY      := $(VENV)/bin/python
 # torch stays pinned: a bare `torch` would pull a CUDA build with several GB of packages.
 DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchmark matplotlib setuptools wheel \
            scikit-learn tqdm
+# torch.compile's Inductor cache per checkout: the default (/tmp/torchinductor_<user>) is shared by every
+# checkout on the machine, and a graph compiled against another checkout's op schemas was served from it
+# (an attention call with arguments this tree's op did not have).
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 SOURCES := $(shell awk '$$1 !~ /^\#/ && NF == 2 {print $$2}' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh) setup.py
 
 .PHONY: all setup build test bench demo ci-extra cmake-build cuda-sources inspect gpu-check clean cuda-emu \
