@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _diffusers
-from ._patch_rules import SELF_CHECK_TOL
+from ._patch_rules import SELF_CHECK_TOL, object_from_state
 from .gelu import gelu_tanh
 from .norm_mod import adaln_modulate, rms_adaln_modulate
 from .rms_norm import rms_norm
@@ -140,11 +140,7 @@ def _reduce(self, protocol):
 
 
 def _rebuild(base, kind, state):
-    obj = base.__new__(base)
-    if hasattr(obj, "__setstate__"):
-        obj.__setstate__(state)
-    else:
-        obj.__dict__.update(state)
+    obj = object_from_state(base, state)
     obj.__class__ = _class(base, kind)
     return obj
 

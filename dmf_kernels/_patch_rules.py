@@ -201,3 +201,14 @@ def looks_like(m):
     if has("norm_final", "linear", "adaLN_modulation"):
         return "final_layer"
     return None
+
+
+def object_from_state(base, state):
+    """A `base` instance with a pickled patched module's state, before its patched class is
+    set: what unpickling a patched module runs (patch.py and _patch_diffusers.py)."""
+    obj = base.__new__(base)
+    if hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.update(state)
+    return obj

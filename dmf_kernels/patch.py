@@ -96,11 +96,7 @@ def _reduce_patched(self, protocol):
 
 
 def _rebuild_patched(base, kind, state):
-    obj = base.__new__(base)
-    if hasattr(obj, "__setstate__"):
-        obj.__setstate__(state)
-    else:
-        obj.__dict__.update(state)
+    obj = rules.object_from_state(base, state)
     obj.__class__ = _patched_class(base, kind)
     return obj
 

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # replicas, conftest helpers
 import dmf_kernels as dk  # noqa: E402
 from dmf_kernels import nn as dnn  # noqa: E402
+from conftest import randomize_params as randomize  # noqa: E402
 
 D, H, B, N = 16, 2, 2, 4   # hidden, heads, batch, tokens (a 2 x 2 grid for the rotary embedding)
 
@@ -37,13 +38,6 @@ def err(a, b):
     return e
 
 
-def randomize(model, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
-    return model
 
 
 def grads_err(model, ref):
