@@ -55,5 +55,6 @@ def test_warmup_measures_both_stages(tmp_path, monkeypatch):
     monkeypatch.setitem(demo.FULL, "batch", 8)
     monkeypatch.setattr(demo, "WARMUP_STEPS", dict(flow=2, dmf=2))
     flow_s, dmf_s = demo.warmup(tmp_path, "off", 0, "teacher")
-    assert 0 < flow_s < dmf_s < 60           # a DMF step (forward, JVP, teacher, backward) costs more
+    # both measured (no order between them: a timing comparison flakes on a loaded machine)
+    assert 0 < flow_s < 60 and 0 < dmf_s < 60
     assert not (tmp_path / "warmup").exists()
