@@ -56,22 +56,14 @@ def _same_dtype(*ts):
 # ------------------------------------------------------------------ our forwards, one per kind
 
 def _rms_norm_forward(self, hidden_states):
+    # diffusers' RMSNorm and torch.nn.RMSNorm (whose eps=None means finfo(dtype).eps)
     w = self.weight
     if not _same_dtype(hidden_states, w):
         return _base(self).forward(self, hidden_states)
     if w is None:
         w = torch.ones(hidden_states.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device)
-    return rms_norm(hidden_states, w, eps=self.eps)
-
-
-def _torch_rms_norm_forward(self, input):
-    w = self.weight
-    if not _same_dtype(input, w):
-        return _base(self).forward(self, input)
-    if w is None:
-        w = torch.ones(input.shape[-1], dtype=input.dtype, device=input.device)
-    eps = self.eps if self.eps is not None else torch.finfo(input.dtype).eps  # torch.nn.RMSNorm's default
-    return rms_norm(input, w, eps=eps)
+    eps = self.eps if self.eps is not None else torch.finfo(hidden_states.dtype).eps
+    return rms_norm(hidden_states, w, eps=eps)
 
 
 def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
@@ -124,7 +116,7 @@ def _swiglu_forward(self, hidden_states):
     return swiglu(F.linear(hidden_states, w, b))
 
 
-_FORWARDS = {"rms_norm": _rms_norm_forward, "torch_rms_norm": _torch_rms_norm_forward,
+_FORWARDS = {"rms_norm": _rms_norm_forward, "torch_rms_norm": _rms_norm_forward,
              "ada_norm_zero": _ada_zero_forward,
              "ada_norm_zero_single": _ada_zero_single_forward, "ada_norm_continuous": _ada_continuous_forward,
              "gelu_proj": _gelu_proj_forward, "gelu_tanh": _gelu_forward, "swiglu": _swiglu_forward}
