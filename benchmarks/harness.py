@@ -58,13 +58,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device, min_time_s, max_reps, warmup):
+def time_fn(fn, device, min_time_s, max_reps, warmup, min_reps=5):
     for _ in range(warmup):
         fn()
     _sync(device)
     samples = []
     start_all = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < 5 or time.perf_counter() - start_all < min_time_s):
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start_all < min_time_s):
         if device == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -156,18 +156,20 @@ def pin_cpu_allocator():
         return False
 
 
-def run_cases(cases, device, quick, log=print, stream=None):
+def run_cases(cases, device, quick, log=print, stream=None, smoke=False):
     """Times every case; a failing case is a row with its error. stream: a path to which each
     row is appended as a JSON line the moment it is measured (a run killed by a time limit
-    keeps what it measured)."""
+    keeps what it measured). smoke: one warm-up call and one timed call per case, for tests that
+    check that every case builds and runs (their times mean nothing; ~3x fewer calls than quick)."""
     rows = []
     min_time = 0.3 if quick else 1.0
-    max_reps = 50 if quick else 200
+    max_reps = 1 if smoke else 50 if quick else 200
+    warmup = 1 if smoke else 3 if device == "cpu" else 10
     for case in cases:
         row = {k: getattr(case, k) for k in ("op", "mode", "provider", "shape", "dtype")}
         try:
             fn, row["bytes_moved"], row["flops"] = case.make()
-            ms, reps, q1, q3 = time_fn(fn, device, min_time, max_reps, warmup=3 if device == "cpu" else 10)
+            ms, reps, q1, q3 = time_fn(fn, device, min_time, max_reps, warmup, min_reps=min(5, max_reps))
             row.update(ms=ms, reps=reps, iqr_ms=[q1, q3], peak_mb=peak_bytes(fn, device) / 2**20)
             row["gbps"] = row["bytes_moved"] / ms / 1e6 if row["bytes_moved"] else None
             row["tflops"] = row["flops"] / ms / 1e9 if row["flops"] else None

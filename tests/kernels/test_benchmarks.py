@@ -19,7 +19,7 @@ def test_every_suite_builds_and_runs_a_case(monkeypatch):
         monkeypatch.setattr(suite, "shapes", lambda device, quick, headline=False, s=shapes: s)
         cases = [c for c in suite.cases("cpu", torch.float32, True) if c.provider in ("dmf", "eager")]
         assert {c.mode for c in cases} == {"fwd", "bwd", "fwd+jvp"}
-        rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+        rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None, smoke=True)
         failed = [r for r in rows if r.get("ms") is None]
         assert not failed, failed
         ours = [r for r in rows if r["provider"] == "dmf"]
@@ -30,7 +30,7 @@ def test_dit_suite_builds_and_runs(monkeypatch):
     monkeypatch.setattr(bench_dit, "shapes", lambda device, quick: [("DMFT-Ti/2", "block", 1), ("DMFT-Ti/2", "model", 1)])
     cases = [c for c in bench_dit.cases("cpu", torch.float32, True) if c.provider in ("dmf", "eager")]
     assert {c.mode for c in cases} == {"fwd", "fwd+bwd", "fwd+jvp", "jvp+bwd"}
-    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None, smoke=True)
     assert not [r for r in rows if r.get("ms") is None]
     steps = [r for r in rows if r["provider"] == "dmf" and r["mode"] in ("fwd+jvp", "jvp+bwd")]
     assert len(steps) == 4 and all(r["jvp_over_fwd"] is not None and r["vs_eager"] is not None for r in steps)
@@ -41,7 +41,7 @@ def test_lightningdit_suite_builds_and_runs(monkeypatch):
     monkeypatch.setitem(bench_lightningdit.SIZES, "tiny", tiny)
     monkeypatch.setattr(bench_lightningdit, "shapes", lambda device, quick: [("tiny", "model", 1)])
     cases = [c for c in bench_lightningdit.cases("cpu", torch.float32, True) if c.provider in ("dmf", "eager")]
-    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None, smoke=True)
     assert not [r for r in rows if r.get("ms") is None]
     steps = [r for r in rows if r["provider"] == "dmf" and r["mode"] in ("fwd+jvp", "jvp+bwd")]
     assert len(steps) == 2 and all(r["vs_eager"] is not None for r in steps)
@@ -68,7 +68,7 @@ def test_swiglu_rope_suites_build_and_run(monkeypatch):
         monkeypatch.setattr(suite, "shapes", lambda device, quick, s=shapes: s)
         cases = [c for c in suite.cases("cpu", torch.float32, True) if c.provider in ("dmf", "eager")]
         assert {c.mode for c in cases} == {"fwd", "bwd", "fwd+jvp"}
-        rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+        rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None, smoke=True)
         assert not [r for r in rows if r.get("ms") is None]
         assert all(r["vs_eager"] is not None and r["bytes_moved"] > 0 for r in rows if r["provider"] == "dmf")
 
@@ -78,5 +78,5 @@ def test_attention_rope_rows_build_and_run(monkeypatch):
     cases = [c for c in bench_attention.cases("cpu", torch.float32, True) if c.provider in ("dmf_rope", "eager_rope")]
     assert {(c.mode, c.provider) for c in cases} == {(m, p) for m in ("fwd", "bwd", "fwd+jvp")
                                                      for p in ("dmf_rope", "eager_rope")}
-    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None)
+    rows = harness.run_cases(cases, "cpu", quick=True, log=lambda *_: None, smoke=True)
     assert not [r for r in rows if r.get("ms") is None]
