@@ -42,7 +42,7 @@ from .train import TrainConfig, cpu_has_native_bf16, train
 #   steps (FULL, from a 700-step bf16 flow model) 1.14 / 1.05 / 0.92, 1-step class acc 0.951. The
 #   model's own detached velocity instead of a frozen teacher diverged within 50 steps.
 FULL = dict(flow_steps=700, dmf_steps=1400, batch=128, n_eval=1000, dmf_lr_decay=0.5, amp="bf16")
-QUICK = dict(flow_steps=40, dmf_steps=15, batch=64, n_eval=200, dmf_lr_decay=0.5, amp="off")
+QUICK = dict(flow_steps=30, dmf_steps=10, batch=32, n_eval=100, dmf_lr_decay=0.5, amp="off")
 FLOW_SAMPLING_STEPS = 50
 # The plan is sized from a measured warm-up, not from CPU flags alone: an AVX2-only CPU (fp32) took
 # flow 0.33 s / DMF 0.94 s per step, so a fixed fp32 plan (700 + 600 steps) trained 15 min, not ~10.
