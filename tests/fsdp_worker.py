@@ -5,6 +5,7 @@ backward (through full_tensor()), dmf_kernels.model_jvp (output and tangent, and
 a loss on its output) and torch.func.jvp. Rank 0 writes {case: {check: error or "raised: ..."}}
 as JSON to argv[1]; argv[2:] are the case names (all when none)."""
 import copy
+import functools
 import json
 import os
 import sys
@@ -70,7 +71,9 @@ def compare(model, ref, call, primals, tangents, jvp=True):
     res["backward"] = grads_err(model, ref)
     if not jvp:
         return res
-    (o, d), (o_r, d_r) = (dk.model_jvp(lambda *a, m=m: call(m, *a), primals, tangents) for m in (model, ref))
+    # a partial with the module among its arguments: model_jvp finds it (a lambda's default argument
+    # it would not, and it would fall back to torch.func.jvp)
+    (o, d), (o_r, d_r) = (dk.model_jvp(functools.partial(call, m), primals, tangents) for m in (model, ref))
     res["model_jvp"] = max(err(o, o_r), err(d, d_r))
     loss_of(o).backward()
     loss_of(o_r).backward()
@@ -157,6 +160,78 @@ DMFT_FLAGS = {"plain": {}, "lightning": dict(use_swiglu=True, use_rope=True, use
 for _name, _flags in DMFT_FLAGS.items():
     for _reshard in (True, False) if _name in ("plain", "lightning") else (True,):
         CASES[f"DMFT-{_name}-reshard{int(_reshard)}"] = dmft_case(_flags, _reshard)
+
+
+def dmft_act_ckpt_case(flags, before_shard):
+    """Activation checkpointing (dmf_kernels.nn.act_ckpt) switched on before or after fully_shard:
+    the sharded, checkpointed model against the unsharded one without, also through the trainer's
+    DMF loss (model_jvp inside, guidance passes under no_grad)."""
+    def run():
+        from dmf.loss import dmf_loss, draw
+        from dmf.model import DMFT
+        ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=3, num_heads=H,
+                             num_classes=5, dmf_depth=1, use_logvar=True, **flags).double())
+        model = copy.deepcopy(ref)
+        if before_shard:
+            assert dnn.act_ckpt(model) == 3
+        shard(model, list(model.blocks), True)
+        if not before_shard:
+            assert dnn.act_ckpt(model) == 3
+        primals, y = dmft_batch()
+        tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]), None)
+        res = compare(model, ref, lambda m, x, t, r: m(x, t, r, y, return_logvar=True), primals, tangents)
+        g = torch.Generator().manual_seed(4)
+        d = draw(g, primals[0].shape, cfg_prob=0.5)
+        d = type(d)(*(v.double() if v.is_floating_point() else v for v in (getattr(d, f) for f in d.__dataclass_fields__)))
+        for m in (model, ref):
+            dmf_loss(m, m, primals[0], y, d, 5, omega=0.4, g_max=0.9)[0].backward()
+        res["dmf_loss_backward"] = grads_err(model, ref)
+        return res
+    return run
+
+
+CASES["DMFT-act-ckpt-lightning-before-shard"] = dmft_act_ckpt_case(DMFT_FLAGS["lightning"], True)
+CASES["DMFT-act-ckpt-qknorm-woshift-after-shard"] = dmft_act_ckpt_case(DMFT_FLAGS["qknorm-woshift"], False)
+
+
+def dmft_compiled_case(flags, order, backend="inductor"):
+    """torch.compile of each block (Module.compile(): its __call__, FSDP's hooks included, which
+    Dynamo runs eagerly), then fully_shard ("compile-then-shard", the order of torchtitan), or
+    fully_shard then compile ("shard-then-compile"), against the unsharded, uncompiled model."""
+    def run():
+        from dmf.model import DMFT
+        ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=2, num_heads=H,
+                             num_classes=5, dmf_depth=1, use_logvar=True, **flags).double())
+        model = copy.deepcopy(ref)
+        if order == "compile-then-shard":
+            for b in model.blocks:
+                b.compile(backend=backend)
+        shard(model, list(model.blocks), True)
+        if order == "shard-then-compile":
+            for b in model.blocks:
+                b.compile(backend=backend)
+        primals, y = dmft_batch()
+        tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]), None)
+        from torch._dynamo.utils import counters
+        counters.clear()
+        with torch.compiler.set_stance("default"):
+            res = compare(model, ref, lambda m, x, t, r: m(x, t, r, y, return_logvar=True), primals, tangents)
+        # the blocks' bodies really compiled (FSDP's hooks break the graph and run eagerly)
+        res["blocks_not_compiled"] = 0.0 if counters["stats"]["unique_graphs"] > 0 else float("inf")
+        return res
+    return run
+
+
+# In the test run: the aot_eager backend (Dynamo's capture and AOTAutograd's joint graph around FSDP's
+# hooks, which is what FSDP changes; Inductor's code for our ops is tests/kernels/test_compile.py's).
+# Inductor itself costs ~35 s per case on 2 cores: run by name, e.g.
+#   torchrun --standalone --nproc_per_node 2 tests/fsdp_worker.py out.json DMFT-compiled-blocks-lightning
+CASES["DMFT-compiled-aot-lightning"] = dmft_compiled_case(DMFT_FLAGS["lightning"], "compile-then-shard", "aot_eager")
+CASES["DMFT-compiled-aot-plain-shard-first"] = dmft_compiled_case(DMFT_FLAGS["plain"], "shard-then-compile",
+                                                                  "aot_eager")
+BY_NAME_ONLY = {"DMFT-compiled-blocks-lightning": dmft_compiled_case(DMFT_FLAGS["lightning"], "compile-then-shard"),
+                "DMFT-compiled-blocks-plain-shard-first": dmft_compiled_case(DMFT_FLAGS["plain"],
+                                                                             "shard-then-compile")}
 
 
 def dmft_bf16():
@@ -271,7 +346,7 @@ def main():
     for name in names:
         try:
             with torch.compiler.set_stance("force_eager"):
-                results[name] = CASES[name]()
+                results[name] = {**CASES, **BY_NAME_ONLY}[name]()
         except Exception as e:  # reported per case: the test names what raised
             results[name] = {"raised": f"{type(e).__name__}: {e}"[:2000]}
             if os.environ.get("FSDP_WORKER_TRACE"):

@@ -4,7 +4,9 @@ forward on and off), and the DiT, LightningDiT and official-DMF replicas patched
 dmf_kernels.patch give the unsharded model's forward, gradients, model_jvp (output, tangent,
 gradients of a loss on the output) and torch.func.jvp in float64 (tests/fsdp_worker.py measures,
 through full_tensor()). Also: one all-gather per unit for primal and tangent together, patch
-after fully_shard refused with the order to use, and bf16 mixed precision as a smoke test."""
+after fully_shard refused with the order to use, bf16 mixed precision as a smoke test, and
+activation checkpointing (dmf_kernels.nn.act_ckpt, before and after fully_shard) against the
+unsharded model without it, also through the trainer's DMF loss."""
 import json
 import subprocess
 import sys
