@@ -142,11 +142,11 @@ def dmft_batch():
     return (x, torch.maximum(a, c), torch.minimum(a, c)), torch.tensor([1, 5])
 
 
-def dmft_case(flags, reshard):
+def dmft_case(flags, reshard, dmf_depth=1):
     def run():
         from dmf.model import DMFT
         ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=3, num_heads=H,
-                             num_classes=5, dmf_depth=1, use_logvar=True, **flags).double())
+                             num_classes=5, dmf_depth=dmf_depth, use_logvar=True, **flags).double())
         model = copy.deepcopy(ref)
         shard(model, list(model.blocks), reshard)
         primals, y = dmft_batch()
@@ -160,6 +160,13 @@ DMFT_FLAGS = {"plain": {}, "lightning": dict(use_swiglu=True, use_rope=True, use
 for _name, _flags in DMFT_FLAGS.items():
     for _reshard in (True, False) if _name in ("plain", "lightning") else (True,):
         CASES[f"DMFT-{_name}-reshard{int(_reshard)}"] = dmft_case(_flags, _reshard)
+# more of the flags' combinations (each flag changes which fused kernel a block's step runs)
+MORE_FLAGS = {"lightning-all": dict(use_swiglu=True, use_rope=True, use_rmsnorm=True, use_qknorm=True, wo_shift=True),
+              "rope-gelu-layernorm": dict(use_rope=True), "swiglu-layerqk": dict(use_swiglu=True, use_qknorm=True)}
+for _name, _flags in MORE_FLAGS.items():
+    CASES[f"DMFT-{_name}-reshard1"] = dmft_case(_flags, True)
+for _k in (0,):  # all blocks decoder (conditioned on r: no conditioning tangent reaches a block)
+    CASES[f"DMFT-plain-dmfdepth{_k}-reshard0"] = dmft_case({}, False, dmf_depth=_k)
 
 
 def dmft_act_ckpt_case(flags, before_shard):
@@ -273,7 +280,7 @@ def replica_rms_in_input_dtype():
     rdmf.RMSNorm.forward = lambda self, x: rms(self, x, self.scale.to(x.dtype))
 
 
-def replica(kind):
+def replica(kind, **flags):
     from replicas import dit as rd, lightningdit as rl, official_dmf as rdmf
     replica_rms_in_input_dtype()
     (x, t, r), y = dmft_batch()
@@ -281,15 +288,15 @@ def replica(kind):
     if kind == "DiT":
         return rd.DiT(**kw, learn_sigma=False), lambda m, x, t: m(x, t, y), (x, t)
     if kind == "LightningDiT":
-        m = rl.LightningDiT(**kw, use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True)
+        m = rl.LightningDiT(**kw, **(flags or dict(use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True)))
         return m, lambda m, x, t: m(x, t, y), (x, t)
     return (rdmf.DMFT(**kw, dmf_depth=1, qk_norm=True, use_logvar=True),
             lambda m, x, t, r: m(x, t, r, y, return_logvar=True), (x, t, r))
 
 
-def patched_case(kind, reshard=True):
+def patched_case(kind, reshard=True, **flags):
     def run():
-        model, call, primals = replica(kind)
+        model, call, primals = replica(kind, **flags)
         ref = randomize(model.double())
         dk.patch(ref)
         model = copy.deepcopy(ref)
@@ -302,6 +309,8 @@ def patched_case(kind, reshard=True):
 for _kind in ("DiT", "LightningDiT", "officialDMF"):
     CASES[f"patched-{_kind}"] = patched_case(_kind)
 CASES["patched-LightningDiT-reshard0"] = patched_case("LightningDiT", False)
+CASES["patched-LightningDiT-layernorm-gelu-woshift"] = patched_case("LightningDiT", use_qknorm=True, use_rope=True,
+                                                                    wo_shift=True)
 
 
 def patch_after_shard():
