@@ -201,10 +201,11 @@ CASES["DMFT-act-ckpt-lightning-before-shard"] = dmft_act_ckpt_case(DMFT_FLAGS["l
 CASES["DMFT-act-ckpt-qknorm-woshift-after-shard"] = dmft_act_ckpt_case(DMFT_FLAGS["qknorm-woshift"], False)
 
 
-def dmft_compiled_case(flags, order, backend="inductor"):
+def dmft_compiled_case(flags, order, backend="inductor", ckpt=False):
     """torch.compile of each block (Module.compile(): its __call__, FSDP's hooks included, which
     Dynamo runs eagerly), then fully_shard ("compile-then-shard", the order of torchtitan), or
-    fully_shard then compile ("shard-then-compile"), against the unsharded, uncompiled model."""
+    fully_shard then compile ("shard-then-compile"), optionally with act_ckpt, against the
+    unsharded, uncompiled model without checkpointing."""
     def run():
         from dmf.model import DMFT
         ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=2, num_heads=H,
@@ -217,6 +218,8 @@ def dmft_compiled_case(flags, order, backend="inductor"):
         if order == "shard-then-compile":
             for b in model.blocks:
                 b.compile(backend=backend)
+        if ckpt:  # activation checkpointing inside the compiled blocks (act_ckpt.py's compiled branch)
+            dnn.act_ckpt(model)
         primals, y = dmft_batch()
         tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]), None)
         from torch._dynamo.utils import counters
@@ -242,8 +245,8 @@ def dmft_compiled_case(flags, order, backend="inductor"):
 # Inductor itself costs ~35 s per case on 2 cores: run by name, e.g.
 #   torchrun --standalone --nproc_per_node 2 tests/fsdp_worker.py out.json DMFT-compiled-blocks-lightning
 CASES["DMFT-compiled-aot-lightning"] = dmft_compiled_case(DMFT_FLAGS["lightning"], "compile-then-shard", "aot_eager")
-CASES["DMFT-compiled-aot-plain-shard-first"] = dmft_compiled_case(DMFT_FLAGS["plain"], "shard-then-compile",
-                                                                  "aot_eager")
+CASES["DMFT-compiled-aot-plain-shard-first-act-ckpt"] = dmft_compiled_case(DMFT_FLAGS["plain"], "shard-then-compile",
+                                                                           "aot_eager", ckpt=True)
 BY_NAME_ONLY = {"DMFT-compiled-blocks-lightning": dmft_compiled_case(DMFT_FLAGS["lightning"], "compile-then-shard"),
                 "DMFT-compiled-blocks-plain-shard-first": dmft_compiled_case(DMFT_FLAGS["plain"],
                                                                              "shard-then-compile")}
