@@ -2,7 +2,7 @@
 a 2-rank run (with --act-ckpt) resumed from its step-2 sharded checkpoint, killed with SIGKILL in
 its step-4 save (shards written, not committed: a test-only hook in dmf.sharding) and resumed again,
 equals the uninterrupted run bit for bit;
-resumed on 1 process (--fsdp without torchrun) it matches to rounding; one process
+resumed on 1 process (--fsdp without torchrun) or on 4 ranks it matches to rounding; one process
 samples from the sharded checkpoint and `dmf convert` writes it as today's single file; a DDP
 checkpoint is not resumed with --fsdp (nor the reverse), refused with one line before loading."""
 import shutil
@@ -68,7 +68,7 @@ def test_resume_equals_uninterrupted(full, tmp_path):
     assert [s for s, _ in sharding.complete(full / "checkpoints")] == [2, 4]
 
 
-@pytest.mark.parametrize("nproc", [1])  # 4 ranks: tests/kernels/test_fsdp.py (2 shared cores)
+@pytest.mark.parametrize("nproc", [1, 4])
 def test_resume_at_another_world_size(full, tmp_path, nproc):
     a, b = read(sharding.latest(full / "checkpoints")), resumed(full, tmp_path, nproc)
     assert b["step"] == 4 and b["world_size"] == nproc
