@@ -152,4 +152,3 @@ def test_patched_dit_and_switching_off():
 def test_bad_input():
     with pytest.raises(TypeError, match="act_ckpt: model must be an nn.Module, got str"):
         act_ckpt("DMFT-S/2")
-
