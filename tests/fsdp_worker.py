@@ -218,7 +218,7 @@ def dmft_compiled_case(flags, order, backend="inductor", ckpt=False):
         if order == "shard-then-compile":
             for b in model.blocks:
                 b.compile(backend=backend)
-        if ckpt:  # activation checkpointing inside the compiled blocks (act_ckpt.py's compiled branch)
+        if ckpt:  # activation checkpointing inside the compiled blocks (_act_ckpt.py's compiled branch)
             dnn.act_ckpt(model)
         primals, y = dmft_batch()
         tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]), None)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._forward_ad import check_tangent, dual_inputs
 from ..gated_residual import gated_residual
 from ..norm_mod import adaln_modulate, gated_residual_adaln, gated_residual_rms_adaln, rms_adaln_modulate
-from .act_ckpt import checkpointed_step
+from ._act_ckpt import checkpointed_step
 from .functional import call_jvp, check_cond, chunks, forward_ad_call, linear_jvp, silu_jvp, to_dtype
 from . import Attention, JvpModule, Mlp, RMSNorm, SwiGLUFFN, rms_gain
 

@@ -21,7 +21,7 @@ def linear_jvp(x: Tensor, x_dot: Optional[Tensor], linear: nn.Linear):
         return y, None
     # Not recorded even when x_dot requires grad (the attention's tangent does under torch.func.jvp):
     # it would save the weight for a backward that never comes, and make the jvp pass save more
-    # tensors than the primal (act_ckpt.py's primal-only recompute relies on them being the same).
+    # tensors than the primal (_act_ckpt.py's primal-only recompute relies on them being the same).
     with torch.no_grad():
         return y, F.linear(x_dot, linear.weight.detach())
 
