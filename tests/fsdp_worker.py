@@ -5,6 +5,7 @@ backward (through full_tensor()), dmf_kernels.model_jvp (output and tangent, and
 a loss on its output) and torch.func.jvp. Rank 0 writes {case: {check: error or "raised: ..."}}
 as JSON to argv[1]; argv[2:] are the case names (all when none)."""
 import copy
+import functools
 import json
 import os
 import sys
@@ -70,7 +71,9 @@ def compare(model, ref, call, primals, tangents, jvp=True):
     res["backward"] = grads_err(model, ref)
     if not jvp:
         return res
-    (o, d), (o_r, d_r) = (dk.model_jvp(lambda *a, m=m: call(m, *a), primals, tangents) for m in (model, ref))
+    # a partial with the module among its arguments: model_jvp finds it (a lambda's default argument
+    # it would not, and it would fall back to torch.func.jvp)
+    (o, d), (o_r, d_r) = (dk.model_jvp(functools.partial(call, m), primals, tangents) for m in (model, ref))
     res["model_jvp"] = max(err(o, o_r), err(d, d_r))
     loss_of(o).backward()
     loss_of(o_r).backward()
@@ -139,11 +142,11 @@ def dmft_batch():
     return (x, torch.maximum(a, c), torch.minimum(a, c)), torch.tensor([1, 5])
 
 
-def dmft_case(flags, reshard):
+def dmft_case(flags, reshard, dmf_depth=1):
     def run():
         from dmf.model import DMFT
         ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=3, num_heads=H,
-                             num_classes=5, dmf_depth=1, use_logvar=True, **flags).double())
+                             num_classes=5, dmf_depth=dmf_depth, use_logvar=True, **flags).double())
         model = copy.deepcopy(ref)
         shard(model, list(model.blocks), reshard)
         primals, y = dmft_batch()
@@ -157,6 +160,96 @@ DMFT_FLAGS = {"plain": {}, "lightning": dict(use_swiglu=True, use_rope=True, use
 for _name, _flags in DMFT_FLAGS.items():
     for _reshard in (True, False) if _name in ("plain", "lightning") else (True,):
         CASES[f"DMFT-{_name}-reshard{int(_reshard)}"] = dmft_case(_flags, _reshard)
+# more of the flags' combinations (each flag changes which fused kernel a block's step runs)
+MORE_FLAGS = {"lightning-all": dict(use_swiglu=True, use_rope=True, use_rmsnorm=True, use_qknorm=True, wo_shift=True),
+              "rope-gelu-layernorm": dict(use_rope=True), "swiglu-layerqk": dict(use_swiglu=True, use_qknorm=True)}
+for _name, _flags in MORE_FLAGS.items():
+    CASES[f"DMFT-{_name}-reshard1"] = dmft_case(_flags, True)
+for _k in (0,):  # all blocks decoder (conditioned on r: no conditioning tangent reaches a block)
+    CASES[f"DMFT-plain-dmfdepth{_k}-reshard0"] = dmft_case({}, False, dmf_depth=_k)
+
+
+def dmft_act_ckpt_case(flags, before_shard):
+    """Activation checkpointing (dmf_kernels.nn.act_ckpt) switched on before or after fully_shard:
+    the sharded, checkpointed model against the unsharded one without, also through the trainer's
+    DMF loss (model_jvp inside, guidance passes under no_grad)."""
+    def run():
+        from dmf.loss import dmf_loss, draw
+        from dmf.model import DMFT
+        ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=3, num_heads=H,
+                             num_classes=5, dmf_depth=1, use_logvar=True, **flags).double())
+        model = copy.deepcopy(ref)
+        if before_shard:
+            assert dnn.act_ckpt(model) == 3
+        shard(model, list(model.blocks), True)
+        if not before_shard:
+            assert dnn.act_ckpt(model) == 3
+        primals, y = dmft_batch()
+        tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]), None)
+        res = compare(model, ref, lambda m, x, t, r: m(x, t, r, y, return_logvar=True), primals, tangents)
+        g = torch.Generator().manual_seed(4)
+        d = draw(g, primals[0].shape, cfg_prob=0.5)
+        d = type(d)(*(v.double() if v.is_floating_point() else v for v in (getattr(d, f) for f in d.__dataclass_fields__)))
+        for m in (model, ref):
+            dmf_loss(m, m, primals[0], y, d, 5, omega=0.4, g_max=0.9)[0].backward()
+        res["dmf_loss_backward"] = grads_err(model, ref)
+        return res
+    return run
+
+
+CASES["DMFT-act-ckpt-lightning-before-shard"] = dmft_act_ckpt_case(DMFT_FLAGS["lightning"], True)
+CASES["DMFT-act-ckpt-qknorm-woshift-after-shard"] = dmft_act_ckpt_case(DMFT_FLAGS["qknorm-woshift"], False)
+
+
+def dmft_compiled_case(flags, order, backend="inductor", ckpt=False):
+    """torch.compile of each block (Module.compile(): its __call__, FSDP's hooks included, which
+    Dynamo runs eagerly), then fully_shard ("compile-then-shard", the order of torchtitan), or
+    fully_shard then compile ("shard-then-compile"), optionally with act_ckpt, against the
+    unsharded, uncompiled model without checkpointing."""
+    def run():
+        from dmf.model import DMFT
+        ref = randomize(DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=2, num_heads=H,
+                             num_classes=5, dmf_depth=1, use_logvar=True, **flags).double())
+        model = copy.deepcopy(ref)
+        if order == "compile-then-shard":
+            for b in model.blocks:
+                b.compile(backend=backend)
+        shard(model, list(model.blocks), True)
+        if order == "shard-then-compile":
+            for b in model.blocks:
+                b.compile(backend=backend)
+        if ckpt:  # activation checkpointing inside the compiled blocks (_act_ckpt.py's compiled branch)
+            dnn.act_ckpt(model)
+        primals, y = dmft_batch()
+        tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]), None)
+        from torch._dynamo.utils import counters
+        call = lambda m, x, t, r: m(x, t, r, y, return_logvar=True)  # noqa: E731
+        graphs = {}
+        with torch.compiler.set_stance("default"):
+            # the blocks really compile, for the plain forward and for model_jvp's jvp pass (FSDP's
+            # hooks run eagerly around them); under torch.func.jvp Dynamo skips the blocks' frames
+            # and they run eagerly (the README's "not yet")
+            for what, run_it in (("forward", lambda: call(model, *primals)),
+                                 ("model_jvp", lambda: dk.model_jvp(functools.partial(call, model), primals, tangents))):
+                counters.clear()
+                run_it()
+                graphs[what] = counters["stats"]["unique_graphs"]
+            res = compare(model, ref, call, primals, tangents)
+        res.update({f"{w}_not_compiled": 0.0 if n > 0 else float("inf") for w, n in graphs.items()})
+        return res
+    return run
+
+
+# In the test run: the aot_eager backend (Dynamo's capture and AOTAutograd's joint graph around FSDP's
+# hooks, which is what FSDP changes; Inductor's code for our ops is tests/kernels/test_compile.py's).
+# Inductor itself costs ~35 s per case on 2 cores: run by name, e.g.
+#   torchrun --standalone --nproc_per_node 2 tests/fsdp_worker.py out.json DMFT-compiled-blocks-lightning
+CASES["DMFT-compiled-aot-lightning"] = dmft_compiled_case(DMFT_FLAGS["lightning"], "compile-then-shard", "aot_eager")
+CASES["DMFT-compiled-aot-plain-shard-first-act-ckpt"] = dmft_compiled_case(DMFT_FLAGS["plain"], "shard-then-compile",
+                                                                           "aot_eager", ckpt=True)
+BY_NAME_ONLY = {"DMFT-compiled-blocks-lightning": dmft_compiled_case(DMFT_FLAGS["lightning"], "compile-then-shard"),
+                "DMFT-compiled-blocks-plain-shard-first": dmft_compiled_case(DMFT_FLAGS["plain"],
+                                                                             "shard-then-compile")}
 
 
 def dmft_bf16():
@@ -198,7 +291,7 @@ def replica_rms_in_input_dtype():
     rdmf.RMSNorm.forward = lambda self, x: rms(self, x, self.scale.to(x.dtype))
 
 
-def replica(kind):
+def replica(kind, **flags):
     from replicas import dit as rd, lightningdit as rl, official_dmf as rdmf
     replica_rms_in_input_dtype()
     (x, t, r), y = dmft_batch()
@@ -206,15 +299,15 @@ def replica(kind):
     if kind == "DiT":
         return rd.DiT(**kw, learn_sigma=False), lambda m, x, t: m(x, t, y), (x, t)
     if kind == "LightningDiT":
-        m = rl.LightningDiT(**kw, use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True)
+        m = rl.LightningDiT(**kw, **(flags or dict(use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True)))
         return m, lambda m, x, t: m(x, t, y), (x, t)
     return (rdmf.DMFT(**kw, dmf_depth=1, qk_norm=True, use_logvar=True),
             lambda m, x, t, r: m(x, t, r, y, return_logvar=True), (x, t, r))
 
 
-def patched_case(kind, reshard=True):
+def patched_case(kind, reshard=True, **flags):
     def run():
-        model, call, primals = replica(kind)
+        model, call, primals = replica(kind, **flags)
         ref = randomize(model.double())
         dk.patch(ref)
         model = copy.deepcopy(ref)
@@ -227,6 +320,8 @@ def patched_case(kind, reshard=True):
 for _kind in ("DiT", "LightningDiT", "officialDMF"):
     CASES[f"patched-{_kind}"] = patched_case(_kind)
 CASES["patched-LightningDiT-reshard0"] = patched_case("LightningDiT", False)
+CASES["patched-LightningDiT-layernorm-gelu-woshift"] = patched_case("LightningDiT", use_qknorm=True, use_rope=True,
+                                                                    wo_shift=True)
 
 
 def patch_after_shard():
@@ -271,7 +366,7 @@ def main():
     for name in names:
         try:
             with torch.compiler.set_stance("force_eager"):
-                results[name] = CASES[name]()
+                results[name] = {**CASES, **BY_NAME_ONLY}[name]()
         except Exception as e:  # reported per case: the test names what raised
             results[name] = {"raised": f"{type(e).__name__}: {e}"[:2000]}
             if os.environ.get("FSDP_WORKER_TRACE"):

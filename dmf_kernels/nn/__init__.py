@@ -40,7 +40,7 @@ adaLN (in-context conditioning).
 
 Files: functional.py (jvp helpers: linear, SiLU, timestep embedding, checks), this file
 (embedders, norms, rotary embedding, attention, MLPs), blocks.py (DiT block, pre-norm block, final
-layer, the block driver).
+layer, the block driver), _act_ckpt.py (act_ckpt: activation checkpointing of the blocks, keeping the jvp pass).
 """
 from typing import Optional
 
@@ -333,6 +333,7 @@ class SwiGLUFFN(JvpModule):
 
 
 from .blocks import DiTBlock, FinalLayer, PreNormBlock, dit_blocks, dit_blocks_jvp  # noqa: E402  (they build on the above)
+from ._act_ckpt import act_ckpt  # noqa: E402
 
 linear_dual, silu_dual = linear_jvp, silu_jvp  # the names before the vocabulary of issue 14
 
@@ -340,5 +341,5 @@ __all__ = [
     "JvpModule", "DualModule", "PatchEmbed", "RMSNorm", "LayerNorm", "RotaryEmbedding2D", "TimestepEmbedder",
     "LabelEmbedder", "Attention", "Mlp", "SwiGLUFFN", "DiTBlock", "PreNormBlock", "FinalLayer", "qk_norm_module",
     "rope_tables", "linear_jvp", "silu_jvp", "timestep_embedding", "timestep_embedding_jvp",
-    "dit_blocks", "dit_blocks_jvp",
+    "dit_blocks", "dit_blocks_jvp", "act_ckpt",
 ]

@@ -13,6 +13,7 @@ from torch import Tensor
 from .._forward_ad import check_tangent, dual_inputs
 from ..gated_residual import gated_residual
 from ..norm_mod import adaln_modulate, gated_residual_adaln, gated_residual_rms_adaln, rms_adaln_modulate
+from ._act_ckpt import checkpointed_step
 from .functional import call_jvp, check_cond, chunks, forward_ad_call, linear_jvp, silu_jvp, to_dtype
 from . import Attention, JvpModule, Mlp, RMSNorm, SwiGLUFFN, rms_gain
 
@@ -122,7 +123,7 @@ class DiTBlock(JvpModule):
     def forward(self, x: Tensor, c: Tensor, feat_rope=None, *, _chain=None):
         """_chain: dit_blocks' protocol (see chain_step); without it, the block alone."""
         if _chain is not None:
-            return chain_step(self, x, c, feat_rope, **_chain)
+            return block_step(self, x, c, feat_rope, **_chain)
         # already inside this block's __call__ (its hooks ran): the step runs directly
         return dit_blocks([self], x, [c], rope=feat_rope, _inside=True)
 
@@ -245,7 +246,7 @@ def dit_blocks_jvp(blocks, x, conds, x_dot, conds_dot, final=None, final_cond=No
         # Tangents cross the block boundary detached: FSDP's hook Function gives every
         # grad-requiring input a (zero) gradient, which the ops refuse on their tangent outputs.
         chain = dict(x_dot=_detached(x_dot), c_dot=c_dot, pending=_detached_tangents(pending))
-        x, x_dot, *pending = chain_step(block, x, c, rope, **chain) if _inside else block(x, c, rope, _chain=chain)
+        x, x_dot, *pending = block_step(block, x, c, rope, **chain) if _inside else block(x, c, rope, _chain=chain)
     if final is not None:
         return final(x, final_cond, _chain=dict(x_dot=_detached(x_dot), c_dot=final_cond_dot,
                                                 pending=_detached_tangents(pending)))
@@ -272,6 +273,14 @@ def _pending_norm_mod(norm, x, x_dot, pending, shift, shift_d, scale, scale_d):
         return (x, x_dot, *norm_mod_jvp(norm, x, x_dot, shift, shift_d, scale, scale_d))
     gate, gate_d, m, m_dot = pending
     return residual_norm_mod_jvp(norm, x, x_dot, gate, gate_d, m, m_dot, shift, shift_d, scale, scale_d)
+
+
+def block_step(block, x, c, rope, x_dot=None, c_dot=None, pending=None):
+    """chain_step, under activation checkpointing when the block's `act_ckpt` is set (see
+    dmf_kernels.nn.act_ckpt) and a backward can follow."""
+    if getattr(block, "act_ckpt", False) and torch.is_grad_enabled():
+        return checkpointed_step(chain_step, block, x, c, rope, x_dot, c_dot, pending)
+    return chain_step(block, x, c, rope, x_dot, c_dot, pending)
 
 
 def chain_step(block, x, c, rope, x_dot=None, c_dot=None, pending=None):

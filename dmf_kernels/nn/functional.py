@@ -19,7 +19,11 @@ def linear_jvp(x: Tensor, x_dot: Optional[Tensor], linear: nn.Linear):
     y = linear(x)
     if x_dot is None:
         return y, None
-    return y, F.linear(x_dot, linear.weight.detach())
+    # Not recorded even when x_dot requires grad (the attention's tangent does under torch.func.jvp):
+    # it would save the weight for a backward that never comes, and make the jvp pass save more
+    # tensors than the primal (_act_ckpt.py's primal-only recompute relies on them being the same).
+    with torch.no_grad():
+        return y, F.linear(x_dot, linear.weight.detach())
 
 
 def silu_jvp(c: Tensor, c_dot: Optional[Tensor]):

@@ -59,6 +59,9 @@ def _train_args(p):
     p.add_argument("--fsdp", action="store_true",
                    help="FSDP2 instead of DDP (parameters, gradients, AdamW state and EMA sharded over the ranks); "
                         "checkpoints are OUT/checkpoints/sharded-stepN directories (torch.distributed.checkpoint)")
+    p.add_argument("--act-ckpt", action="store_true",
+                   help="activation checkpointing: each block's activations are recomputed in the backward "
+                        "(less memory, more compute; the jvp's tangent is still computed once)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="data loader processes (-1: none for in-memory data, up to 4 for a latent folder)")
 

@@ -18,6 +18,7 @@ checkpoints through torch.distributed.checkpoint (DCP).
 import os
 import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def save(ckdir, step, model, opt, ema, meta, rank):
     dist.barrier()
     dcp.save(_state(model, opt, ema), checkpoint_id=str(tmp))
     dist.barrier()
+    _test_kill_before_commit(step, rank)
     if rank == 0:
         with open(tmp / "meta.pt", "wb") as f:
             torch.save(dict(meta, step=step, sharded=True), f)
@@ -105,6 +107,15 @@ def save(ckdir, step, model, opt, ema, meta, rank):
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _test_kill_before_commit(step, rank):
+    """Test-only: with DMF_TEST_SIGKILL_BEFORE_COMMIT=N in the environment, rank 0 kills itself with
+    SIGKILL at step N's save, after every rank has written its shards and before the commit (a real
+    kill -9 mid-save, tests/dmf/test_dmf_fsdp.py). No run sets it otherwise."""
+    at = os.environ.get("DMF_TEST_SIGKILL_BEFORE_COMMIT")
+    if at is not None and rank == 0 and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load(path, model, opt, ema):

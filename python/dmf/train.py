@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from dmf_kernels.nn import act_ckpt
 
 from . import convert as ckpt
 from . import sharding
@@ -74,6 +75,7 @@ class TrainConfig:
     progress: bool = True
     workers: int = -1             # DataLoader worker processes; -1: 0 for in-memory data, up to 4 for a folder
     fsdp: bool = False            # FSDP2 instead of DDP, sharded checkpoints (dmf.sharding)
+    act_ckpt: bool = False        # recompute each block's activations in the backward (dmf_kernels.nn.act_ckpt)
 
 
 MF_VELOCITIES = ("data", "teacher")
@@ -213,9 +215,10 @@ def train(cfg: TrainConfig, resume: bool = False):
         if saved.stage != cfg.stage:
             raise DMFError(f"--resume: {last} is a stage-{saved.stage} run, not stage {cfg.stage}")
         # the checkpoint's config wins (same data order and hyper-parameters); only the length,
-        # the output directory and the progress bar follow the command line
+        # the output directory, the progress bar and what does not change the numbers (workers,
+        # sharding, activation checkpointing) follow the command line
         cfg = TrainConfig(**dict(asdict(saved), steps=cfg.steps, out=cfg.out, progress=cfg.progress,
-                                 workers=cfg.workers, fsdp=cfg.fsdp))
+                                 workers=cfg.workers, fsdp=cfg.fsdp, act_ckpt=cfg.act_ckpt))
         validate(cfg)
     if cfg.mf_velocity == "teacher":
         if not (cfg.stage == "dmf" and cfg.init):
@@ -291,6 +294,8 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
         _load_init(teacher, dict(model_args, use_logvar=False), weights.pop("teacher"), f"--init {cfg.init} (teacher)")
         teacher.requires_grad_(False).eval().to(device)
     model.to(device)
+    if cfg.act_ckpt:  # before sharding (either order works; the EMA copy below never runs a backward)
+        act_ckpt(model)
     if cfg.fsdp:
         sharding.shard(model)
         ema = sharding.make_ema(model)

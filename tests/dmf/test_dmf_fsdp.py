@@ -1,7 +1,8 @@
 """dmf train --fsdp (FSDP2, checkpoints through torch.distributed.checkpoint), gloo on the CPU:
-a 2-rank run resumed from its step-2 sharded checkpoint equals the uninterrupted run bit for bit,
-also with a torn save (a .tmp- directory left by a kill mid-save) lying newer in the directory;
-resumed on 1 process (--fsdp without torchrun) it matches to rounding; one process
+a 2-rank run (with --act-ckpt) resumed from its step-2 sharded checkpoint, killed with SIGKILL in
+its step-4 save (shards written, not committed: a test-only hook in dmf.sharding) and resumed again,
+equals the uninterrupted run bit for bit;
+resumed on 1 process (--fsdp without torchrun) or on 4 ranks it matches to rounding; one process
 samples from the sharded checkpoint and `dmf convert` writes it as today's single file; a DDP
 checkpoint is not resumed with --fsdp (nor the reverse), refused with one line before loading."""
 import shutil
@@ -27,32 +28,38 @@ def tensors(ck):
     return out
 
 
-def run(args, nproc):
-    proc = run_dmf(["train", *ARGS, *args], nproc=nproc, timeout=600)
+def run(args, nproc, **env):
+    proc = run_dmf(["train", *ARGS, *args], nproc=nproc, timeout=600, **env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp") / "full"
-    run(["--steps", "4", "--out", str(out)], 2)
+    run(["--steps", "4", "--out", str(out), "--act-ckpt"], 2)
     return out
 
 
-def resumed(full, tmp_path, nproc, torn=False):
+def resumed(full, tmp_path, nproc, killed=False):
     out = tmp_path / f"resumed{nproc}"
     step2 = full / "checkpoints" / f"{sharding.PREFIX}00000002"
     shutil.copytree(step2, out / "checkpoints" / step2.name)
     shutil.copy(full / "metrics.jsonl", out / "metrics.jsonl")
-    if torn:  # a kill mid-save of step 4: shards written, never committed
-        shutil.copytree(step2, out / "checkpoints" / f".tmp-{sharding.PREFIX}00000004")
-        (out / "checkpoints" / f".tmp-{sharding.PREFIX}00000004" / "meta.pt").unlink()
-    run(["--steps", "4", "--out", str(out), "--resume"], nproc)
+    # --act-ckpt follows the command line (it does not change the numbers, only their rounding):
+    # the 2-rank resume keeps it (bit for bit), the 1-process one runs without
+    args = ["--steps", "4", "--out", str(out), "--resume", *(["--act-ckpt"] if nproc == 2 else [])]
+    if killed:  # kill -9 of rank 0 in step 4's save: every rank's shards written, not committed
+        proc = run_dmf(["train", *ARGS, *args], nproc=nproc, timeout=600, DMF_TEST_SIGKILL_BEFORE_COMMIT="4")
+        assert proc.returncode != 0 and "SIGKILL" in proc.stderr, proc.stderr[-3000:]
+        torn = out / "checkpoints" / f".tmp-{sharding.PREFIX}00000004"
+        assert (torn / ".metadata").is_file() and not (torn / "meta.pt").exists()
+        assert sharding.latest(out / "checkpoints").name == step2.name
+    run(args, nproc)
     return read(sharding.latest(out / "checkpoints"))
 
 
 def test_resume_equals_uninterrupted(full, tmp_path):
-    a, b = read(sharding.latest(full / "checkpoints")), resumed(full, tmp_path, 2, torn=True)
+    a, b = read(sharding.latest(full / "checkpoints")), resumed(full, tmp_path, 2, killed=True)
     assert a["step"] == b["step"] == 4 and a["world_size"] == b["world_size"] == 2
     ta, tb = tensors(a), tensors(b)
     assert ta.keys() == tb.keys() and any(k.startswith("opt.") for k in ta)
@@ -61,7 +68,7 @@ def test_resume_equals_uninterrupted(full, tmp_path):
     assert [s for s, _ in sharding.complete(full / "checkpoints")] == [2, 4]
 
 
-@pytest.mark.parametrize("nproc", [1])  # 4 ranks: tests/kernels/test_fsdp.py (2 shared cores)
+@pytest.mark.parametrize("nproc", [1, 4])
 def test_resume_at_another_world_size(full, tmp_path, nproc):
     a, b = read(sharding.latest(full / "checkpoints")), resumed(full, tmp_path, nproc)
     assert b["step"] == 4 and b["world_size"] == nproc

@@ -1,10 +1,14 @@
 """FSDP2 (fully_shard) with 2 and 4 CPU processes (gloo): every dmf_kernels.nn module as its own
-unit, dmf.DMFT in four flag combinations with per-block units then the root (reshard after
-forward on and off), and the DiT, LightningDiT and official-DMF replicas patched by
+unit, dmf.DMFT in seven flag combinations and an all-decoder dmf_depth 0, with per-block units
+then the root (reshard after forward on and off), and the DiT, LightningDiT (two flag sets) and
+official-DMF replicas patched by
 dmf_kernels.patch give the unsharded model's forward, gradients, model_jvp (output, tangent,
 gradients of a loss on the output) and torch.func.jvp in float64 (tests/fsdp_worker.py measures,
 through full_tensor()). Also: one all-gather per unit for primal and tangent together, patch
-after fully_shard refused with the order to use, and bf16 mixed precision as a smoke test."""
+after fully_shard refused with the order to use, bf16 mixed precision as a smoke test, and
+activation checkpointing (dmf_kernels.nn.act_ckpt, before and after fully_shard) against the
+unsharded model without it, also through the trainer's DMF loss, and torch.compile of the blocks
+(compiled then sharded, and sharded then compiled; aot_eager) equal to the eager unsharded model."""
 import json
 import subprocess
 import sys
