@@ -16,6 +16,10 @@ DEPS    := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja pytest pytest-benchm
 # small kernels, so 2 processes on 2 cores cut the main suite's wall time by ~40% (see README, CI cost).
 PYTEST_JOBS ?= 2
 XDIST   := -n $(PYTEST_JOBS) --dist loadfile
+# One torch thread per process when several share the cores: two 2-thread processes on 2 cores spin in
+# OpenMP barriers (a 4-file sample: 97 s -> 76 s wall, 132 s -> 64 s user CPU). The kernels' multi-threaded
+# splits are tested on purpose in tests/kernels/test_threads.py.
+XDIST_ENV := $(if $(filter 1,$(PYTEST_JOBS)),,OMP_NUM_THREADS=1)
 # torch.compile's Inductor cache per checkout: the default (/tmp/torchinductor_<user>) is shared by every
 # checkout on the machine, and a graph compiled against another checkout's op schemas was served from it
 # (an attention call with arguments this tree's op did not have).
@@ -58,8 +62,8 @@ TRITON_TESTS := tests/kernels/test_attention_triton.py tests/kernels/test_attent
                 tests/kernels/test_gelu_triton.py tests/kernels/test_bad_input.py::test_nan_and_empty_low_precision \
                 tests/kernels/test_attention_bad_input.py tests/kernels/test_attention_mask_gqa.py
 test: build cuda-emu
-	$(PY) -m pytest tests -q --ignore=tests/cuda_emu $(XDIST)
-	TRITON_INTERPRET=1 $(PY) -m pytest $(TRITON_TESTS) -q $(XDIST)
+	$(XDIST_ENV) $(PY) -m pytest tests -q --ignore=tests/cuda_emu $(XDIST)
+	$(XDIST_ENV) TRITON_INTERPRET=1 $(PY) -m pytest $(TRITON_TESTS) -q $(XDIST)
 	$(MAKE) test-cuda-emu
 
 # The CUDA kernels (csrc/cuda/*.cu) on the CPU: compiled by g++ against the SIMT emulation of
@@ -84,7 +88,7 @@ cuda-emu: setup
 	$(EMU_BUILD)
 
 test-cuda-emu: build cuda-emu
-	DMF_KERNELS_CUDA_EMU=priority:1 $(PY) -m pytest tests/cuda_emu $(EMU_OP_TESTS) -q -k "not 257" $(EMU_CAPTURE) $(XDIST)
+	$(XDIST_ENV) DMF_KERNELS_CUDA_EMU=priority:1 $(PY) -m pytest tests/cuda_emu $(EMU_OP_TESTS) -q -k "not 257" $(EMU_CAPTURE) $(XDIST)
 	DMF_KERNELS_CUDA_EMU=random:7 $(PY) -m pytest tests/cuda_emu/test_launch_classes.py -q $(EMU_CAPTURE)
 	$(EMU_BUILD) --variant sanitize
 	$(ASAN_ENV) DMF_KERNELS_CUDA_EMU=reverse:0 $(PY) -m pytest tests/cuda_emu -q -p no:cacheprovider $(EMU_CAPTURE)
@@ -127,8 +131,7 @@ $(INSPECT_VENV)/.deps-installed:
 
 # The wheel's further archs (sm_100a, sm_120): the CUDA kernels alone (no Triton code in the wheel).
 inspect: $(INSPECT_VENV)/.deps-installed
-	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check
-	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check --only cuda --targets sm_100a,sm_120
+	$(INSPECT_VENV)/bin/python benchmarks/inspect_kernels.py --check --cuda-only-targets sm_100a,sm_120
 
 # ---------------------------------------------------------------- the GPU user's install
 # What a CUDA user does, on this GPU-less machine: a CUDA build of torch (2.14.1, CUDA 13.0, from
@@ -200,8 +203,8 @@ CU_TEST_ENV = DMF_KERNELS_EXPECT_CUDA_ARCHS="$(WHEEL_ARCHS)" PYTHONPATH=python \
               DMF_KERNELS_CUDA_EMU_LIB=$(abspath build-emu/release/libdmf_cuda_emu.so)
 test-cu: wheel cuda-emu
 	cd $(CU_SRC) && unzip -q -o $(abspath dist)/dmf_kernels-*.whl 'dmf_kernels/_C*.so' 'dmf_kernels/_build_config.py'
-	cd $(CU_SRC) && $(CU_TEST_ENV) $(CU_PY) -m pytest tests -q --ignore=tests/cuda_emu -p no:cacheprovider $(XDIST)
-	cd $(CU_SRC) && $(CU_TEST_ENV) TRITON_INTERPRET=1 $(CU_PY) -m pytest $(TRITON_TESTS) -q -p no:cacheprovider $(XDIST)
+	cd $(CU_SRC) && $(CU_TEST_ENV) $(XDIST_ENV) $(CU_PY) -m pytest tests -q --ignore=tests/cuda_emu -p no:cacheprovider $(XDIST)
+	cd $(CU_SRC) && $(CU_TEST_ENV) $(XDIST_ENV) TRITON_INTERPRET=1 $(CU_PY) -m pytest $(TRITON_TESTS) -q -p no:cacheprovider $(XDIST)
 
 # The wheel in a fresh venv with torch 2.14.1 and no compiler on PATH: import, smoke test, and a
 # build for another torch refusing to import.
