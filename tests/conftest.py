@@ -42,19 +42,6 @@ def pytest_report_header(config):
         return f"dmf_kernels C++ ops on CPU tensors: CUDA kernels under the emulation ({CUDA_EMU}, {cuda_emu.library_path()})"
 
 
-# The files that take longest (each 1-4 min of a suite on 2 cores: compiles, spawned ranks, training
-# runs) run first. pytest-xdist's --dist loadfile hands out whole files in collection order, so one of
-# these collected last kept one process busy for minutes after the other had run out of files.
-LONG_FILES = ("test_model_jvp.py", "test_dmf_pipeline.py", "test_dmf_fsdp.py", "test_fsdp.py", "test_dmf_train.py",
-              "test_benchmarks.py", "test_dmf_bench.py", "test_dmf_demo.py", "test_dmf_evaluate.py", "test_rope.py",
-              "test_patch_diffusers_more.py", "test_patch.py", "test_lightningdit.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    first = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
-
-
 # CUDA variants run whenever a GPU is present and then must pass: a CUDA torch with a
 # GPU but an extension built without CUDA kernels is a failure, not a skip.
 DEVICES = [
