@@ -227,8 +227,8 @@ def dmft_compiled_case(flags, order, backend="inductor", ckpt=False):
         graphs = {}
         with torch.compiler.set_stance("default"):
             # the blocks really compile, for the plain forward and for model_jvp's jvp pass (FSDP's
-            # hooks run eagerly around them); under torch.func.jvp Dynamo skips the blocks' frames
-            # and they run eagerly (the README's "not yet")
+            # hooks run eagerly around them); under an eager torch.func.jvp Dynamo does not compile
+            # (pytorch issue 128711) and the blocks run eagerly, with a warning (tests/kernels/test_nn.py)
             for what, run_it in (("forward", lambda: call(model, *primals)),
                                  ("model_jvp", lambda: dk.model_jvp(functools.partial(call, model), primals, tangents))):
                 counters.clear()

@@ -2,6 +2,7 @@
 (primal, tangent) with a None tangent when there is nothing to compute, so one code path serves
 the primal (all tangents None, at the primal's cost) and the jvp pass."""
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -99,9 +100,33 @@ def no_parameter_tangents(module):
             "by the fused jvp pass (only tangents of the inputs)")
 
 
+_warned_compiled_under_transform = False
+
+
+def warn_compiled_under_transform(modules):
+    """One warning per process when a torch.compile'd module (Module.compile()) runs under an eager
+    torch.func transform: PyTorch does not compile there ("Calling torch.func.jvp(compiled_fn) from
+    eager mode is not supported", pytorch issue 128711), Dynamo skips every frame and the module
+    runs eagerly, right but at eager speed, and says so only in TORCH_LOGS."""
+    global _warned_compiled_under_transform
+    if _warned_compiled_under_transform or torch.compiler.is_compiling():
+        return
+    level = torch._C._functorch.peek_interpreter_stack()
+    if level is None or not any(getattr(m, "_compiled_call_impl", None) is not None for m in modules):
+        return
+    _warned_compiled_under_transform = True
+    name = level.key().name.lower()
+    warnings.warn(
+        f"dmf_kernels: a compiled module ran eagerly under torch.func.{name}: PyTorch does not compile a compiled "
+        f"function called inside an eager torch.func.{name} (pytorch issue 128711). For compiled blocks use "
+        f"dmf_kernels.model_jvp(f, primals, tangents) (the drop-in for torch.func.jvp; FSDP2 too), or "
+        f"torch.compile the function that calls torch.func.{name}.", stacklevel=3)
+
+
 def forward_ad_call(owner, modules, primals, run):
     """Forward-mode AD into modules: `run()` -> (out, out_dot), the jvp pass on the unpacked
     dual inputs, re-wrapped as a dual output whose tangent raises if a gradient reaches it."""
+    warn_compiled_under_transform(modules)
     for m in modules:
         no_parameter_tangents(m)
     out, out_dot = run()

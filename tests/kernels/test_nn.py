@@ -1,6 +1,8 @@
 """dmf_kernels.nn: every module's forward and forward_jvp against the reference codebases'
 layers (tests/replicas, float64, random weights), state_dict compatibility, None tangents,
 the fused block stack, no tangent activations saved for backward, compile, bad input."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as tnn
@@ -186,6 +188,35 @@ def test_modules_under_compile(device):
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-4)
     assert compiled[1].abs().max() > 0
+
+
+def test_compiled_block_under_eager_func_jvp(monkeypatch):
+    """PyTorch does not compile a compiled function called inside an eager torch.func.jvp (pytorch
+    issue 128711): the compiled block runs eagerly, right, and says so once (model_jvp and a
+    compiled function around torch.func.jvp do compile)."""
+    from dmf_kernels.nn import functional as fn
+    from torch._dynamo.utils import counters
+    import dmf_kernels as dk
+    torch._dynamo.reset()
+    monkeypatch.setattr(fn, "_warned_compiled_under_transform", False)
+    block = dnn.DiTBlock(16, 2).double()
+    randomise(block)
+    x, xd = rand(2, 5, 16, dtype=torch.float64, seed=40), rand(2, 5, 16, dtype=torch.float64, seed=41)
+    c, cd = rand(2, 16, dtype=torch.float64, seed=42), rand(2, 16, dtype=torch.float64, seed=43)
+    eager = torch.func.jvp(block, (x, c), (xd, cd))
+    block.compile(backend="aot_eager")
+    with pytest.warns(UserWarning, match=r"ran eagerly under torch.func.jvp.*dmf_kernels.model_jvp"):
+        out = torch.func.jvp(block, (x, c), (xd, cd))
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dk.model_jvp(block, (x, c), (xd, cd))
+    assert not [w for w in caught if "ran eagerly" in str(w.message)]  # model_jvp compiles
+    assert counters["stats"]["unique_graphs"] > 0
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_input():
