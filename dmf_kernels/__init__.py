@@ -5,12 +5,14 @@ Differentiable ops (backward and forward-mode AD through fused kernels):
     rms_adaln_modulate, gated_residual_rms_adaln, swiglu, rope
 Explicit jvp forms (primal + tangent in one pass): dmf_kernels.jvp.<op>, also dmf_kernels.<op>.jvp
 DiT modules with a jvp forward: dmf_kernels.nn
-Whole models: dmf_kernels.model_jvp (the drop-in for torch.func.jvp), dmf_kernels.patch
+Whole models: dmf_kernels.model_jvp (the drop-in for torch.func.jvp), dmf_kernels.patch,
+    dmf_kernels.fsdp_forward_ad (a hand-written forward_ad block around FSDP2-sharded modules)
 Raw ops: torch.ops.dmf_kernels.<op>_{fwd,bwd,jvp} (C++: RAW_OPS), attention_{fwd,bwd,jvp} (Triton / PyTorch),
     gelu_tanh_jvp (Triton / aten). Each op is declared once with dmf_kernels._op.Op.
 """
 from . import _op
 from ._extension import build_info
+from ._fsdp import fsdp_forward_ad
 from ._model_jvp import model_jvp
 from .attention import attention
 from .gated_residual import gated_residual
@@ -34,6 +36,7 @@ __all__ = [
     "gelu_tanh",
     "rms_norm",
     "model_jvp",
+    "fsdp_forward_ad",
     "patch",
     "nn",
     "jvp",

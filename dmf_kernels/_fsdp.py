@@ -8,7 +8,8 @@ PyTorch's forward AD refuses for a dual input ("A custom Function's forward is r
 not reach that hook. Two ways in here:
 - the block driver (dmf_kernels.nn.dit_blocks) calls each block with plain tensors and their
   tangents beside them, so no dual tensor reaches a block's hooks;
-- `fsdp_dual_hooks(modules)` (model_jvp enters it) puts a hook on each FSDP unit before
+- `fsdp_dual_hooks(modules)` (model_jvp enters it; public as `dmf_kernels.fsdp_forward_ad` for
+  a hand-written torch.autograd.forward_ad block) puts a hook on each FSDP unit before
   FSDP's own that takes the tangents off dual inputs, and one after it that puts them back
   (cast to the input's dtype, as FSDP's mixed precision casts the primal): FSDP sees plain
   tensors, the module's forward sees dual ones.
@@ -81,3 +82,23 @@ def fsdp_dual_hooks(modules):
     finally:
         for h in handles:
             h.remove()
+
+
+def fsdp_forward_ad(*modules):
+    """Context manager for a hand-written forward-mode AD block around FSDP2-sharded modules:
+
+        with torch.autograd.forward_ad.dual_level(), dmf_kernels.fsdp_forward_ad(model):
+            out = model(fwAD.make_dual(x, x_dot), ...)
+
+    Without it, a dual tensor that requires grad (x itself, or any activation between units, as
+    in a model whose own forward calls its sharded blocks in a loop) reaches FSDP2's pre-forward
+    hook, whose autograd Function PyTorch's forward AD refuses ("A custom Function's forward is
+    returning a view ... but the jvp is not returning a view"). dmf_kernels.model_jvp does this
+    by itself. Modules: the sharded root (its units are found inside); not needed and harmless
+    for unsharded ones."""
+    import torch.nn as nn
+
+    for i, m in enumerate(modules):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"fsdp_forward_ad: modules[{i}] must be an nn.Module, got {type(m).__name__}")
+    return fsdp_dual_hooks(modules)

@@ -324,6 +324,46 @@ CASES["patched-LightningDiT-layernorm-gelu-woshift"] = patched_case("LightningDi
                                                                     wo_shift=True)
 
 
+def forward_ad_case(kind):
+    """A hand-written torch.autograd.forward_ad block around the sharded root, inside
+    dmf_kernels.fsdp_forward_ad, with the input x requiring grad (FSDP's hook Function sees it):
+    output, tangent, the parameters' and x's gradients of a loss on the output. Patched models
+    call their sharded blocks on dual activations from their own forward loop."""
+    def run():
+        import torch.autograd.forward_ad as fwAD
+        if kind == "DMFT":
+            from dmf.model import DMFT
+            model = DMFT(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=2, num_heads=H,
+                         num_classes=5, dmf_depth=1, use_swiglu=True, use_rope=True, use_rmsnorm=True)
+            (x, t, r), y = dmft_batch()
+            call, primals = (lambda m, x, t, r: m(x, t, r, y)), (x, t, r)
+        else:
+            model, call, primals = replica(kind)
+        ref = randomize(model.double())
+        if kind != "DMFT":
+            dk.patch(ref)
+        model = copy.deepcopy(ref)
+        shard(model, list(model.blocks))
+        tangents = (rnd(*primals[0].shape, seed=7), torch.ones_like(primals[1]))
+        res, outs = {}, []
+        for m in (model, ref):
+            x = primals[0].clone().requires_grad_(True)
+            with fwAD.dual_level(), dk.fsdp_forward_ad(m):
+                o = call(m, fwAD.make_dual(x, tangents[0]), fwAD.make_dual(primals[1], tangents[1]), *primals[2:])
+                o, o_dot = fwAD.unpack_dual(o)
+            loss_of(o).backward()
+            outs.append((o, o_dot.clone(), x.grad))
+        (o, d, gx), (o_r, d_r, gx_r) = outs
+        res["forward_ad"] = max(err(o, o_r), err(d, d_r))
+        res["forward_ad_backward"] = max(grads_err(model, ref), err(gx, gx_r))
+        return res
+    return run
+
+
+for _kind in ("DMFT", "DiT"):
+    CASES[f"forward_ad-hand-written-{_kind}"] = forward_ad_case(_kind)
+
+
 def patch_after_shard():
     """The wrong order is refused with the order to use."""
     model, _, _ = replica("DiT")

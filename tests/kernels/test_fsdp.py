@@ -4,7 +4,8 @@ then the root (reshard after forward on and off), and the DiT, LightningDiT (two
 official-DMF replicas patched by
 dmf_kernels.patch give the unsharded model's forward, gradients, model_jvp (output, tangent,
 gradients of a loss on the output) and torch.func.jvp in float64 (tests/fsdp_worker.py measures,
-through full_tensor()). Also: one all-gather per unit for primal and tangent together, patch
+through full_tensor()), and a hand-written forward_ad block (inside dmf_kernels.fsdp_forward_ad)
+with the input requiring grad. Also: one all-gather per unit for primal and tangent together, patch
 after fully_shard refused with the order to use, bf16 mixed precision as a smoke test, and
 activation checkpointing (dmf_kernels.nn.act_ckpt, before and after fully_shard) against the
 unsharded model without it, also through the trainer's DMF loss, and torch.compile of the blocks
