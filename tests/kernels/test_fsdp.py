@@ -61,3 +61,16 @@ def test_two_ranks(two, name):
 @pytest.mark.parametrize("name", FOUR_RANKS)
 def test_four_ranks(four, name):
     check(name, four[name])
+
+
+def test_fsdp_forward_ad_bad_input_and_unsharded():
+    import torch
+    import torch.autograd.forward_ad as fwAD
+    import dmf_kernels as dk
+    with pytest.raises(TypeError, match=r"fsdp_forward_ad: modules\[1\] must be an nn.Module, got Tensor"):
+        dk.fsdp_forward_ad(torch.nn.Linear(2, 2), torch.ones(1))
+    lin = torch.nn.Linear(3, 2).double()   # an unsharded module: no hooks, the same numbers
+    x, xd = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    with fwAD.dual_level(), dk.fsdp_forward_ad(lin):
+        o, o_dot = fwAD.unpack_dual(lin(fwAD.make_dual(x, xd)))
+    torch.testing.assert_close(o_dot, xd @ lin.weight.T, rtol=0, atol=1e-14)
