@@ -11,6 +11,9 @@ checkpoints through torch.distributed.checkpoint (DCP).
   .tmp- directory, which resume ignores (and the next save of that step replaces). The state
   dicts are keyed by parameter names (DCP's get_state_dict), not by rank, so a checkpoint
   written by 2 ranks resumes on 1 or 4.
+- Either kind resumes the other: `--resume --fsdp` of a DDP run loads its last.pt's full tensors
+  into the shards, `--resume` without --fsdp consolidates a sharded checkpoint (the optimizer's
+  state re-keyed from names to indices); the newest checkpoint of either kind is the one resumed.
 - Reading: `read_sharded(dir)` consolidates one into the single-file checkpoint's dict in one
   process (no process group), so `dmf sample`, `dmf convert` and `dmf evaluate` take the
   directory where they take a .pt file; `dmf convert DIR OUT.pt` writes today's single file.
@@ -118,15 +121,49 @@ def _test_kill_before_commit(step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def load(path, model, opt, ema):
-    """Loads a sharded checkpoint into the sharded model, optimizer and EMA (any world size)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+def load(ck, model, opt, ema) -> int:
+    """Loads a checkpoint into the sharded model, optimizer and EMA (any world size) and returns its
+    step: a sharded one (ck["sharded_path"]; each rank reads its shards), or the single-file dict of
+    a DDP / one-process run (every rank holds the full tensors and keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-    state = _state(model, opt, ema)
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["opt"])
-    return read_meta(path)
+    if "sharded_path" in ck:
+        import torch.distributed.checkpoint as dcp
+        state = _state(model, opt, ema)
+        dcp.load(state, checkpoint_id=ck["sharded_path"])
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["opt"])
+        return int(read_meta(ck["sharded_path"])["step"])
+    full = StateDictOptions(full_state_dict=True)
+    # the EMA is sharded like the parameters: load it into the model, take its shards, then the weights
+    set_model_state_dict(model, ck["ema"], options=full)
+    ema.update(make_ema(model))
+    set_state_dict(model, opt, model_state_dict=ck["model"], optim_state_dict=opt_by_name(ck["opt"], names(model)),
+                   options=full)
+    return int(ck["step"])
+
+
+def names(model) -> list:
+    """The trainer's optimizer's parameters by name, in its order (the grad-requiring ones)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def opt_by_name(sd: dict, names: list) -> dict:
+    """A torch.optim state dict keyed by parameter index (DDP, one process) -> keyed by name (DCP's)."""
+    if len(names) != sum(len(g["params"]) for g in sd["param_groups"]):
+        raise DMFError(f"the checkpoint's optimizer has {sum(len(g['params']) for g in sd['param_groups'])} "
+                       f"parameters, the model {len(names)}")
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]}
+
+
+def opt_by_index(sd: dict, names: list) -> dict:
+    """The reverse of opt_by_name: a consolidated sharded checkpoint's optimizer for a plain one."""
+    at = {n: i for i, n in enumerate(names)}
+    missing = [n for g in sd["param_groups"] for n in g["params"] if n not in at]
+    if missing or len(at) != sum(len(g["params"]) for g in sd["param_groups"]):
+        raise DMFError(f"the checkpoint's optimizer does not fit the model ({', '.join(missing[:3]) or 'count'})")
+    return {"state": {at[n]: v for n, v in sd["state"].items()},
+            "param_groups": [dict(g, params=[at[n] for n in g["params"]]) for g in sd["param_groups"]]}
 
 
 def read_meta(path) -> dict:

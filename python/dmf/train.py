@@ -250,21 +250,32 @@ def train(cfg: TrainConfig, resume: bool = False):
 
 
 def _resume_checkpoint(cfg, last):
-    """The checkpoint --resume continues: last.pt, or with --fsdp the newest complete sharded one
-    (its metadata; the tensors load once the model is sharded). A run of the other kind is
-    refused before anything loads."""
+    """The checkpoint --resume continues: the newer of last.pt (one process / DDP) and the newest
+    complete sharded one (--fsdp; its metadata, the tensors load once the model is built), on a tie
+    the one of this run's kind. Either kind resumes with or without --fsdp (dmf.sharding.load and
+    _load_single)."""
     sharded = sharding.latest(last.parent)
-    if cfg.fsdp:
-        if sharded is None:
-            other = f" ({last} is a DDP / single-process checkpoint: resume it without --fsdp)" \
-                if last.is_file() else ""
-            raise DMFError(f"--resume --fsdp: no complete sharded checkpoint in {last.parent}{other}")
-        return dict(sharding.read_meta(sharded), sharded_path=str(sharded))
-    if not last.is_file():
-        other = (f" ({sharded} is an --fsdp checkpoint: resume with --fsdp, or consolidate it with "
-                 f"python -m dmf convert {sharded} OUT.pt and start a run with --init OUT.pt)") if sharded else ""
-        raise DMFError(f"--resume: no checkpoint at {last}{other}")
-    return ckpt.read(last)
+    single = ckpt.read(last) if last.is_file() else None
+    if sharded is None and single is None:
+        raise DMFError(f"--resume: no checkpoint in {last.parent} (neither last.pt nor a complete "
+                       f"{sharding.PREFIX}* directory)")
+    meta = sharding.read_meta(sharded) if sharded is not None else None
+    if single is None or (meta is not None and (int(meta["step"]), cfg.fsdp) > (int(single.get("step", -1)),
+                                                                                  not cfg.fsdp)):
+        return dict(meta, sharded_path=str(sharded))
+    return single
+
+
+def _load_single(ck, model, opt, ema) -> int:
+    """A checkpoint into the unsharded model, optimizer and EMA module; returns its step. A sharded
+    one (an --fsdp run resumed without --fsdp) is consolidated here, its optimizer re-keyed."""
+    if "sharded_path" in ck:
+        ck = sharding.read_sharded(ck["sharded_path"])
+        ck["opt"] = sharding.opt_by_index(ck["opt"], sharding.names(model))
+    model.load_state_dict(ck["model"])
+    ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["opt"])
+    return int(ck["step"])
 
 
 def _load_init(model, model_args, init_sd, what):
@@ -304,13 +315,8 @@ def _train(cfg, data, model_args, weights, ck, rank, world, device):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     step = 0
-    if ck is not None and cfg.fsdp:
-        step = int(sharding.load(ck["sharded_path"], model, opt, ema)["step"])
-    elif ck is not None:
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        step = int(ck["step"])
+    if ck is not None:
+        step = sharding.load(ck, model, opt, ema) if cfg.fsdp else _load_single(ck, model, opt, ema)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
     amp = amp_enabled(cfg.amp, device)
     shape = (cfg.batch_size, *data.shape)

@@ -3,14 +3,16 @@ a 2-rank run (with --act-ckpt) resumed from its step-2 sharded checkpoint, kille
 its step-4 save (shards written, not committed: a test-only hook in dmf.sharding) and resumed again,
 equals the uninterrupted run bit for bit;
 resumed on 1 process (--fsdp without torchrun) or on 4 ranks it matches to rounding; one process
-samples from the sharded checkpoint and `dmf convert` writes it as today's single file; a DDP
-checkpoint is not resumed with --fsdp (nor the reverse), refused with one line before loading."""
+samples from the sharded checkpoint and `dmf convert` writes it as today's single file; a
+one-process checkpoint resumes with --fsdp and an --fsdp one without, both matching the
+uninterrupted run."""
 import shutil
 
 import pytest
 import torch
 
 from dmf import sharding
+from dmf.checkpoint import build_model
 from dmf.convert import model_from_checkpoint, read
 from dmf.errors import DMFError
 from dmf.train import TrainConfig, train
@@ -23,7 +25,10 @@ ARGS = ["--stage", "dmf", "--model", "DMFT-Ti/4", "--batch-size", "8", "--omega"
 def tensors(ck):
     out = {f"model.{k}": v for k, v in ck["model"].items()}
     out.update({f"ema.{k}": v for k, v in ck["ema"].items()})
-    for name, st in ck["opt"]["state"].items():
+    opt = ck["opt"]
+    if not ck.get("sharded"):  # a one-process checkpoint: its optimizer keyed by index, here by name
+        opt = sharding.opt_by_name(opt, sharding.names(build_model(ck["model_args"])))
+    for name, st in opt["state"].items():
         out.update({f"opt.{name}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
     return out
 
@@ -99,12 +104,29 @@ def test_sample_and_convert_the_sharded_checkpoint(full, tmp_path):
 TINY = dict(stage="flow", model="DMFT-Ti/4", batch_size=4, progress=False, steps=1, ckpt_every=1)
 
 
-def test_ddp_and_fsdp_checkpoints_are_not_mixed(tmp_path):
-    train(TrainConfig(out=str(tmp_path / "ddp"), **TINY))
-    with pytest.raises(DMFError, match="no complete sharded checkpoint .*last.pt is a DDP / single-process "
-                                       "checkpoint: resume it without --fsdp"):
-        train(TrainConfig(out=str(tmp_path / "ddp"), fsdp=True, **dict(TINY, steps=2)), resume=True)
-    train(TrainConfig(out=str(tmp_path / "fsdp"), fsdp=True, **TINY))
-    with pytest.raises(DMFError, match="is an --fsdp checkpoint: resume with --fsdp"):
-        train(TrainConfig(out=str(tmp_path / "fsdp"), **dict(TINY, steps=2)), resume=True)
-    assert not (tmp_path / "fsdp" / "checkpoints" / "last.pt").exists()
+def newest(out):
+    """The newest checkpoint of a run directory, either kind, as the single-file dict."""
+    last, sharded = out / "checkpoints" / "last.pt", sharding.latest(out / "checkpoints")
+    cks = ([read(last)] if last.is_file() else []) + ([read(sharded)] if sharded is not None else [])
+    return max(cks, key=lambda ck: ck["step"])
+
+
+def test_ddp_and_fsdp_checkpoints_resume_each_other(tmp_path):
+    """A one-process run resumed with --fsdp, and an --fsdp run resumed without, each match the
+    uninterrupted one-process run (model, EMA and AdamW state, to rounding): nothing lost or
+    half-loaded in either direction."""
+    train(TrainConfig(out=str(tmp_path / "ref"), **dict(TINY, steps=3)))
+    ref = newest(tmp_path / "ref")
+    for first, then in ((False, True), (True, False)):
+        out = tmp_path / f"fsdp{int(first)}-then-{int(then)}"
+        train(TrainConfig(out=str(out), fsdp=first, **dict(TINY, steps=2)))
+        train(TrainConfig(out=str(out), fsdp=then, **dict(TINY, steps=3)), resume=True)
+        ck = newest(out)
+        assert ck["step"] == 3 and ck["config"]["fsdp"] == then
+        assert ((out / "checkpoints" / "last.pt").is_file(), sharding.latest(out / "checkpoints") is not None) == (True, True)
+        ta, tb = tensors(ref), tensors(ck)
+        assert ta.keys() == tb.keys() and sum(k.startswith("opt.") for k in ta) > 10
+        for k, v in ta.items():
+            torch.testing.assert_close(tb[k], v, rtol=0, atol=1e-6, msg=lambda m: f"{first}->{then} {k}: {m}")
+    with pytest.raises(DMFError, match="--resume: no checkpoint in .* \\(neither last.pt nor a complete sharded-step"):
+        train(TrainConfig(out=str(tmp_path / "none"), **dict(TINY, steps=2)), resume=True)
