@@ -364,6 +364,35 @@ for _kind in ("DMFT", "DiT"):
     CASES[f"forward_ad-hand-written-{_kind}"] = forward_ad_case(_kind)
 
 
+# ---- diffusers transformers patched by dmf_kernels.patch (tests/kernels/diffusers_models.py) ----------
+def diffusers_units(name, model):
+    """Each transformer block its own unit (the GQA model: each of its per-layer modules). diffusers'
+    DiT reads block 0's timestep embedder again after the loop (`transformer_blocks[0].norm1.emb`,
+    its output conditioning), outside block 0's __call__, when FSDP has resharded it: the
+    unpatched model fails the same way ("mixed torch.Tensor and DTensor"). The embedders as units
+    of their own are gathered around each call."""
+    units = [b for attr in ("transformer_blocks", "single_transformer_blocks", "blocks", "attns", "ffs", "norms")
+             for b in getattr(model, attr, [])]
+    return ([b.norm1.emb for b in units] if name == "dit" else []) + units
+
+
+def diffusers_case(name, **kw):
+    def run():
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "kernels"))
+        from diffusers_models import build
+        ref, call, x, t = build(name, **kw)
+        dk.patch(ref)
+        model = copy.deepcopy(ref)
+        shard(model, diffusers_units(name, model))
+        return compare(model, ref, call, (x, t), (rnd(*x.shape, seed=7), torch.ones_like(t)))
+    return run
+
+
+for _name, _kw in (("dit", {}), ("pixart", {}), ("sd3", dict(qk_norm="rms_norm")), ("flux", {}), ("wan", {}),
+                   ("qwen_image", {}), ("gqa", {})):
+    CASES[f"patched-diffusers-{_name}"] = diffusers_case(_name, **_kw)
+
+
 def patch_after_shard():
     """The wrong order is refused with the order to use."""
     model, _, _ = replica("DiT")
