@@ -199,3 +199,20 @@ def rms_statistic_in_input_dtype(monkeypatch):
         return x * norm_x.to(dtype=x.dtype) * self.scale.to(dtype=x.dtype)
     from replicas import official_dmf
     monkeypatch.setattr(official_dmf.RMSNorm, "forward", forward)
+
+
+class PreNormStack(torch.nn.Module):
+    """Blocks of dmf_kernels.nn.PreNormBlock with one rotary embedding (in-context conditioning:
+    x carries the condition tokens), x: (B, grid^2, dim) -> same. For tests/kernels/test_act_ckpt.py
+    and tests/fsdp_worker.py."""
+
+    def __init__(self, depth=3, dim=16, heads=2, grid=3):
+        super().__init__()
+        from dmf_kernels import nn as dnn
+        self.rope = dnn.RotaryEmbedding2D(dim // heads // 2, grid)
+        self.blocks = torch.nn.ModuleList(dnn.PreNormBlock(dim, heads) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x, self.rope)
+        return x

@@ -17,6 +17,8 @@ are plain tensors and the tangents explicit arguments:
   to one (its count and metadata checks stay on; tests/kernels/test_act_ckpt.py);
 - the tangent inputs are not kept for the backward (only x, c and the pending residual's gate and
   MLP output are, as for any checkpointed block).
+A PreNormBlock (no adaLN, not run by the block driver) is checkpointed the same way around its
+own jvp pass (PreNormBlock.forward_jvp): x kept, x_dot given to the first call only.
 Under FSDP2 the block's parameters are gathered again for the recompute by FSDP's pre-backward
 hook (as for checkpoint_wrapper), so the recompute reads the unsharded weights; the forward still
 gathers once for primal and tangent.
@@ -26,36 +28,43 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 
-def checkpointed_step(step, block, x, c, rope, x_dot, c_dot, pending):
-    """step(block, x, c, rope, x_dot, c_dot, pending) -> (x, x_dot, gate, gate_dot, m, m_dot)
-    under non-reentrant checkpointing, the recompute without tangents."""
-    gate, gate_d, m, m_dot = pending if pending is not None else (None, None, None, None)
+def checkpointed(fn, primals, tangents):
+    """fn(*primals, *tangents) under non-reentrant checkpointing, the recompute without tangents
+    (each None). primals are what the checkpoint keeps for the backward; the tangents are not kept."""
     if torch.compiler.is_compiling():
         # Dynamo traces the function once into the checkpoint's graph and the partitioner
         # recomputes only what the backward reads (no tangent op): no first-call switch needed
         # (a mutated closure would be a side effect Dynamo refuses inside the checkpoint).
-        def traced(x, c, gate, m, x_dot, c_dot, gate_d, m_dot):
-            return step(block, x, c, rope, x_dot, c_dot, None if gate is None else (gate, gate_d, m, m_dot))
-        return checkpoint(traced, x, c, gate, m, x_dot, c_dot, gate_d, m_dot, use_reentrant=False)
+        return checkpoint(fn, *primals, *tangents, use_reentrant=False)
     # The tangents reach the first call only: popped, so the checkpoint (which keeps the function
     # until the backward) does not keep them alive.
-    tangents = {"t": (x_dot, c_dot, gate_d, m_dot)}
+    box = {"t": tuple(tangents)}
 
-    def run(x, c, gate, m):
-        x_dot, c_dot, gate_d, m_dot = tangents.pop("t", (None, None, None, None))
+    def run(*primals):
+        return fn(*primals, *box.pop("t", (None,) * len(tangents)))
+
+    return checkpoint(run, *primals, use_reentrant=False)
+
+
+def checkpointed_step(step, block, x, c, rope, x_dot, c_dot, pending):
+    """step(block, x, c, rope, x_dot, c_dot, pending) -> (x, x_dot, gate, gate_dot, m, m_dot)
+    under non-reentrant checkpointing, the recompute without tangents."""
+    gate, gate_d, m, m_dot = pending if pending is not None else (None, None, None, None)
+
+    def run(x, c, gate, m, x_dot, c_dot, gate_d, m_dot):
         return step(block, x, c, rope, x_dot, c_dot, None if gate is None else (gate, gate_d, m, m_dot))
 
-    return checkpoint(run, x, c, gate, m, use_reentrant=False)
+    return checkpointed(run, (x, c, gate, m), (x_dot, c_dot, gate_d, m_dot))
 
 
 def _is_block(m: nn.Module) -> bool:
-    from .blocks import DiTBlock
-    return isinstance(m, DiTBlock) or getattr(m, "_dmf_kernels_patched", None) == "block"
+    from .blocks import DiTBlock, PreNormBlock
+    return isinstance(m, (DiTBlock, PreNormBlock)) or getattr(m, "_dmf_kernels_patched", None) == "block"
 
 
 def act_ckpt(model: nn.Module, enabled: bool = True) -> int:
-    """Turns activation checkpointing of every DiT block in `model` (dmf_kernels.nn.DiTBlock, or a
-    block patched by dmf_kernels.patch) on or off; returns how many blocks it set. Each block's
+    """Turns activation checkpointing of every block in `model` (dmf_kernels.nn.DiTBlock and
+    PreNormBlock, or a block patched by dmf_kernels.patch) on or off; returns how many blocks it set. Each block's
     activations are then recomputed in the backward, its tangents still computed once in the
     forward (model_jvp, torch.func.jvp, forward_ad; see this module's docstring). Before or
     after fully_shard alike. Gradients equal those without (the same ops on the same inputs)."""

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._forward_ad import check_tangent, dual_inputs
 from ..gated_residual import gated_residual
 from ..norm_mod import adaln_modulate, gated_residual_adaln, gated_residual_rms_adaln, rms_adaln_modulate
-from ._act_ckpt import checkpointed_step
+from ._act_ckpt import checkpointed, checkpointed_step
 from .functional import call_jvp, check_cond, chunks, forward_ad_call, linear_jvp, silu_jvp, to_dtype
 from . import Attention, JvpModule, Mlp, RMSNorm, SwiGLUFFN, rms_gain
 
@@ -140,7 +140,8 @@ class PreNormBlock(JvpModule):
         x = x + mlp(norm2(x))
 
     The attention residual and norm2 run as one fused kernel (the RMSNorm-adaLN kernel with a
-    unit gate and zero scale)."""
+    unit gate and zero scale). dmf_kernels.nn.act_ckpt checkpoints it (its jvp pass once in the
+    forward, the primal recomputed in the backward)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm="rms",
                  mlp: str = "swiglu"):
@@ -158,6 +159,12 @@ class PreNormBlock(JvpModule):
 
     def forward_jvp(self, x: Tensor, x_dot: Optional[Tensor], rope=None):
         x_dot = check_tangent("PreNormBlock", "x_dot", x_dot, x)
+        if getattr(self, "act_ckpt", False) and torch.is_grad_enabled():  # dmf_kernels.nn.act_ckpt
+            return checkpointed(lambda x, x_dot: self.step(x, x_dot, rope), (x,), (x_dot,))
+        return self.step(x, x_dot, rope)
+
+    def step(self, x, x_dot, rope):
+        """The block's jvp pass: (out, out_dot)."""
         h, h_dot = call_jvp(self.norm1, x, x_dot)
         a, a_dot = (self.attn(h, rope=rope), None) if h_dot is None else self.attn.forward_jvp(h, h_dot, rope=rope)
         a, a_dot = to_dtype(x.dtype, a, a_dot)

@@ -2,9 +2,10 @@
 float64, the gradients of the trainer's DMF loss with checkpointing equal those without (to
 rounding: the recompute runs the same ops on the same inputs, only the gradient sums' order
 differs), through model_jvp, torch.func.jvp and torch.autograd.forward_ad, for DMFT in several
-flag sets and a DiT patched by dmf_kernels.patch; the recompute really happens (each block's
-step runs again in the backward, without tangents), and the tensors kept for the backward
-shrink. Under FSDP2: tests/fsdp_worker.py (the act-ckpt cases)."""
+flag sets and a DiT patched by dmf_kernels.patch, and for a stack of PreNormBlocks (also with
+compiled blocks); the recompute really happens (each block's step runs again in the backward,
+without tangents), and the tensors kept for the backward shrink. Under FSDP2:
+tests/fsdp_worker.py (the act-ckpt cases)."""
 import copy
 import functools
 import sys
@@ -17,10 +18,11 @@ import torch.autograd.forward_ad as fwAD
 import dmf_kernels as dk
 from dmf import DMFT
 from dmf.loss import dmf_loss, draw
+from dmf_kernels import nn as dnn
 from dmf_kernels.nn import act_ckpt
 from dmf_kernels.nn import blocks as nn_blocks
 
-from conftest import randomize_params
+from conftest import PreNormStack, randomize_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -147,6 +149,88 @@ def test_patched_dit_and_switching_off():
     for a, b in zip(*grads):  # the gradient sums' order differs: rounding relative to the largest entry
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * b.abs().max().item())
     assert act_ckpt(model, False) == 2 and not any(getattr(b, "act_ckpt") for b in model.blocks)
+
+
+# ---- PreNormBlock (no adaLN; its own jvp pass is checkpointed, not the block driver's step) ----
+def prenorm(depth=3):
+    return randomize_params(PreNormStack(depth).double())
+
+
+def prenorm_jvp_loss(model, jvp):
+    """(loss, out_dot, gradients) of a loss on the jvp's primal output and its (detached) tangent."""
+    g = torch.Generator().manual_seed(2)
+    x, x_dot, w = (torch.randn(2, 9, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    model.zero_grad(set_to_none=True)
+    out, out_dot = jvp(model, (x,), (x_dot,))
+    out_dot = out_dot.detach()
+    loss = (out * w).sum() + (out * out_dot).sum()
+    loss.backward()
+    return loss.detach(), out_dot, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def compiled_model_jvp(model, primals, tangents):
+    """model_jvp under torch.compile (aot_eager: Dynamo and AOTAutograd's joint graph; the
+    checkpoint becomes Dynamo's checkpoint operator). The whole call is compiled, as in a compiled
+    training step: a block compiled alone would get dual inputs, which AOTAutograd refuses."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    out = torch.compile(lambda *p: dk.model_jvp(model, p, tangents), backend="aot_eager")(*primals)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # all of it compiled
+    return out
+
+
+@pytest.mark.parametrize("jvp", ["model_jvp", "func_jvp", "forward_ad", "compiled"])
+def test_prenorm_gradients_and_tangents_equal_without(jvp):
+    ref = prenorm()
+    model = copy.deepcopy(ref)
+    assert act_ckpt(model) == 3 and all(b.act_ckpt for b in model.blocks)
+    run = compiled_model_jvp if jvp == "compiled" else JVPS[jvp]
+    (loss, out_dot, grads), (loss_r, out_dot_r, grads_r) = prenorm_jvp_loss(model, run), prenorm_jvp_loss(ref, run)
+    assert torch.equal(out_dot, out_dot_r)  # the tangent: the same jvp pass, computed once
+    assert_same((loss, grads), (loss_r, grads_r))
+
+
+def test_prenorm_recompute_runs_each_block_again_without_tangents(monkeypatch):
+    model = prenorm()
+    act_ckpt(model)
+    calls, real = [], dnn.PreNormBlock.step
+
+    def spy(self, x, x_dot, rope):
+        calls.append((torch.is_grad_enabled(), x_dot is not None))
+        return real(self, x, x_dot, rope)
+
+    monkeypatch.setattr(dnn.PreNormBlock, "step", spy)
+    g = torch.Generator().manual_seed(3)
+    x, x_dot = (torch.randn(2, 9, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    out, out_dot = dk.model_jvp(model, (x,), (x_dot,))
+    assert calls == [(True, True)] * 3
+    (out * out_dot).sum().backward()
+    assert calls[3:] == [(True, False)] * 3
+    with torch.no_grad():  # no backward can follow: not checkpointed
+        model(x)
+    assert len(calls) == 9
+
+
+def prenorm_saved_bytes(model):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, out_dot = dk.model_jvp(model, (x,), (torch.ones_like(x),))
+    (out * out_dot).sum().backward()
+    return sum(seen.values())
+
+
+def test_prenorm_fewer_tensors_kept_for_the_backward():
+    ref = prenorm(depth=6)
+    model = copy.deepcopy(ref)
+    act_ckpt(model)
+    with_ckpt, without = prenorm_saved_bytes(model), prenorm_saved_bytes(ref)
+    assert with_ckpt < 0.3 * without, (with_ckpt, without)
 
 
 def test_bad_input():
