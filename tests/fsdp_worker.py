@@ -2,13 +2,17 @@
 float64 model, an unsharded copy, shards the model with FSDP2 (fully_shard per block, then the
 root) and measures the largest difference to the copy of: the forward, the gradients after a
 backward (through full_tensor()), dmf_kernels.model_jvp (output and tangent, and the gradients of
-a loss on its output) and torch.func.jvp. Rank 0 writes {case: {check: error or "raised: ..."}}
-as JSON to argv[1]; argv[2:] are the case names (all when none)."""
+a loss on its output) and torch.func.jvp. Every flag combination of DMFT and the patched
+LightningDiT: fsdp_combos.py, in the same run. Rank 0 writes {case: {check: error or "raised: ..."}}
+(each check's largest error over the ranks) as JSON to argv[1]; argv[2:] are the case names (all
+when none). FSDP_WORKER_TRACE=1 prints the tracebacks of raising cases, FSDP_WORKER_TIMES=1 each
+case's seconds."""
 import copy
 import functools
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -20,7 +24,8 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # replicas, conftest helpers
 import dmf_kernels as dk  # noqa: E402
 from dmf_kernels import nn as dnn  # noqa: E402
-from conftest import randomize_params as randomize  # noqa: E402
+from conftest import PreNormStack, randomize_params as randomize  # noqa: E402
+import fsdp_combos  # noqa: E402
 
 D, H, B, N = 16, 2, 2, 4   # hidden, heads, batch, tokens (a 2 x 2 grid for the rotary embedding)
 
@@ -132,6 +137,19 @@ CASES = {
     "LabelEmbedder": module_case(lambda: dnn.LabelEmbedder(5, D), lambda: (torch.tensor([1, 5]),), jvp=False),
     "PatchEmbed": module_case(lambda: dnn.PatchEmbed(4, 2, 3, D), lambda: (rnd(B, 3, 4, 4),)),
 }
+
+
+def prenorm_act_ckpt():
+    """PreNormBlocks, each its own unit, checkpointed (act_ckpt after fully_shard) against the
+    unsharded stack without checkpointing."""
+    ref = randomize(PreNormStack(depth=2, dim=D, heads=H, grid=2).double())
+    model = copy.deepcopy(ref)
+    shard(model, list(model.blocks))
+    assert dnn.act_ckpt(model) == 2
+    return compare(model, ref, lambda m, x: m(x), (rnd(B, N, D),), (rnd(B, N, D, seed=9),))
+
+
+CASES["PreNormBlock-act-ckpt"] = prenorm_act_ckpt
 
 
 # ---- dmf.DMFT: per-block units, then the root --------------------------------------------------
@@ -279,21 +297,9 @@ CASES["DMFT-bf16-mixed-precision"] = dmft_bf16
 
 
 # ---- models dmf_kernels.patch handles: patched, then sharded ------------------------------------
-def replica_rms_in_input_dtype():
-    """The replicas' RMSNorms compute their statistic in fp32 even for fp64 input; the patch
-    self-checks compare formulas in fp64 (as tests/conftest.py's rms_statistic_in_input_dtype)."""
-    from replicas import lightningdit as rl, official_dmf as rdmf
-
-    def rms(self, x, w):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (x.to(acc) * torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * w
-    rl.RMSNorm.forward = lambda self, x: rms(self, x, self.weight)
-    rdmf.RMSNorm.forward = lambda self, x: rms(self, x, self.scale.to(x.dtype))
-
-
 def replica(kind, **flags):
     from replicas import dit as rd, lightningdit as rl, official_dmf as rdmf
-    replica_rms_in_input_dtype()
+    fsdp_combos.replica_rms_in_input_dtype()
     (x, t, r), y = dmft_batch()
     kw = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=D, depth=2, num_heads=H, num_classes=5)
     if kind == "DiT":
@@ -428,11 +434,26 @@ def all_gathers():
 CASES["all-gathers-once-per-unit"] = all_gathers
 
 
+def merged(results):
+    """Every rank's results of one case in one: the largest error per check, a raise wins."""
+    out = {}
+    for res in results:
+        if "raised" in res:
+            return res
+        for k, v in res.items():
+            out[k] = max(out.get(k, v), v)
+    return out
+
+
+fsdp_combos.add_cases(sys.modules[__name__], CASES)
+
+
 def main():
     dist.init_process_group("gloo")
     names = sys.argv[2:] or list(CASES)
     results = {}
     for name in names:
+        start = time.perf_counter()
         try:
             with torch.compiler.set_stance("force_eager"):
                 results[name] = {**CASES, **BY_NAME_ONLY}[name]()
@@ -440,7 +461,18 @@ def main():
             results[name] = {"raised": f"{type(e).__name__}: {e}"[:2000]}
             if os.environ.get("FSDP_WORKER_TRACE"):
                 traceback.print_exc()
+        if os.environ.get("FSDP_WORKER_TIMES") and dist.get_rank() == 0:
+            print(f"{name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    for name, check in fsdp_combos.DEFERRED:  # no collectives: each rank its share, at once
+        try:
+            results[name].update(check())
+        except Exception as e:
+            results[name] = {"raised": f"reference check: {type(e).__name__}: {e}"[:2000]}
+    # some checks run on one rank only (fsdp_combos.py's reference checks), and a rank may fail alone
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
+        results = {name: merged([g[name] for g in gathered]) for name in names}
         Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
 
