@@ -9,18 +9,20 @@ use_swiglu the MLP (SwiGLUFFN or Mlp); use_rope the attention call (rotary table
 kernels) and, with a qk-norm, its order with the rotation. They meet in the same kernels, so all
 combinations run, not a pairwise subset: at ~0.2 s a combination, all 80 cost ~20 s.
 
-A cheaper check per combination than the worker's named cases (which keep theirs): depth 2
-(the pending residual crosses a unit boundary; block 0 is the encoder, with the conditioning's
-tangent, block 1 the decoder, without), one model each, forward, backward, model_jvp and the
-backward of a loss on its output; no torch.func.jvp. The unsharded reference itself is checked
-per combination: its model_jvp against torch.func.jvp and against central differences of its
-plain forward (independent of our jvp pass), shared out between the ranks (rank i takes every
-world-th combination), since each rank would compute the same numbers. The patched LightningDiT's
-unsharded model_jvp is checked against the unpatched original's torch.func.jvp for all 32
-combinations in tests/kernels/test_lightningdit.py.
+A cheaper check per combination than the worker's named cases (which keep theirs): one model of
+depth 1 each (its pending residual crosses into the root unit's final layer; the crossing between
+two block units is in the named cases), DMFT's block alternately an encoder (dmf_depth 1: c_t,
+with t's tangent) and a decoder (dmf_depth 0: c_r, no conditioning tangent); forward, backward,
+model_jvp and the backward of a loss on its output, no torch.func.jvp; gradients compared shard by
+shard. The unsharded reference itself is checked per combination: its model_jvp against
+torch.func.jvp and its tangent against central differences of its plain forward (independent of
+our jvp pass: a tangent 0.1% off gives 1e-3, the combinations at most 2.1e-9 of the tangent's size),
+shared out between the ranks and run after the sharded cases. The patched LightningDiT's unsharded
+model_jvp is also checked against the unpatched original's torch.func.jvp for all 32 combinations
+in tests/kernels/test_lightningdit.py.
 
-Case names list the flags that are on: "DMFT-flags-swiglu-rope-rmsnorm-woshift-qknorm",
-"LightningDiT-flags-none"."""
+Case names list the flags that are on: "DMFT-flags-swiglu-rope-rmsnorm-woshift-qknorm-dmfdepth0",
+"DMFT-flags-rope-officialqk-dmfdepth0" (qk_norm: the official DMF's), "LightningDiT-flags-none"."""
 import contextlib
 import copy
 import functools
@@ -136,8 +138,8 @@ def reference_checks(w, ref, call, primals, tangents):
     with embedding_in_float64(), torch.no_grad():
         out, out_dot = w.dk.model_jvp(functools.partial(call, ref), primals, tangents)
         o, d = torch.func.jvp(functools.partial(call, ref), primals, zeros)
-        # float64: truncation eps^2 / 6 times a third derivative (up to ~1e5 here: the LayerNorm
-        # models' tangents reach 40), rounding ~1e-16 / eps: measured 1e-9 of the tangent's size
+        # float64: truncation eps^2 / 6 times a third derivative (large here: the LayerNorm models'
+        # tangents reach 40; at eps 1e-5 the error was 1e-7 of the tangent), rounding ~1e-16 / eps
         eps = 1e-6
         plus = call(ref, *(p + eps * t for p, t in zip(primals, zeros)))
         minus = call(ref, *(p - eps * t for p, t in zip(primals, zeros)))
