@@ -463,11 +463,14 @@ def main():
                 traceback.print_exc()
         if os.environ.get("FSDP_WORKER_TIMES") and dist.get_rank() == 0:
             print(f"{name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    start = time.perf_counter()
     for name, check in fsdp_combos.DEFERRED:  # no collectives: each rank its share, at once
         try:
             results[name].update(check())
         except Exception as e:
             results[name] = {"raised": f"reference check: {type(e).__name__}: {e}"[:2000]}
+    if os.environ.get("FSDP_WORKER_TIMES") and dist.get_rank() == 0:
+        print(f"reference checks: {time.perf_counter() - start:.2f} s", file=sys.stderr)
     # some checks run on one rank only (fsdp_combos.py's reference checks), and a rank may fail alone
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
