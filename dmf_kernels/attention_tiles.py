@@ -213,6 +213,8 @@ def _load_bias(base, q_rows, k_cols, smm, smn, q_ok, k_ok, MASK: tl.constexpr, T
         else:
             return bias[None, :]
     else:
+        # int64 offsets: a dense bias of NQ x NK elements passes 2^31 at N = 46341 (int32 would wrap)
+        q_rows, k_cols = q_rows.to(tl.int64), k_cols.to(tl.int64)
         if TRANS:
             ptrs = base + q_rows[None, :] * smm + k_cols[:, None] * smn
             return tl.load(ptrs, mask=q_ok[None, :] & k_ok[:, None], other=float("-inf")).to(tl.float32)
