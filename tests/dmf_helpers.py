@@ -87,8 +87,28 @@ NEUTRAL_CWD = tempfile.gettempdir()
 
 
 def env_with_paths(**extra):
+    # PYTHONFAULTHANDLER: a subprocess (a torchrun rank, the dmf CLI) that dies on SIGSEGV / SIGABRT /
+    # SIGBUS / SIGFPE / SIGILL writes every thread's Python stack to its stderr ("Fatal Python error"),
+    # which failure_text shows first; without it a crashed rank leaves only "exitcode: -11".
     return dict(os.environ, PYTHONPATH=os.pathsep.join([*package_paths(), os.environ.get("PYTHONPATH", "")]),
-                **extra)
+                PYTHONFAULTHANDLER="1", **extra)
+
+
+FAULT = "Fatal Python error"
+
+
+def failure_text(stderr, tail=3000, dump=6000):
+    """A failed subprocess's stderr for an assertion message: every fault handler dump first (each
+    from its "Fatal Python error" line, up to `dump` characters: torchrun's own traceback and the
+    ranks' warnings after it would push it out of a plain tail), then the last `tail` characters."""
+    dumps, at = [], stderr.find(FAULT)
+    while at >= 0:
+        nxt = stderr.find(FAULT, at + 1)
+        dumps.append(stderr[at:min(at + dump, nxt if nxt >= 0 else len(stderr))])
+        at = nxt
+    if not dumps:
+        return stderr[-tail:]
+    return "\n".join(["fault handler output:", *dumps, f"... stderr's last {tail} characters:", stderr[-tail:]])
 
 
 def run_dmf(args, nproc=1, timeout=600, **env):

@@ -4,13 +4,22 @@ root) and measures the largest difference to the copy of: the forward, the gradi
 backward (through full_tensor()), dmf_kernels.model_jvp (output and tangent, and the gradients of
 a loss on its output) and torch.func.jvp. Rank 0 writes {case: {check: error or "raised: ..."}}
 as JSON to argv[1]; argv[2:] are the case names (all when none)."""
-import copy
-import functools
-import json
-import os
+import faulthandler
+import signal
 import sys
-import traceback
-from pathlib import Path
+
+# Before anything else: a rank that crashes in C++ (SIGSEGV, SIGABRT, ...) writes every thread's Python
+# stack to stderr, and one that torchrun ends with SIGTERM because another rank died writes where it
+# was waiting (chain: then it terminates as before). test_fsdp.py shows these first on a failure.
+faulthandler.enable(all_threads=True)
+faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+
+import copy  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch
 import torch.distributed as dist
@@ -359,11 +368,26 @@ def all_gathers():
 CASES["all-gathers-once-per-unit"] = all_gathers
 
 
+def segfault_on_rank_1():
+    """Run by name only (test_fsdp.py's check of what a crash leaves): rank 1 reads address 0 in C
+    code, rank 0 waits for it in a barrier until torchrun ends it with SIGTERM."""
+    if dist.get_rank() == 1:
+        import ctypes
+        ctypes.string_at(0)
+    dist.barrier()
+    return {}
+
+
+BY_NAME_ONLY["segfault-on-rank-1"] = segfault_on_rank_1
+
+
 def main():
     dist.init_process_group("gloo")
     names = sys.argv[2:] or list(CASES)
     results = {}
     for name in names:
+        # one line per case: a crash dump follows the case it happened in
+        print(f"fsdp_worker rank {dist.get_rank()}: case {name}", file=sys.stderr, flush=True)
         try:
             with torch.compiler.set_stance("force_eager"):
                 results[name] = {**CASES, **BY_NAME_ONLY}[name]()

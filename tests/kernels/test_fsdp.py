@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dmf_helpers import NEUTRAL_CWD, env_with_paths
+from dmf_helpers import NEUTRAL_CWD, env_with_paths, failure_text
 
 WORKER = Path(__file__).resolve().parent.parent / "fsdp_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -25,12 +25,16 @@ import fsdp_worker  # noqa: E402  (the case names)
 FOUR_RANKS = ["DMFT-lightning-reshard1", "DiTBlock-lightning", "patched-LightningDiT"]
 
 
-def run_worker(tmp_path, nproc, cases=()):
-    out = tmp_path / f"fsdp_{nproc}.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+def launch(out, nproc, cases=()):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), str(WORKER), str(out), *cases], env=env_with_paths(), cwd=NEUTRAL_CWD,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def run_worker(tmp_path, nproc, cases=()):
+    out = tmp_path / f"fsdp_{nproc}.json"
+    proc = launch(out, nproc, cases)
+    assert proc.returncode == 0, failure_text(proc.stderr)
     return json.loads(out.read_text())
 
 
@@ -60,3 +64,17 @@ def test_two_ranks(two, name):
 @pytest.mark.parametrize("name", FOUR_RANKS)
 def test_four_ranks(four, name):
     check(name, four[name])
+
+
+def test_a_crashed_rank_leaves_its_stack(tmp_path):
+    """A rank that dies in C code leaves its Python stack (faulthandler in the worker), which the
+    failure message shows first, with the case it was in (a rank that torchrun then ends with SIGTERM
+    also dumps its stack, if it is still running). CI run 2's segfault of rank 1 left only "exitcode: -11"."""
+    proc = launch(tmp_path / "out.json", 2, ["segfault-on-rank-1"])
+    assert proc.returncode != 0
+    msg = failure_text("W: a warning\n" * 1000 + proc.stderr, tail=500)
+    assert msg.startswith("fault handler output:\nFatal Python error: Segmentation fault"), msg[:3000]
+    dump = msg[:msg.index("stderr's last")]
+    assert "in segfault_on_rank_1" in dump, msg
+    assert "fsdp_worker rank 1: case segfault-on-rank-1" in proc.stderr, proc.stderr[-3000:]
+    assert "exitcode: -11" in proc.stderr, proc.stderr[-3000:]
