@@ -21,10 +21,14 @@ import os  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch
-import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+# and before faulthandler's dump, c10's handler prints every thread's C++ frames: a crash in gloo's
+# threads, FSDP's collectives or our ops has no Python frame of its own
+torch._C._set_print_stack_traces_on_fatal_signal(True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # replicas, conftest helpers
 import dmf_kernels as dk  # noqa: E402

@@ -67,14 +67,17 @@ def test_four_ranks(four, name):
 
 
 def test_a_crashed_rank_leaves_its_stack(tmp_path):
-    """A rank that dies in C code leaves its Python stack (faulthandler in the worker), which the
-    failure message shows first, with the case it was in (a rank that torchrun then ends with SIGTERM
-    also dumps its stack, if it is still running). CI run 2's segfault of rank 1 left only "exitcode: -11"."""
+    """A rank that dies in C code leaves its threads' C++ frames and its Python stack (c10's handler
+    and faulthandler in the worker), which the failure message shows first, and the case it was in
+    (a rank that torchrun then ends with SIGTERM also dumps its stack, if it is still running). CI
+    run 2's segfault of rank 1 left only "exitcode: -11"."""
     proc = launch(tmp_path / "out.json", 2, ["segfault-on-rank-1"])
     assert proc.returncode != 0
     msg = failure_text("W: a warning\n" * 1000 + proc.stderr, tail=500)
-    assert msg.startswith("fault handler output:\nFatal Python error: Segmentation fault"), msg[:3000]
+    assert msg.startswith("crash dumps:\nSIGSEGV(11), PID: "), msg[:3000]
     dump = msg[:msg.index("stderr's last")]
+    # C++ frames (c10's handler: the crashing thread's, ctypes' here), then Python's
+    assert "ffi_call" in dump and "Fatal Python error: Segmentation fault" in dump, msg
     assert "in segfault_on_rank_1" in dump, msg
     assert "fsdp_worker rank 1: case segfault-on-rank-1" in proc.stderr, proc.stderr[-3000:]
     assert "exitcode: -11" in proc.stderr, proc.stderr[-3000:]
