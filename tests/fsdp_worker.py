@@ -10,9 +10,11 @@ import sys
 
 # Before anything else: a rank that crashes in C++ (SIGSEGV, SIGABRT, ...) writes every thread's Python
 # stack to stderr, and one that torchrun ends with SIGTERM because another rank died writes where it
-# was waiting (chain: then it terminates as before). test_fsdp.py shows these first on a failure.
-faulthandler.enable(all_threads=True)
-faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+# was waiting (chain: then it terminates as before). test_fsdp.py shows these first on a failure. Only
+# as the worker: test_fsdp.py imports this file for the case names, and its process keeps its handlers.
+if __name__ == "__main__":
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
 
 import copy  # noqa: E402
 import functools  # noqa: E402
@@ -28,7 +30,8 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 # and before faulthandler's dump, c10's handler prints every thread's C++ frames: a crash in gloo's
 # threads, FSDP's collectives or our ops has no Python frame of its own
-torch._C._set_print_stack_traces_on_fatal_signal(True)
+if __name__ == "__main__":
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # replicas, conftest helpers
 import dmf_kernels as dk  # noqa: E402
