@@ -91,8 +91,10 @@ def env_with_paths(**extra):
     # PYTHONFAULTHANDLER: a subprocess (a torchrun rank, the dmf CLI) that dies on SIGSEGV / SIGABRT /
     # SIGBUS / SIGFPE / SIGILL writes every thread's Python stack to its stderr ("Fatal Python error"),
     # which failure_text shows first; without it a crashed rank leaves only "exitcode: -11".
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([*package_paths(), os.environ.get("PYTHONPATH", "")]),
-                PYTHONFAULTHANDLER="1", **extra)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*package_paths(), os.environ.get("PYTHONPATH", "")]),
+               PYTHONFAULTHANDLER="1")
+    env.update(extra)
+    return env
 
 
 # Where a crash dump starts: c10's C++ frames (SIGSEGV(11), PID: ..., Thread ...: a worker that switched
