@@ -11,6 +11,10 @@ Environment switches:
     DMF_KERNELS_CPU_ARCH       CPU code generation: avx2 (default on x86-64: AVX2 + FMA),
                                native (-march=native, e.g. AVX-512; not portable), none (baseline)
     DEBUG=1                    -O0 -g, assertions on
+    DMF_KERNELS_SANITIZE=1     -O1 -g with AddressSanitizer + UBSan (aborting at the first report); for
+                               `make sanitize-cpu`, which builds it apart from the package (build_ext
+                               --build-lib build-asan) and loads it with DMF_KERNELS_C_LIB and the ASan
+                               runtime preloaded
     MAX_JOBS                   parallel compile jobs (ninja)
 """
 import os
@@ -149,12 +153,16 @@ def extension(cuda):
     sources = read_sources()
     debug = flag("DEBUG")
     opt = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3", "-DNDEBUG"]
+    link = ["-fopenmp"]
+    if flag("DMF_KERNELS_SANITIZE"):
+        # as the CUDA emulation's sanitize variant (csrc/emu/build.py); assertions stay on
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        opt = ["-O1", "-g", "-fno-omit-frame-pointer", "-UNDEBUG"] + sanitize
+        link += sanitize
     cxx = opt + ["-std=c++20", "-fopenmp", "-DDMF_BUILD_TOOL=\"setuptools\""] + cpu_arch_flags(cuda)
     files = sources["cpu"]
     if not cuda:
-        return CppExtension(
-            "dmf_kernels._C", files, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
-        )
+        return CppExtension("dmf_kernels._C", files, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     cuda_version = torch.version.cuda or ""
     cxx += [f'-DDMF_CUDA_ARCHS="{archs}"', f'-DDMF_CUDA_VERSION="{cuda_version}"']
@@ -165,7 +173,7 @@ def extension(cuda):
         "dmf_kernels._C",
         files + sources["cuda"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

@@ -61,7 +61,25 @@ def _check_cpu_arch(config):
 _check_torch(_build_config())
 _check_cpu_arch(_build_config())
 
-from . import _C  # noqa: E402,F401  (registers the ops)
+
+def _load_other_build(path):
+    # DMF_KERNELS_C_LIB: another build of _C loaded in its place, e.g. make sanitize-cpu's ASan + UBSan
+    # build (build-asan/), which must not replace the package's own
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+    if spec is None:
+        raise ImportError(f"DMF_KERNELS_C_LIB={path} is not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if os.environ.get("DMF_KERNELS_C_LIB"):
+    _C = _load_other_build(os.environ["DMF_KERNELS_C_LIB"])
+else:
+    from . import _C  # noqa: E402,F401  (registers the ops)
 
 ops = torch.ops.dmf_kernels
 

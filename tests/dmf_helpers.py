@@ -2,6 +2,7 @@
 random-weight AutoencoderKL saved with save_pretrained, a random-weight Inception file in the
 format torch-fidelity's FeatureExtractorInceptionV3 loads, and a subprocess runner for torchrun."""
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -87,8 +88,31 @@ NEUTRAL_CWD = tempfile.gettempdir()
 
 
 def env_with_paths(**extra):
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([*package_paths(), os.environ.get("PYTHONPATH", "")]),
-                **extra)
+    # PYTHONFAULTHANDLER: a subprocess (a torchrun rank, the dmf CLI) that dies on SIGSEGV / SIGABRT /
+    # SIGBUS / SIGFPE / SIGILL writes every thread's Python stack to its stderr ("Fatal Python error"),
+    # which failure_text shows first; without it a crashed rank leaves only "exitcode: -11".
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*package_paths(), os.environ.get("PYTHONPATH", "")]),
+               PYTHONFAULTHANDLER="1")
+    env.update(extra)
+    return env
+
+
+# Where a crash dump starts: c10's C++ frames (SIGSEGV(11), PID: ..., Thread ...: a worker that switched
+# them on) or faulthandler's Python frames.
+FAULT = re.compile(r"^(SIG[A-Z]+\(\d+\), PID: \d+, Thread \d+:|Fatal Python error: )", re.M)
+
+
+def failure_text(stderr, tail=3000, dump=6000, most=30000):
+    """A failed subprocess's stderr for an assertion message: the crash dumps first (each thread's
+    C++ frames, faulthandler's Python frames; each section up to `dump` characters, `most` in all:
+    torchrun's own traceback and the ranks' warnings after them would push them out of a plain tail),
+    then the last `tail` characters."""
+    starts = [m.start() for m in FAULT.finditer(stderr)]
+    if not starts:
+        return stderr[-tail:]
+    sections = [stderr[a:min(a + dump, b)] for a, b in zip(starts, starts[1:] + [len(stderr)])]
+    return "\n".join(["crash dumps:", "\n".join(sections)[:most], f"... stderr's last {tail} characters:",
+                      stderr[-tail:]])
 
 
 def run_dmf(args, nproc=1, timeout=600, **env):

@@ -7,19 +7,35 @@ LightningDiT: fsdp_combos.py, in the same run. Rank 0 writes {case: {check: erro
 (each check's largest error over the ranks) as JSON to argv[1]; argv[2:] are the case names (all
 when none). FSDP_WORKER_TRACE=1 prints the tracebacks of raising cases, FSDP_WORKER_TIMES=1 each
 case's seconds."""
-import copy
-import functools
-import json
-import os
+import faulthandler
+import signal
 import sys
-import time
-import traceback
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+# Before anything else: a rank that crashes in C++ (SIGSEGV, SIGABRT, ...) writes every thread's Python
+# stack to stderr, and one that torchrun ends with SIGTERM because another rank died writes where it
+# was waiting (chain: then it terminates as before). test_fsdp.py shows these first on a failure. Only
+# as the worker: test_fsdp.py imports this file for the case names, and its process keeps its handlers.
+if __name__ == "__main__":
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+
+import copy  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+# and before faulthandler's dump, c10's handler prints every thread's C++ frames: a crash in gloo's
+# threads, FSDP's collectives or our ops has no Python frame of its own
+if __name__ == "__main__":
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # replicas, conftest helpers
 import dmf_kernels as dk  # noqa: E402
@@ -448,11 +464,26 @@ def merged(results):
 fsdp_combos.add_cases(sys.modules[__name__], CASES)
 
 
+def segfault_on_rank_1():
+    """Run by name only (test_fsdp.py's check of what a crash leaves): rank 1 reads address 0 in C
+    code, rank 0 waits for it in a barrier until torchrun ends it with SIGTERM."""
+    if dist.get_rank() == 1:
+        import ctypes
+        ctypes.string_at(0)
+    dist.barrier()
+    return {}
+
+
+BY_NAME_ONLY["segfault-on-rank-1"] = segfault_on_rank_1
+
+
 def main():
     dist.init_process_group("gloo")
     names = sys.argv[2:] or list(CASES)
     results = {}
     for name in names:
+        # one line per case: a crash dump follows the case it happened in
+        print(f"fsdp_worker rank {dist.get_rank()}: case {name}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
             with torch.compiler.set_stance("force_eager"):

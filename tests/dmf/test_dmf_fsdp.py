@@ -16,7 +16,7 @@ from dmf.checkpoint import build_model
 from dmf.convert import model_from_checkpoint, read
 from dmf.errors import DMFError
 from dmf.train import TrainConfig, train
-from dmf_helpers import run_dmf
+from dmf_helpers import failure_text, run_dmf
 
 ARGS = ["--stage", "dmf", "--model", "DMFT-Ti/4", "--batch-size", "8", "--omega", "0.3", "--g-max", "0.9",
         "--no-progress", "--ckpt-every", "2", "--fsdp"]
@@ -35,7 +35,7 @@ def tensors(ck):
 
 def run(args, nproc, **env):
     proc = run_dmf(["train", *ARGS, *args], nproc=nproc, timeout=600, **env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_text(proc.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def resumed(full, tmp_path, nproc, killed=False):
     args = ["--steps", "4", "--out", str(out), "--resume", *(["--act-ckpt"] if nproc == 2 else [])]
     if killed:  # kill -9 of rank 0 in step 4's save: every rank's shards written, not committed
         proc = run_dmf(["train", *ARGS, *args], nproc=nproc, timeout=600, DMF_TEST_SIGKILL_BEFORE_COMMIT="4")
-        assert proc.returncode != 0 and "SIGKILL" in proc.stderr, proc.stderr[-3000:]
+        assert proc.returncode != 0 and "SIGKILL" in proc.stderr, failure_text(proc.stderr)
         torn = out / "checkpoints" / f".tmp-{sharding.PREFIX}00000004"
         assert (torn / ".metadata").is_file() and not (torn / "meta.pt").exists()
         assert sharding.latest(out / "checkpoints").name == step2.name
@@ -91,10 +91,10 @@ def test_resume_at_another_world_size(full, tmp_path, nproc):
 def test_sample_and_convert_the_sharded_checkpoint(full, tmp_path):
     ck = sharding.latest(full / "checkpoints")
     proc = run_dmf(["sample", "--ckpt", str(ck), "--steps", "1", "--n", "4", "--out", str(tmp_path / "s.npz")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_text(proc.stderr)
     assert (tmp_path / "s.npz").is_file()
     proc = run_dmf(["convert", str(ck), str(tmp_path / "one.pt")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_text(proc.stderr)
     model, _ = model_from_checkpoint(tmp_path / "one.pt")
     ema = read(ck)["ema"]
     for k, v in model.state_dict().items():

@@ -15,7 +15,7 @@ from dmf.data import LatentFolder  # noqa: E402
 from dmf.errors import DMFError  # noqa: E402
 from dmf.prepare import load_image, prepare  # noqa: E402
 from dmf.train import TrainConfig, train  # noqa: E402
-from dmf_helpers import make_image_folder, make_tiny_vae, run_dmf  # noqa: E402
+from dmf_helpers import failure_text, make_image_folder, make_tiny_vae, run_dmf  # noqa: E402
 
 RES = 16                      # pixels; the tiny VAE halves it: latents 4 x 8 x 8
 
@@ -137,7 +137,7 @@ def test_train_and_sample_two_processes(pipe, tmp_path):
     # prepare split over 2 ranks (chunks 0, 2 and 1) writes what 1 process wrote
     p = run_dmf(["prepare", str(pipe / "src"), str(tmp_path / "lat2"), "--resolution", str(RES), "--vae",
                  str(pipe / "vae"), "--batch-size", "5", "--no-progress"], nproc=2)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, failure_text(p.stderr)
     np.testing.assert_allclose(np.load(tmp_path / "lat2" / "latents.npy").astype(np.float32),
                                np.load(pipe / "lat" / "latents.npy").astype(np.float32), rtol=2e-3, atol=1e-4)
     assert json.loads((tmp_path / "lat2" / "dataset.json").read_text())["count"] == 12
@@ -145,7 +145,7 @@ def test_train_and_sample_two_processes(pipe, tmp_path):
     args = ["train", "--stage", "flow", "--data", lat, "--model", "DMFT-Ti/2", "--steps", "3", "--batch-size", "8",
             "--no-progress", "--workers", "1"]
     p = run_dmf(args + ["--out", str(tmp_path / "ddp")], nproc=2)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, failure_text(p.stderr)
     one = read(train(TrainConfig(stage="flow", data=lat, model="DMFT-Ti/2", steps=3, batch_size=8, progress=False,
                                  out=str(tmp_path / "one"), workers=0)))
     two = read(tmp_path / "ddp" / "checkpoints" / "last.pt")
@@ -156,7 +156,7 @@ def test_train_and_sample_two_processes(pipe, tmp_path):
     s = ["sample", "--ckpt", ck, "--steps", "2", "--num-samples", "10", "--batch-size", "4", "--no-progress",
          "--cfg", "1.5", "--g-max", "0.7"]
     p = run_dmf(s + ["--out", str(tmp_path / "s2")], nproc=2, OMP_NUM_THREADS="1")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, failure_text(p.stderr)
     threads = torch.get_num_threads()
     try:   # 1 process in this one, with the ranks' single thread
         torch.set_num_threads(1)
@@ -275,7 +275,7 @@ def test_memory_map_keeps_resident_memory_flat(tmp_path):
     p = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), str(400 << 20)],
                        env=env_with_paths(OMP_NUM_THREADS="1"), cwd=NEUTRAL_CWD, capture_output=True, text=True,
                        timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, failure_text(p.stderr)
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert size > 800e6 and res["whole"] == "MemoryError"
     rss = res["rss_anon"]

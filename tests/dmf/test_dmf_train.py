@@ -14,7 +14,7 @@ import torch
 from dmf.convert import read
 from dmf.errors import DMFError
 from dmf.train import TrainConfig, train
-from dmf_helpers import NEUTRAL_CWD, env_with_paths
+from dmf_helpers import NEUTRAL_CWD, env_with_paths, failure_text
 
 # DMFT-Ti/4 on the 8x8 digits: 4 tokens, a few ms per step
 TINY = dict(model="DMFT-Ti/4", batch_size=8, progress=False, log_every=1, omega=0.3, g_max=0.9)
@@ -55,7 +55,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "dmf", "train", *args, "--act-ckpt", "--out", str(tmp_path / "ddp")], env=env_with_paths(),
                           cwd=NEUTRAL_CWD, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_text(proc.stderr)
     one = read(train(TrainConfig(stage="dmf", steps=3, out=str(tmp_path / "one"), omega=0.3, g_max=0.9,
                                  model="DMFT-Ti/4", batch_size=8, progress=False, ckpt_every=100)))
     two = read(tmp_path / "ddp" / "checkpoints" / "last.pt")

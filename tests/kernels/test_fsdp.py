@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dmf_helpers import NEUTRAL_CWD, env_with_paths
+from dmf_helpers import NEUTRAL_CWD, env_with_paths, failure_text
 
 WORKER = Path(__file__).resolve().parent.parent / "fsdp_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -29,12 +29,16 @@ import fsdp_worker  # noqa: E402  (the case names)
 FOUR_RANKS = ["DMFT-lightning-reshard1", "DiTBlock-lightning", "patched-LightningDiT"]
 
 
-def run_worker(tmp_path, nproc, cases=()):
-    out = tmp_path / f"fsdp_{nproc}.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+def launch(out, nproc, cases=()):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), str(WORKER), str(out), *cases], env=env_with_paths(), cwd=NEUTRAL_CWD,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def run_worker(tmp_path, nproc, cases=()):
+    out = tmp_path / f"fsdp_{nproc}.json"
+    proc = launch(out, nproc, cases)
+    assert proc.returncode == 0, failure_text(proc.stderr)
     return json.loads(out.read_text())
 
 
@@ -89,3 +93,20 @@ def test_fsdp_forward_ad_bad_input_and_unsharded():
     with fwAD.dual_level(), dk.fsdp_forward_ad(lin):
         o, o_dot = fwAD.unpack_dual(lin(fwAD.make_dual(x, xd)))
     torch.testing.assert_close(o_dot, xd @ lin.weight.T, rtol=0, atol=1e-14)
+
+
+def test_a_crashed_rank_leaves_its_stack(tmp_path):
+    """A rank that dies in C code leaves its threads' C++ frames and its Python stack (c10's handler
+    and faulthandler in the worker), which the failure message shows first, and the case it was in
+    (a rank that torchrun then ends with SIGTERM also dumps its stack, if it is still running). CI
+    run 2's segfault of rank 1 left only "exitcode: -11"."""
+    proc = launch(tmp_path / "out.json", 2, ["segfault-on-rank-1"])
+    assert proc.returncode != 0
+    msg = failure_text("W: a warning\n" * 1000 + proc.stderr, tail=500)
+    assert msg.startswith("crash dumps:\nSIGSEGV(11), PID: "), msg[:3000]
+    dump = msg[:msg.index("stderr's last")]
+    # C++ frames (c10's handler: the crashing thread's, ctypes' here), then Python's
+    assert "ffi_call" in dump and "Fatal Python error: Segmentation fault" in dump, msg
+    assert "in segfault_on_rank_1" in dump, msg
+    assert "fsdp_worker rank 1: case segfault-on-rank-1" in proc.stderr, proc.stderr[-3000:]
+    assert "exitcode: -11" in proc.stderr, proc.stderr[-3000:]
